@@ -1,0 +1,258 @@
+"""The only module that speaks claude-agent-sdk.
+
+``ClaudeLauncher.open(spec)`` connects one ``ClaudeSDKClient`` and yields an
+``AgentSession``; leaving the context disconnects it.  The caller must enter
+and leave that context in one task and be the only one reading turns: the SDK
+requires both.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+from claude_agent_sdk import (
+    AssistantMessage,
+    ClaudeAgentOptions,
+    ClaudeSDKClient,
+    ClaudeSDKError,
+    HookContext,
+    HookMatcher,
+    ResultMessage,
+    StreamEvent,
+    TextBlock,
+)
+from claude_agent_sdk.types import HookInput, HookJSONOutput
+
+from bot.config import AgentConfig
+
+log = structlog.get_logger(__name__)
+
+FILE_TOOLS = ("Read", "Write", "Edit", "MultiEdit", "NotebookEdit", "Glob", "Grep", "LS")
+_PATH_KEYS = ("file_path", "path", "notebook_path")
+
+
+class AgentError(Exception):
+    """The agent subprocess could not start or serve a turn."""
+
+
+class AgentCrashed(AgentError):
+    """The CLI died or its stream broke mid-turn."""
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """Where and as what one CLI process runs."""
+
+    workdir: Path
+    config_dir: Path
+    data_dir: Path
+    session_id: str
+    resume: bool
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    reply: str
+    session_id: str
+    total_cost_usd: float
+    error: str | None
+    interrupted: bool
+
+
+class AgentSession(Protocol):
+    @property
+    def pid(self) -> int | None: ...
+
+    def turn(self, text: str) -> AsyncIterator[TextDelta | TurnDone]: ...
+
+    async def interrupt(self) -> None: ...
+
+
+class Launcher(Protocol):
+    def open(self, spec: SessionSpec) -> AbstractAsyncContextManager[AgentSession]: ...
+
+
+class _ClaudeSession:
+    def __init__(self, client: ClaudeSDKClient) -> None:
+        self._client = client
+
+    @property
+    def pid(self) -> int | None:
+        # The SDK does not expose the pid; the transport's process is the CLI.
+        process = getattr(getattr(self._client, "_transport", None), "_process", None)
+        return getattr(process, "pid", None)
+
+    async def interrupt(self) -> None:
+        await self._client.interrupt()
+
+    async def turn(self, text: str) -> AsyncIterator[TextDelta | TurnDone]:
+        parts: list[str] = []
+        try:
+            await self._client.query(text)
+            async for message in self._client.receive_response():
+                if isinstance(message, StreamEvent):
+                    delta = _text_delta(message.event, bool(parts))
+                    if delta is not None:
+                        yield delta
+                elif isinstance(message, AssistantMessage) and message.parent_tool_use_id is None:
+                    parts += [b.text for b in message.content if isinstance(b, TextBlock) and b.text]
+                elif isinstance(message, ResultMessage):
+                    yield _turn_done(message, parts)
+                    return
+        except ClaudeSDKError as exc:
+            raise AgentCrashed(str(exc)) from exc
+        raise AgentCrashed("the agent's output ended before the turn finished")
+
+
+def _text_delta(event: dict[str, Any], after_text: bool) -> TextDelta | None:
+    kind = event.get("type")
+    if kind == "content_block_start" and after_text and event.get("content_block", {}).get("type") == "text":
+        return TextDelta("\n\n")
+    if kind == "content_block_delta" and event.get("delta", {}).get("type") == "text_delta":
+        return TextDelta(str(event["delta"].get("text", "")))
+    return None
+
+
+def _turn_done(result: ResultMessage, parts: list[str]) -> TurnDone:
+    interrupted = (result.terminal_reason or "").startswith("aborted")
+    error = None
+    if result.is_error and not interrupted:
+        detail = "; ".join(result.errors or []) or result.result or result.subtype
+        error = f"{result.subtype}: {detail}"
+    return TurnDone(
+        reply="\n\n".join(parts),
+        session_id=result.session_id,
+        total_cost_usd=result.total_cost_usd or 0.0,
+        error=error,
+        interrupted=interrupted,
+    )
+
+
+class ClaudeLauncher:
+    """Spawns the bundled Claude Code CLI with an isolated, allowlisted setup."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self._config = config
+
+    @asynccontextmanager
+    async def open(self, spec: SessionSpec) -> AsyncIterator[AgentSession]:
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        spec.config_dir.mkdir(parents=True, exist_ok=True)
+        client = ClaudeSDKClient(self.options(spec))
+        try:
+            await client.connect()
+        except ClaudeSDKError as exc:
+            await client.disconnect()
+            raise AgentError(f"could not start the agent: {exc}") from exc
+        try:
+            yield _ClaudeSession(client)
+        finally:
+            await client.disconnect()
+
+    def options(self, spec: SessionSpec) -> ClaudeAgentOptions:
+        c = self._config
+        return ClaudeAgentOptions(
+            cwd=spec.workdir,
+            model=c.model,
+            system_prompt=c.system_prompt,
+            allowed_tools=list(c.allowed_tools),
+            disallowed_tools=list(c.disallowed_tools),
+            permission_mode=c.permission_mode,
+            max_turns=c.max_turns,
+            max_budget_usd=c.max_budget_usd,
+            cli_path=c.cli_path,
+            setting_sources=[],
+            verbatim_prompts=True,
+            include_partial_messages=True,
+            resume=spec.session_id if spec.resume else None,
+            session_id=None if spec.resume else spec.session_id,
+            settings=json.dumps(self._settings(spec)),
+            env=self.environment(spec),
+            hooks={"PreToolUse": [HookMatcher(matcher="|".join(FILE_TOOLS), hooks=[_path_guard(spec)])]},
+            stderr=_stderr_logger(spec),
+        )
+
+    def environment(self, spec: SessionSpec) -> dict[str, str]:
+        """What the CLI gets on top of the (already scrubbed) daemon environment."""
+        c = self._config
+        env = {
+            "CLAUDE_CONFIG_DIR": str(spec.config_dir),
+            "CLAUDE_CODE_DISABLE_AUTO_MEMORY": "1",
+            "DISABLE_AUTOUPDATER": "1",
+            "DISABLE_TELEMETRY": "1",
+            "DISABLE_ERROR_REPORTING": "1",
+        }
+        if c.api_key is not None:
+            env["ANTHROPIC_API_KEY"] = c.api_key.get_secret_value()
+        if c.base_url:
+            env["ANTHROPIC_BASE_URL"] = c.base_url
+        if c.sandbox_enabled:
+            # Lets the CLI strip its own API credentials from what Bash sees.
+            env["CLAUDE_CODE_SUBPROCESS_ENV_SCRUB"] = "1"
+        if c.permission_mode == "bypassPermissions":
+            env["IS_SANDBOX"] = "1"
+        return env
+
+    def _settings(self, spec: SessionSpec) -> dict[str, Any]:
+        if not self._config.sandbox_enabled:
+            return {}
+        return {
+            "sandbox": {
+                "enabled": True,
+                "autoAllowBashIfSandboxed": True,
+                "allowUnsandboxedCommands": False,
+                # Writes are confined to cwd by default; reads are not, so every
+                # other conversation's files are hidden explicitly.
+                "filesystem": {"denyRead": [str(spec.data_dir)], "allowRead": [str(spec.workdir)]},
+            }
+        }
+
+
+def _path_guard(spec: SessionSpec) -> Any:
+    """A PreToolUse hook: file tools may not touch data_dir outside this workdir."""
+    data_dir, workdir = spec.data_dir.resolve(), spec.workdir.resolve()
+
+    async def guard(hook_input: HookInput, tool_use_id: str | None, context: HookContext) -> HookJSONOutput:
+        tool_input = hook_input.get("tool_input") or {}
+        for key in _PATH_KEYS:
+            raw = tool_input.get(key) if isinstance(tool_input, dict) else None
+            if isinstance(raw, str) and _forbidden(Path(raw), workdir, data_dir):
+                return _deny(f"{raw} belongs to another conversation")
+        return {}
+
+    return guard
+
+
+def _forbidden(raw: Path, workdir: Path, data_dir: Path) -> bool:
+    target = (raw if raw.is_absolute() else workdir / raw).resolve()
+    return target.is_relative_to(data_dir) and not target.is_relative_to(workdir)
+
+
+def _deny(reason: str) -> HookJSONOutput:
+    return {
+        "hookSpecificOutput": {
+            "hookEventName": "PreToolUse",
+            "permissionDecision": "deny",
+            "permissionDecisionReason": reason,
+        }
+    }
+
+
+def _stderr_logger(spec: SessionSpec) -> Any:
+    bound = log.bind(session_id=spec.session_id)
+
+    def emit(line: str) -> None:
+        bound.debug("agent_stderr", line=line[:500])
+
+    return emit

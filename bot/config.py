@@ -1,0 +1,206 @@
+"""Typed configuration, built once from a TOML file and the environment.
+
+Precedence (highest first): ``AGENTD_<SECTION>__<KEY>`` variables, the
+conventional secret variables (``ANTHROPIC_API_KEY``, ``REDIS_URL``, ...), the
+TOML file, the defaults below.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+# Conventional variable -> (section, key). These hold secrets or deployment
+# endpoints that operators already set under their usual names.
+CONVENTIONAL_VARIABLES: dict[str, tuple[str, str]] = {
+    "ANTHROPIC_API_KEY": ("agent", "api_key"),
+    "ANTHROPIC_BASE_URL": ("agent", "base_url"),
+    "REDIS_URL": ("store", "redis_url"),
+    "AGENTD_API_TOKEN": ("http", "api_token"),
+}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AgentConfig(_Section):
+    model: str | None = None
+    system_prompt: str | None = None
+    allowed_tools: list[str] = Field(default_factory=lambda: ["Bash", "Read", "Write", "Edit", "Glob", "Grep"])
+    disallowed_tools: list[str] = Field(default_factory=lambda: ["WebFetch", "WebSearch"])
+    permission_mode: Literal["default", "acceptEdits", "plan", "dontAsk", "bypassPermissions"] = "default"
+    max_turns: int | None = Field(default=50, ge=1)
+    max_budget_usd: float | None = Field(default=None, gt=0)
+    sandbox: bool | None = None
+    turn_timeout_s: float = Field(default=600.0, gt=0)
+    env_passthrough: list[str] = Field(default_factory=list)
+    cli_path: Path | None = None
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+
+    @property
+    def sandbox_enabled(self) -> bool:
+        """On by default wherever bubblewrap is installed."""
+        if self.sandbox is None:
+            return shutil.which("bwrap") is not None
+        return self.sandbox
+
+
+class PoolConfig(_Section):
+    max_sessions: int = Field(default=20, ge=1)
+    memory_budget_mb: int = Field(default=8192, ge=64)
+    session_max_rss_mb: int = Field(default=1024, ge=32)
+    hard_rss_mb: int | None = Field(default=None, ge=64)
+    session_max_turns: int = Field(default=200, ge=1)
+    idle_timeout_s: float = Field(default=900.0, gt=0)
+    prewarm: int = Field(default=1, ge=0)
+    busy_policy: Literal["queue", "interrupt", "reject"] = "queue"
+    queue_limit: int = Field(default=20, ge=1)
+    rss_sample_s: float = Field(default=2.0, gt=0)
+    spawn_estimate_mb: int = Field(default=256, ge=1)
+
+    @property
+    def hard_ceiling_mb(self) -> int:
+        return self.hard_rss_mb or 2 * self.session_max_rss_mb
+
+    @model_validator(mode="after")
+    def _hard_above_soft(self) -> PoolConfig:
+        if self.hard_rss_mb is not None and self.hard_rss_mb <= self.session_max_rss_mb:
+            raise ValueError("hard_rss_mb must be above session_max_rss_mb")
+        return self
+
+
+class StoreConfig(_Section):
+    redis_url: SecretStr | None = None
+    data_dir: Path = Path("data")
+    conversation_ttl_days: int = Field(default=90, ge=1)
+
+
+class HttpConfig(_Section):
+    listen: str = "127.0.0.1:8080"
+    api_token: SecretStr | None = None
+    max_text_chars: int = Field(default=100_000, ge=1)
+    drain_grace_s: float = Field(default=30.0, ge=0)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @model_validator(mode="after")
+    def _listen_is_host_port(self) -> HttpConfig:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"listen must be host:port, got {self.listen!r}")
+        return self
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AGENTD_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        frozen=True,
+    )
+
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective config as plain data; secrets print as ``**********``."""
+        return self.model_dump(mode="json")
+
+
+class _ConventionalVariables(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self._environ = environ
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, dict[str, str]] = {}
+        for variable, (section, key) in CONVENTIONAL_VARIABLES.items():
+            if self._environ.get(variable):
+                found.setdefault(section, {})[key] = self._environ[variable]
+        return found
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
+    """Build the settings once; raise ConfigError with one line naming the key."""
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    loaded = _settings_class(path, environ)
+    try:
+        return loaded()
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _settings_class(path: Path | None, environ: Mapping[str, str]) -> type[Settings]:
+    class _Loaded(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            sources.append(_ConventionalVariables(settings_cls, environ))
+            if path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            return tuple(sources)
+
+    return _Loaded
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "config"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        parts.append(f"{key}: {message}")
+    return "invalid config: " + "; ".join(parts)

@@ -1,0 +1,554 @@
+"""The warm session pool: one long-lived task per live CLI process.
+
+Routing (``submit``) is synchronous after at most one store read, so under
+asyncio it cannot interleave with eviction decisions.  A worker is retired only
+between turns; its queued turns, if any, move to its successor, which resumes
+the same Claude session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from bot import procs
+from bot.agent import AgentCrashed, AgentError, AgentSession, Launcher, SessionSpec, TextDelta, TurnDone
+from bot.config import Settings
+from bot.core import Failure, Inbound, Outcome, SessionInfo
+from bot.security import safe_name
+from bot.store import ConversationRecord, Store, StoreError
+
+log = structlog.get_logger(__name__)
+
+FAILURE_TEXT = {
+    Failure.BUSY: "The agent is busy with an earlier message in this conversation; send this again when it has answered.",
+    Failure.QUEUE_FULL: "Too many messages are waiting in this conversation; this one was not accepted.",
+    Failure.CRASHED: "The agent process stopped unexpectedly during this turn; the next message resumes the conversation.",
+    Failure.MEMORY: "The agent exceeded its memory ceiling and was stopped; the next message resumes the conversation.",
+    Failure.TIMEOUT: "The agent took too long and was stopped; the next message resumes the conversation.",
+    Failure.INTERRUPTED: "This turn was interrupted by a newer message.",
+    Failure.AGENT_ERROR: "The agent could not complete this turn.",
+    Failure.SHUTDOWN: "The daemon is shutting down; this message was not processed.",
+    Failure.STORE: "The conversation store is unreachable; try again shortly.",
+}
+
+
+@dataclass(eq=False)
+class Turn:
+    """One inbound message in flight: streamed text, then exactly one outcome."""
+
+    inbound: Inbound
+    deltas: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    outcome: asyncio.Future[Outcome] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    async def stream(self) -> AsyncIterator[str]:
+        while (text := await self.deltas.get()) is not None:
+            yield text
+
+    def finish(self, outcome: Outcome) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result(outcome)
+            self.deltas.put_nowait(None)
+
+    def fail(self, failure: Failure, detail: str | None = None, record: ConversationRecord | None = None) -> None:
+        message = FAILURE_TEXT[failure] + (f" ({detail})" if detail else "")
+        self.finish(
+            Outcome(
+                conversation_id=self.inbound.conversation_id,
+                reply="",
+                session_id=record.session_id if record else None,
+                cost_usd=0.0,
+                turns=record.turns if record else 0,
+                failure=failure,
+                error=message,
+            )
+        )
+
+
+class Worker:
+    """Owns one CLI process for its whole life: connect, serve turns, disconnect."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        record: ConversationRecord,
+        resume: bool,
+        spare: bool,
+        predecessor: asyncio.Task[None] | None = None,
+    ) -> None:
+        self.pool, self.record, self.resume, self.spare = pool, record, resume, spare
+        self.predecessor = predecessor
+        self.queue: deque[Turn] = deque()
+        self.current: Turn | None = None
+        self.state = "starting"
+        self.retire_reason: str | None = None
+        self.session: AgentSession | None = None
+        self.pid: int | None = None
+        self.rss_mb: float | None = None
+        self.memory_kill_mb: float | None = None
+        self.turns_served = 0
+        self.cost_base = 0.0
+        self.last_used = time.monotonic()
+        self.admitted = False
+        self.last_turn_cost = 0.0
+        self._wakeup = asyncio.Event()
+        self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
+        self.task: asyncio.Task[None] = asyncio.create_task(self._run(), name=f"worker:{record.conversation_id}")
+
+    @property
+    def idle(self) -> bool:
+        return self.state == "warm" and not self.queue
+
+    def enqueue(self, turn: Turn) -> None:
+        self.queue.append(turn)
+        self._wakeup.set()
+
+    def retire(self, reason: str) -> None:
+        if self.retire_reason is None:
+            self.retire_reason = reason
+            self.state = "closing" if self.state != "busy" else self.state
+        self._wakeup.set()
+
+    async def interrupt(self) -> None:
+        if self.session is not None and self.current is not None:
+            await self.session.interrupt()
+
+    def adopt(self, record: ConversationRecord) -> None:
+        self.spare, self.record = False, record
+        self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
+
+    async def _run(self) -> None:
+        try:
+            if self.predecessor is not None:
+                await asyncio.wait([self.predecessor])
+            if not await self.pool.admit(self):
+                return
+            await self._serve_all()
+        except AgentCrashed as exc:
+            self.log.error("crash", error=str(exc), pid=self.pid)
+        except AgentError as exc:
+            self.log.error("spawn_failed", error=str(exc))
+            self._fail_queued(Failure.AGENT_ERROR, str(exc))
+        except Exception:  # task boundary: a bug here must not take the pool down
+            self.log.exception("worker_failed")
+            self._fail_queued(Failure.AGENT_ERROR, "internal error")
+        finally:
+            self.state = "closed"
+            await self.pool.worker_exited(self)
+
+    async def _serve_all(self) -> None:
+        spec = self.pool.spec_for(self.record, self.resume)
+        started = time.monotonic()
+        async with self.pool.launcher.open(spec) as session:
+            self.session, self.pid, self.state = session, session.pid, "warm"
+            self.log.info("resume" if self.resume else "spawn", pid=self.pid, spare=self.spare,
+                          seconds=round(time.monotonic() - started, 3))
+            if not self.spare:
+                self.record = self.record.replace(state="warm")
+                await self.pool.persist(self.record)
+            while (turn := await self._next_turn()) is not None:
+                await self._serve(session, turn)
+                self._check_ceilings()
+
+    async def _next_turn(self) -> Turn | None:
+        while True:
+            if self.retire_reason is not None:
+                return None
+            if self.queue:
+                return self.queue.popleft()
+            if self.pool.stopping:
+                self.retire("shutdown")
+                continue
+            self.state = "warm"
+            self._wakeup.clear()
+            timeout = None if self.spare else self.pool.idle_deadline(self)
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                self.retire("idle")
+
+    async def _serve(self, session: AgentSession, turn: Turn) -> None:
+        self.state, self.current = "busy", turn
+        started = time.monotonic()
+        self.log.info("turn_start", source=turn.inbound.source, chars=len(turn.inbound.text))
+        try:
+            done = await self._run_turn(session, turn)
+        except AgentCrashed as exc:
+            self._end_turn(turn, None, started)
+            turn.fail(*self._crash_failure(exc), record=self.record)
+            raise
+        except TimeoutError:
+            self._end_turn(turn, None, started)
+            turn.fail(Failure.TIMEOUT, record=self.record)
+            self.retire("timeout")
+            return
+        self._end_turn(turn, done, started)
+        turn.finish(self._outcome(turn, done))
+        await self.pool.persist(self.record)
+
+    async def _run_turn(self, session: AgentSession, turn: Turn) -> TurnDone:
+        async with asyncio.timeout(self.pool.settings.agent.turn_timeout_s):
+            async for event in session.turn(turn.inbound.text):
+                if isinstance(event, TextDelta):
+                    turn.deltas.put_nowait(event.text)
+                else:
+                    return event
+        raise AgentCrashed("the agent's turn ended without a result")
+
+    def _end_turn(self, turn: Turn, done: TurnDone | None, started: float) -> None:
+        cost = 0.0
+        if done is not None:
+            cost = max(done.total_cost_usd - self.cost_base, 0.0)
+            self.cost_base = done.total_cost_usd
+        self.turns_served += 1
+        self.current, self.last_used = None, time.monotonic()
+        session_id = done.session_id if done is not None else self.record.session_id
+        self.record = self.record.replace(
+            turns=self.record.turns + 1, cost_usd=self.record.cost_usd + cost,
+            session_id=session_id, state="warm",
+        )
+        self.last_turn_cost = cost
+        self.log.info("turn_end", seconds=round(time.monotonic() - started, 3), cost_usd=round(cost, 6),
+                      ok=done is not None and done.error is None)
+
+    def _outcome(self, turn: Turn, done: TurnDone) -> Outcome:
+        failure = Failure.INTERRUPTED if done.interrupted else Failure.AGENT_ERROR if done.error else None
+        return Outcome(
+            conversation_id=self.record.conversation_id,
+            reply=done.reply,
+            session_id=done.session_id,
+            cost_usd=self.last_turn_cost,
+            turns=self.record.turns,
+            failure=failure,
+            error=None if failure is None else f"{FAILURE_TEXT[failure]} ({done.error or 'interrupted'})",
+        )
+
+    def _crash_failure(self, exc: AgentCrashed) -> tuple[Failure, str]:
+        if self.memory_kill_mb is not None:
+            ceiling = self.pool.settings.pool.hard_ceiling_mb
+            return Failure.MEMORY, f"{self.memory_kill_mb:.0f} MiB > {ceiling} MiB"
+        return Failure.CRASHED, str(exc)[:200]
+
+    def _check_ceilings(self) -> None:
+        limits = self.pool.settings.pool
+        if self.pid is not None:
+            self.rss_mb = procs.tree_rss_mb(self.pid)
+        if self.rss_mb is not None and self.rss_mb > limits.session_max_rss_mb:
+            self.retire("memory")
+        elif self.turns_served >= limits.session_max_turns:
+            self.retire("turns")
+
+    def _fail_queued(self, failure: Failure, detail: str | None = None) -> None:
+        while self.queue:
+            self.queue.popleft().fail(failure, detail, record=self.record)
+
+    def info(self) -> SessionInfo:
+        state = "busy" if self.current is not None else "warm" if self.state == "warm" else self.state
+        return SessionInfo(
+            conversation_id=self.record.conversation_id, session_id=self.record.session_id,
+            state=state, pid=self.pid, rss_mb=None if self.rss_mb is None else round(self.rss_mb, 1),
+            turns=self.record.turns, idle_s=round(time.monotonic() - self.last_used, 1),
+            cost_usd=round(self.record.cost_usd, 6),
+        )
+
+
+class Pool:
+    def __init__(self, settings: Settings, launcher: Launcher, store: Store) -> None:
+        self.settings, self.launcher, self.store = settings, launcher, store
+        self.data_dir = settings.store.data_dir.resolve()
+        self._workers: dict[str, Worker] = {}
+        self._retiring: dict[str, Worker] = {}
+        self._spares: list[Worker] = []
+        self._admitted: set[Worker] = set()
+        self._room = asyncio.Condition()
+        self._stopping = False
+        self._background: set[asyncio.Task[None]] = set()
+        self._monitor: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._monitor = asyncio.create_task(self._sample_forever(), name="pool:rss")
+        self._fill_spares()
+
+    async def close(self, grace_s: float) -> None:
+        """Stop intake, let queued turns finish within ``grace_s``, then cancel the rest."""
+        self._stopping = True
+        workers = self._all_workers()
+        for worker in workers:
+            if not worker.queue and worker.current is None:
+                worker.retire("shutdown")
+        tasks = [w.task for w in workers]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s if grace_s > 0 else None)
+        await self._cancel_all()
+
+    async def _cancel_all(self) -> None:
+        for worker in self._all_workers():
+            worker.task.cancel()
+        tasks = [w.task for w in self._all_workers()] + list(self._background)
+        if self._monitor is not None:
+            self._monitor.cancel()
+            tasks.append(self._monitor)
+        if tasks:
+            await asyncio.wait(tasks, timeout=15)
+        for worker in self._all_workers():
+            if worker.pid is not None:
+                procs.kill_tree(worker.pid)
+
+    def _all_workers(self) -> list[Worker]:
+        return list({*self._workers.values(), *self._retiring.values(), *self._spares, *self._admitted})
+
+    # -- intake ------------------------------------------------------------------
+
+    async def submit(self, inbound: Inbound) -> Turn:
+        turn = Turn(inbound)
+        if self._stopping:
+            turn.fail(Failure.SHUTDOWN)
+            return turn
+        worker = self._live(inbound.conversation_id)
+        if worker is None:
+            try:
+                record = await self.store.get(inbound.conversation_id)
+            except StoreError as exc:
+                log.error("store_error", conversation=inbound.conversation_id, error=str(exc))
+                turn.fail(Failure.STORE)
+                return turn
+            worker = self._live(inbound.conversation_id) or self._start_conversation(inbound.conversation_id, record)
+        self._route(worker, turn)
+        return turn
+
+    async def ask(self, inbound: Inbound) -> Outcome:
+        turn = await self.submit(inbound)
+        return await turn.outcome
+
+    def _live(self, conversation_id: str) -> Worker | None:
+        worker = self._workers.get(conversation_id)
+        return worker if worker is not None and worker.retire_reason is None else None
+
+    def _route(self, worker: Worker, turn: Turn) -> None:
+        policy = self.settings.pool.busy_policy
+        waiting = len(worker.queue) + (worker.current is not None)
+        if policy == "reject" and waiting:
+            turn.fail(Failure.BUSY, record=worker.record)
+        elif len(worker.queue) >= self.settings.pool.queue_limit:
+            turn.fail(Failure.QUEUE_FULL, record=worker.record)
+        else:
+            worker.enqueue(turn)
+            if policy == "interrupt" and worker.current is not None:
+                self._spawn_background(worker.interrupt())
+
+    def _start_conversation(self, conversation_id: str, record: ConversationRecord | None) -> Worker:
+        resumable = record is not None and record.session_id is not None and record.turns > 0
+        if record is None:
+            spare = self._take_spare()
+            if spare is not None:
+                return self._adopt(spare, conversation_id)
+            record = self._new_record(conversation_id, safe_name(conversation_id))
+        elif not resumable:
+            record = record.replace(session_id=str(uuid.uuid4()))
+        previous = self._workers.pop(conversation_id, None)
+        if previous is not None:
+            self._retiring[conversation_id] = previous
+        predecessor = previous.task if previous is not None else None
+        worker = Worker(self, record, resume=resumable, spare=False, predecessor=predecessor)
+        self._workers[conversation_id] = worker
+        return worker
+
+    def _take_spare(self) -> Worker | None:
+        conversations = sum(1 for w in self._admitted if not w.spare)
+        if conversations >= self.settings.pool.max_sessions:
+            return None
+        for spare in self._spares:
+            if spare.retire_reason is None and spare.state in ("starting", "warm"):
+                self._spares.remove(spare)
+                return spare
+        return None
+
+    def _adopt(self, spare: Worker, conversation_id: str) -> Worker:
+        workdir_name = Path(spare.record.workdir).name
+        record = self._new_record(conversation_id, workdir_name, session_id=spare.record.session_id)
+        spare.adopt(record)
+        self._workers[conversation_id] = spare
+        spare.log.info("adopt_spare", workdir=workdir_name)
+        self._spawn_background(self.persist(record))
+        self._fill_spares()
+        return spare
+
+    def _new_record(self, conversation_id: str, name: str, session_id: str | None = None) -> ConversationRecord:
+        now = time.time()
+        return ConversationRecord(
+            conversation_id=conversation_id,
+            workdir=str(self.data_dir / "work" / name),
+            config_dir=str(self.data_dir / "state" / name / "claude"),
+            session_id=session_id or str(uuid.uuid4()),
+            state="starting",
+            created_at=now,
+            updated_at=now,
+        )
+
+    def spec_for(self, record: ConversationRecord, resume: bool) -> SessionSpec:
+        assert record.session_id is not None
+        return SessionSpec(
+            workdir=Path(record.workdir), config_dir=Path(record.config_dir),
+            data_dir=self.data_dir, session_id=record.session_id, resume=resume,
+        )
+
+    # -- spares ------------------------------------------------------------------
+
+    def _fill_spares(self) -> None:
+        while not self._stopping and len(self._spares) < self.settings.pool.prewarm and self._spare_fits():
+            name = f"spare-{uuid.uuid4().hex[:12]}"
+            record = self._new_record(f"spare:{name}", name)
+            self._spares.append(Worker(self, record, resume=False, spare=True))
+
+    # -- room --------------------------------------------------------------------
+
+    async def admit(self, worker: Worker) -> bool:
+        """Wait until ``worker`` fits under max_sessions and the memory budget."""
+        async with self._room:
+            while not self._fits(worker):
+                if worker.spare or self._stopping:
+                    return False
+                if not self._evict_for_room():
+                    await self._room.wait()
+            worker.admitted = True
+            self._admitted.add(worker)
+            return True
+
+    def _fits(self, worker: Worker) -> bool:
+        if worker.spare:
+            return self._spare_fits(exclude=worker)
+        conversations = sum(1 for w in self._admitted if not w.spare)
+        return conversations < self.settings.pool.max_sessions and self._memory_fits()
+
+    def _spare_fits(self, exclude: Worker | None = None) -> bool:
+        limits = self.settings.pool
+        pending = sum(1 for s in self._spares if not s.admitted and s is not exclude)
+        processes = len(self._admitted) + pending
+        return processes < limits.max_sessions + limits.prewarm and self._memory_fits()
+
+    def _memory_fits(self) -> bool:
+        estimate = self.settings.pool.spawn_estimate_mb
+        used = sum(w.rss_mb or estimate for w in self._admitted)
+        return used + estimate <= self.settings.pool.memory_budget_mb
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def _evict_for_room(self) -> bool:
+        idle = [w for w in self._admitted if w.idle and w.retire_reason is None]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda w: (not w.spare, w.last_used))
+        victim.retire("room")
+        return True
+
+    async def _notify_room(self) -> None:
+        async with self._room:
+            self._room.notify_all()
+
+    def idle_deadline(self, worker: Worker) -> float:
+        return max(worker.last_used + self.settings.pool.idle_timeout_s - time.monotonic(), 0.0)
+
+    # -- exits and persistence -----------------------------------------------------
+
+    async def worker_exited(self, worker: Worker) -> None:
+        cid = worker.record.conversation_id
+        self._admitted.discard(worker)
+        if self._workers.get(cid) is worker:
+            del self._workers[cid]
+        if self._retiring.get(cid) is worker:
+            del self._retiring[cid]
+        if worker in self._spares:
+            self._spares.remove(worker)
+        if worker.retire_reason is not None:
+            worker.log.info("evict", reason=worker.retire_reason, turns=worker.turns_served, rss_mb=worker.rss_mb)
+        leftovers = list(worker.queue)
+        worker.queue.clear()
+        if not worker.spare:
+            await self.persist(worker.record.replace(state="evicted", evict_reason=worker.retire_reason or "exit"))
+        self._hand_over(cid, leftovers)
+        await self._notify_room()
+        if worker.admitted:
+            self._fill_spares()
+
+    def _hand_over(self, conversation_id: str, turns: list[Turn]) -> None:
+        if not turns:
+            return
+        if self._stopping:
+            for turn in turns:
+                turn.fail(Failure.SHUTDOWN)
+            return
+        for turn in turns:
+            self._spawn_background(self._resubmit(turn))
+
+    async def _resubmit(self, turn: Turn) -> None:
+        successor = await self.submit(turn.inbound)
+        async for text in successor.stream():
+            turn.deltas.put_nowait(text)
+        turn.finish(await successor.outcome)
+
+    async def persist(self, record: ConversationRecord) -> None:
+        try:
+            await self.store.put(record)
+        except StoreError as exc:
+            log.error("store_error", conversation=record.conversation_id, error=str(exc))
+
+    def _spawn_background(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- memory sampling -----------------------------------------------------------
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.pool.rss_sample_s)
+            self.sample()
+
+    def sample(self) -> None:
+        limits = self.settings.pool
+        for worker in list(self._admitted):
+            if worker.pid is None:
+                continue
+            worker.rss_mb = procs.tree_rss_mb(worker.pid)
+            if worker.rss_mb is None:
+                continue
+            if worker.current is not None and worker.rss_mb > limits.hard_ceiling_mb:
+                worker.memory_kill_mb = worker.rss_mb
+                worker.log.error("memory_kill", rss_mb=round(worker.rss_mb), ceiling_mb=limits.hard_ceiling_mb)
+                procs.kill_tree(worker.pid)
+            elif worker.idle and worker.rss_mb > limits.session_max_rss_mb:
+                worker.retire("memory")
+
+    # -- introspection -------------------------------------------------------------
+
+    async def sessions(self) -> list[SessionInfo]:
+        live = {w.record.conversation_id: w.info() for w in self._workers.values()}
+        try:
+            records = await self.store.list()
+        except StoreError as exc:
+            log.error("store_error", error=str(exc))
+            records = []
+        rows = dict(live)
+        for record in records:
+            if record.conversation_id not in rows:
+                rows[record.conversation_id] = SessionInfo(
+                    conversation_id=record.conversation_id, session_id=record.session_id,
+                    state="evicted", pid=None, rss_mb=None, turns=record.turns, idle_s=None,
+                    cost_usd=round(record.cost_usd, 6),
+                )
+        return [rows[k] for k in sorted(rows)]
+
+    def live_pids(self) -> list[int]:
+        return [w.pid for w in self._admitted if w.pid is not None]

@@ -1,0 +1,119 @@
+"""Conversation state: the Store protocol and its embedded (SQLite) implementation.
+
+A record maps a conversation to its Claude session id, workdir and counters.
+Records are written whole, so a write that failed while the backend was down
+is healed by the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from bot import keys
+
+
+class StoreError(Exception):
+    """The store backend could not be reached or answered wrongly."""
+
+
+@dataclass(frozen=True)
+class ConversationRecord:
+    conversation_id: str
+    workdir: str
+    config_dir: str
+    session_id: str | None = None
+    state: str = "evicted"
+    turns: int = 0
+    cost_usd: float = 0.0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    evict_reason: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ConversationRecord:
+        data: dict[str, Any] = json.loads(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes: Any) -> ConversationRecord:
+        return dataclasses.replace(self, updated_at=time.time(), **changes)
+
+
+class Store(Protocol):
+    async def get(self, conversation_id: str) -> ConversationRecord | None: ...
+
+    async def put(self, record: ConversationRecord) -> None: ...
+
+    async def delete(self, conversation_id: str) -> None: ...
+
+    async def list(self) -> list[ConversationRecord]: ...
+
+    async def ping(self) -> None:
+        """Raise StoreError unless the backend answers."""
+
+    async def close(self) -> None: ...
+
+
+class SqliteStore:
+    """The embedded default: one SQLite file in ``data_dir``, used from a worker thread."""
+
+    def __init__(self, path: Path, ttl_days: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._ttl_s = keys.conversation_ttl_s(ttl_days)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS conversations ("
+            " id TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at REAL NOT NULL)"
+        )
+
+    async def get(self, conversation_id: str) -> ConversationRecord | None:
+        rows = await self._run(
+            "SELECT record FROM conversations WHERE id = ? AND expires_at > ?",
+            (conversation_id, time.time()),
+        )
+        return ConversationRecord.from_json(rows[0][0]) if rows else None
+
+    async def put(self, record: ConversationRecord) -> None:
+        await self._run(
+            "INSERT INTO conversations (id, record, expires_at) VALUES (?, ?, ?)"
+            " ON CONFLICT(id) DO UPDATE SET record = excluded.record, expires_at = excluded.expires_at",
+            (record.conversation_id, record.to_json(), time.time() + self._ttl_s),
+        )
+
+    async def delete(self, conversation_id: str) -> None:
+        await self._run("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    async def list(self) -> list[ConversationRecord]:
+        rows = await self._run(
+            "SELECT record FROM conversations WHERE expires_at > ? ORDER BY id", (time.time(),)
+        )
+        return [ConversationRecord.from_json(r[0]) for r in rows]
+
+    async def ping(self) -> None:
+        await self._run("SELECT 1", ())
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._db.close)
+
+    async def _run(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return await asyncio.to_thread(self._execute, sql, params)
+
+    def _execute(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        try:
+            with self._lock:
+                return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"embedded store: {exc}") from exc

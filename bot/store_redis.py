@@ -1,0 +1,75 @@
+"""The Redis implementation of the Store protocol (redis-py asyncio client)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from bot import keys
+from bot.store import ConversationRecord, StoreError
+
+T = TypeVar("T")
+
+
+class RedisStore:
+    """Records as JSON strings under ``keys.conversation(id)``, indexed by a set.
+
+    The client reconnects by itself: a command issued while Redis restarts is
+    retried with backoff, then fails with StoreError.
+    """
+
+    def __init__(self, url: str, ttl_days: int) -> None:
+        self._ttl_s = keys.conversation_ttl_s(ttl_days)
+        self._redis = redis.Redis.from_url(
+            url,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=4),
+            retry_on_error=[ConnectionError, TimeoutError, OSError],
+            socket_timeout=5.0,
+            socket_connect_timeout=5.0,
+            health_check_interval=15,
+            decode_responses=True,
+        )
+
+    async def get(self, conversation_id: str) -> ConversationRecord | None:
+        raw = await self._call(self._redis.get(keys.conversation(conversation_id)))
+        return ConversationRecord.from_json(raw) if raw else None
+
+    async def put(self, record: ConversationRecord) -> None:
+        key = keys.conversation(record.conversation_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, record.to_json(), ex=self._ttl_s)
+            pipe.sadd(keys.CONVERSATION_INDEX, record.conversation_id)
+            await self._call(pipe.execute())
+
+    async def delete(self, conversation_id: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.conversation(conversation_id))
+            pipe.srem(keys.CONVERSATION_INDEX, conversation_id)
+            await self._call(pipe.execute())
+
+    async def list(self) -> list[ConversationRecord]:
+        ids = sorted(await self._call(self._redis.smembers(keys.CONVERSATION_INDEX)))
+        if not ids:
+            return []
+        raws = await self._call(self._redis.mget([keys.conversation(i) for i in ids]))
+        expired = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
+        if expired:
+            await self._call(self._redis.srem(keys.CONVERSATION_INDEX, *expired))
+        return [ConversationRecord.from_json(raw) for raw in raws if raw]
+
+    async def ping(self) -> None:
+        await self._call(self._redis.ping())
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def _call(self, pending: Awaitable[T]) -> T:
+        try:
+            return await pending
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis: {exc}") from exc

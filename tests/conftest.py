@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.agent import ClaudeLauncher
+from bot.config import AgentConfig, HttpConfig, PoolConfig, Settings, StoreConfig
+from bot.pool import Pool
+from bot.store import SqliteStore, Store
+from bot.store_redis import RedisStore
+from tests.fakes.model import FakeModel
+from tests.fakes.redis_server import RedisServer
+
+
+@pytest.fixture
+async def fake_model() -> AsyncIterator[FakeModel]:
+    model = FakeModel()
+    await model.start()
+    yield model
+    await model.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    made: Store
+    if request.param == "sqlite":
+        made = SqliteStore(tmp_path / "state.db", ttl_days=1)
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        made = RedisStore(server.url, ttl_days=1)
+        await made._redis.flushdb()  # type: ignore[attr-defined]
+    yield made
+    await made.close()
+
+
+def make_settings(tmp_path: Path, model: FakeModel, **sections: dict[str, Any]) -> Settings:
+    agent = {"base_url": model.url, "api_key": "sk-test-key", "model": "claude-sonnet-4-5", **sections.get("agent", {})}
+    pool = {"prewarm": 0, **sections.get("pool", {})}
+    store = {"data_dir": tmp_path / "data", **sections.get("store", {})}
+    return Settings(
+        agent=AgentConfig(**agent),
+        pool=PoolConfig(**pool),
+        store=StoreConfig(**store),
+        http=HttpConfig(**sections.get("http", {})),
+    )
+
+
+PoolFactory = Callable[..., Awaitable[Pool]]
+
+
+@pytest.fixture
+async def make_pool(tmp_path: Path, fake_model: FakeModel) -> AsyncIterator[PoolFactory]:
+    pools: list[Pool] = []
+
+    async def factory(store: Store | None = None, **sections: dict[str, Any]) -> Pool:
+        settings = make_settings(tmp_path, fake_model, **sections)
+        used = store or SqliteStore(settings.store.data_dir / "state.db", ttl_days=1)
+        pool = Pool(settings, ClaudeLauncher(settings.agent), used)
+        await pool.start()
+        pools.append(pool)
+        return pool
+
+    yield factory
+    for pool in pools:
+        await pool.close(grace_s=5)
