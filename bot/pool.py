@@ -169,6 +169,7 @@ class Worker:
                 continue
             self.state = "warm"
             self._wakeup.clear()
+            await self.pool.notify_room()
             timeout = None if self.spare else self.pool.idle_deadline(self)
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
@@ -453,7 +454,7 @@ class Pool:
         victim.retire("room")
         return True
 
-    async def _notify_room(self) -> None:
+    async def notify_room(self) -> None:
         async with self._room:
             self._room.notify_all()
 
@@ -464,6 +465,8 @@ class Pool:
 
     async def worker_exited(self, worker: Worker) -> None:
         cid = worker.record.conversation_id
+        if not worker.spare:
+            await self.persist(worker.record.replace(state="evicted", evict_reason=worker.retire_reason or "exit"))
         self._admitted.discard(worker)
         if self._workers.get(cid) is worker:
             del self._workers[cid]
@@ -475,10 +478,8 @@ class Pool:
             worker.log.info("evict", reason=worker.retire_reason, turns=worker.turns_served, rss_mb=worker.rss_mb)
         leftovers = list(worker.queue)
         worker.queue.clear()
-        if not worker.spare:
-            await self.persist(worker.record.replace(state="evicted", evict_reason=worker.retire_reason or "exit"))
         self._hand_over(cid, leftovers)
-        await self._notify_room()
+        await self.notify_room()
         if worker.admitted:
             self._fill_spares()
 

@@ -55,6 +55,12 @@ class RecordedRequest:
     def last_user_text(self) -> str:
         return "\n".join(_block_text(b) for b in self.last_user_blocks())
 
+    def last_said(self) -> str:
+        """The newest prompt text: the last text block that is not a system reminder."""
+        texts = [str(b.get("text", "")) for b in self.last_user_blocks() if b.get("type") == "text"]
+        said = [t for t in texts if not t.lstrip().startswith("<system-reminder>")]
+        return said[-1] if said else ""
+
     def all_text(self) -> str:
         """Every text and tool result the model was shown, in order."""
         parts = [_block_text(b) for m in self.messages for b in _blocks(m.get("content"))]
@@ -101,7 +107,7 @@ class FakeModel:
         return [r for r in self.requests if r.has_tools]
 
     def find(self, needle: str) -> list[RecordedRequest]:
-        return [r for r in self.turn_requests() if needle in r.last_user_text()]
+        return [r for r in self.turn_requests() if needle in r.last_said()]
 
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -136,14 +142,17 @@ class FakeModel:
         blocks = self._answer(recorded, rule)
         if not recorded.body.get("stream"):
             return web.json_response(self._message(blocks, recorded))
-        return await self._stream(request, recorded, blocks)
+        try:
+            return await self._stream(request, recorded, blocks)
+        except ConnectionResetError:  # the CLI hung up (interrupt, kill): nothing to answer
+            return web.Response(status=499)
 
     def _match(self, recorded: RecordedRequest) -> Rule | None:
         if not recorded.has_tools:
             return None
         if any(b.get("type") == "tool_result" for b in recorded.last_user_blocks()):
             return None
-        text = recorded.last_user_text()
+        text = recorded.last_said()
         for rule in self.rules:
             if rule.trigger in text and not (rule.once and rule.used):
                 rule.used = True
@@ -164,9 +173,7 @@ class FakeModel:
         blocks = recorded.last_user_blocks()
         if any(b.get("type") == "tool_result" for b in blocks):
             return "tool finished"
-        texts = [str(b.get("text", "")) for b in blocks if b.get("type") == "text"]
-        said = [t for t in texts if not t.lstrip().startswith("<system-reminder>")]
-        return "echo: " + (said[-1] if said else "")
+        return "echo: " + recorded.last_said()
 
     def _message(self, blocks: list[dict[str, Any]], recorded: RecordedRequest) -> dict[str, Any]:
         stop = "tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn"
