@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from bot import procs
+from bot import metrics, procs
 from bot.agent import AgentCrashed, AgentError, AgentSession, Launcher, SessionSpec, TextDelta, TurnDone
 from bot.config import Settings
 from bot.core import Failure, Inbound, Outcome, SessionInfo
@@ -55,6 +55,7 @@ class Turn:
 
     def finish(self, outcome: Outcome) -> None:
         if not self.outcome.done():
+            metrics.TURNS.labels(outcome=outcome.failure or "ok").inc()
             self.outcome.set_result(outcome)
             self.deltas.put_nowait(None)
 
@@ -149,8 +150,10 @@ class Worker:
         started = time.monotonic()
         async with self.pool.launcher.open(spec) as session:
             self.session, self.pid, self.state = session, session.pid, "warm"
-            self.log.info("resume" if self.resume else "spawn", pid=self.pid, spare=self.spare,
-                          seconds=round(time.monotonic() - started, 3))
+            seconds = time.monotonic() - started
+            metrics.SPAWNS.labels(kind="resume" if self.resume else "spare" if self.spare else "new").inc()
+            metrics.SPAWN_SECONDS.observe(seconds)
+            self.log.info("resume" if self.resume else "spawn", pid=self.pid, spare=self.spare, seconds=round(seconds, 3))
             if not self.spare:
                 self.record = self.record.replace(state="warm")
                 await self.pool.persist(self.record)
@@ -217,7 +220,9 @@ class Worker:
             session_id=session_id, state="warm",
         )
         self.last_turn_cost = cost
-        self.log.info("turn_end", seconds=round(time.monotonic() - started, 3), cost_usd=round(cost, 6),
+        seconds = time.monotonic() - started
+        metrics.TURN_SECONDS.observe(seconds)
+        self.log.info("turn_end", seconds=round(seconds, 3), cost_usd=round(cost, 6),
                       ok=done is not None and done.error is None)
 
     def _outcome(self, turn: Turn, done: TurnDone) -> Outcome:
@@ -474,7 +479,8 @@ class Pool:
             del self._retiring[cid]
         if worker in self._spares:
             self._spares.remove(worker)
-        if worker.retire_reason is not None:
+        if worker.retire_reason is not None and worker.admitted:
+            metrics.EVICTIONS.labels(reason=worker.retire_reason).inc()
             worker.log.info("evict", reason=worker.retire_reason, turns=worker.turns_served, rss_mb=worker.rss_mb)
         leftovers = list(worker.queue)
         worker.queue.clear()
@@ -503,6 +509,7 @@ class Pool:
         try:
             await self.store.put(record)
         except StoreError as exc:
+            metrics.STORE_ERRORS.inc()
             log.error("store_error", conversation=record.conversation_id, error=str(exc))
 
     def _spawn_background(self, coro: object) -> None:
@@ -519,6 +526,8 @@ class Pool:
 
     def sample(self) -> None:
         limits = self.settings.pool
+        metrics.LIVE_SESSIONS.set(len(self._admitted))
+        metrics.POOL_RSS_MB.set(sum(w.rss_mb or 0.0 for w in self._admitted))
         for worker in list(self._admitted):
             if worker.pid is None:
                 continue

@@ -1,0 +1,148 @@
+"""The HTTP server: health, readiness, metrics and the authenticated /v1 API (aiohttp)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from bot.config import ConfigError, HttpConfig
+from bot.core import Failure, Inbound, Outcome
+from bot.pool import Pool
+from bot.store import Store, StoreError
+
+log = structlog.get_logger(__name__)
+
+CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+STATUS = {
+    Failure.BUSY: 409, Failure.INTERRUPTED: 409, Failure.QUEUE_FULL: 429,
+    Failure.SHUTDOWN: 503, Failure.STORE: 503,
+    Failure.CRASHED: 502, Failure.MEMORY: 502, Failure.AGENT_ERROR: 502,
+    Failure.TIMEOUT: 504,
+}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BadRequest(Exception):
+    """A client error, answered as 400 with this message."""
+
+
+def outcome_body(outcome: Outcome) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "reply": outcome.reply, "session_id": outcome.session_id,
+        "cost_usd": round(outcome.cost_usd, 6), "turns": outcome.turns,
+    }
+    if not outcome.ok:
+        body |= {"error": outcome.error, "failure": str(outcome.failure)}
+    return body
+
+
+class Api:
+    def __init__(self, config: HttpConfig, pool: Pool, store: Store) -> None:
+        if config.api_token is None and not config.is_loopback:
+            raise ConfigError("http.api_token (AGENTD_API_TOKEN) is required when http.listen is not a loopback address")
+        self._config, self._pool, self._store = config, pool, store
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+        self.draining = False
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth], client_max_size=self._config.max_text_chars * 4 + 65536)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/v1/conversations/{conversation_id}/messages", self._message)
+        app.router.add_get("/v1/sessions", self._sessions)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=5.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._config.host, self._config.port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self._config.port
+        log.info("http_listening", host=self._config.host, port=self.port, auth=self._config.api_token is not None)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/v1/") and not self._authorized(request):
+            return web.json_response({"error": "missing or invalid bearer token"}, status=401)
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+
+    def _authorized(self, request: web.Request) -> bool:
+        token = self._config.api_token
+        if token is None:
+            return True
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {token.get_secret_value()}"
+        return hmac.compare_digest(given.encode(), expected.encode())
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        try:
+            await self._store.ping()
+        except StoreError as exc:
+            return web.json_response({"status": "store unavailable", "error": str(exc)}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _sessions(self, request: web.Request) -> web.Response:
+        rows = [dataclasses.asdict(r) for r in await self._pool.sessions()]
+        return web.json_response({"sessions": rows})
+
+    async def _message(self, request: web.Request) -> web.StreamResponse:
+        inbound = await self._parse_message(request)
+        turn = await self._pool.submit(inbound)
+        if "text/event-stream" not in request.headers.get("Accept", ""):
+            outcome = await turn.outcome
+            return web.json_response(outcome_body(outcome), status=STATUS.get(outcome.failure, 200) if outcome.failure else 200)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        async for text in turn.stream():
+            await response.write(_sse("delta", {"text": text}))
+        outcome = await turn.outcome
+        await response.write(_sse("result" if outcome.ok else "error", outcome_body(outcome)))
+        await response.write_eof()
+        return response
+
+    async def _parse_message(self, request: web.Request) -> Inbound:
+        conversation_id = request.match_info["conversation_id"]
+        if not CONVERSATION_ID.match(conversation_id):
+            raise BadRequest("conversation id must be 1-128 characters of A-Z a-z 0-9 . _ : @ -")
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("body must be JSON: {\"text\": \"...\"}") from None
+        text = body.get("text") if isinstance(body, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise BadRequest("field 'text' must be a non-empty string")
+        if len(text) > self._config.max_text_chars:
+            raise BadRequest(f"field 'text' is longer than {self._config.max_text_chars} characters")
+        return Inbound(conversation_id=f"api:{conversation_id}", text=text, source="api")
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()

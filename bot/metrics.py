@@ -1,0 +1,16 @@
+"""Prometheus metrics (served at /metrics). Labels carry no conversation ids or text."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+TURNS = Counter("agentd_turns_total", "Turns finished, by outcome", ["outcome"])
+TURN_SECONDS = Histogram(
+    "agentd_turn_seconds", "Wall time of a turn", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+)
+SPAWNS = Counter("agentd_spawns_total", "CLI processes started, by kind", ["kind"])
+SPAWN_SECONDS = Histogram("agentd_spawn_seconds", "Time to connect a CLI process")
+EVICTIONS = Counter("agentd_evictions_total", "CLI processes retired, by reason", ["reason"])
+LIVE_SESSIONS = Gauge("agentd_live_processes", "CLI processes currently running")
+POOL_RSS_MB = Gauge("agentd_pool_rss_mb", "Sum of sampled RSS of all CLI process trees, MiB")
+STORE_ERRORS = Counter("agentd_store_errors_total", "Store operations that failed")

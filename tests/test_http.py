@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from bot.config import ConfigError, HttpConfig
+from bot.http import Api
+from tests.conftest import PoolFactory
+from tests.fakes.model import FakeModel
+
+TOKEN = "test-api-token-123"
+
+
+@pytest.fixture
+async def api(make_pool: PoolFactory) -> AsyncIterator[str]:
+    pool = await make_pool()
+    server = Api(HttpConfig(listen="127.0.0.1:0", api_token=TOKEN, max_text_chars=1000), pool, pool.store)
+    await server.start()
+    yield f"http://127.0.0.1:{server.port}"
+    await server.stop()
+
+
+def auth(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_message_round_trip_and_sessions(api: str) -> None:
+    async with aiohttp.ClientSession(headers=auth()) as http:
+        async with http.post(f"{api}/v1/conversations/c1/messages", json={"text": "hi there"}) as response:
+            assert response.status == 200
+            body = await response.json()
+        assert body["reply"] == "echo: hi there" and body["turns"] == 1 and body["session_id"]
+        assert body["cost_usd"] >= 0
+        async with http.get(f"{api}/v1/sessions") as response:
+            (row,) = (await response.json())["sessions"]
+        assert row["conversation_id"] == "api:c1" and row["state"] == "warm" and row["pid"] > 0
+        assert set(row) == {"conversation_id", "session_id", "state", "pid", "rss_mb", "turns", "idle_s", "cost_usd"}
+
+
+async def test_streaming_reply(api: str, fake_model: FakeModel) -> None:
+    fake_model.chunk_size = 5
+    fake_model.add("stream me", text="a fairly long streamed answer")
+    events: list[tuple[str, dict[str, object]]] = []
+    async with aiohttp.ClientSession(headers=auth()) as http, http.post(
+        f"{api}/v1/conversations/s1/messages", json={"text": "stream me"}, headers={"Accept": "text/event-stream"}
+    ) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        event = ""
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                events.append((event, json.loads(line[6:])))
+    deltas = [d["text"] for e, d in events if e == "delta"]
+    assert len(deltas) > 3 and "".join(deltas) == "a fairly long streamed answer"  # type: ignore[arg-type]
+    assert events[-1][0] == "result" and events[-1][1]["reply"] == "a fairly long streamed answer"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}])
+async def test_api_requires_bearer_token(api: str, headers: dict[str, str]) -> None:
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.get(f"{api}/v1/sessions") as response:
+            assert response.status == 401
+        async with http.post(f"{api}/v1/conversations/x/messages", json={"text": "hi"}) as response:
+            assert response.status == 401
+        async with http.get(f"{api}/healthz") as response:
+            assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("path_id", "body", "message"),
+    [
+        ("c", b"{not json", "JSON"),
+        ("c", b'{"txt": "hi"}', "'text'"),
+        ("c", b'{"text": ""}', "'text'"),
+        ("c", b'{"text": 5}', "'text'"),
+        ("c", b'["text"]', "'text'"),
+        ("c", json.dumps({"text": "x" * 1001}).encode(), "longer than 1000"),
+        ("a" * 129, b'{"text": "hi"}', "conversation id"),
+        ("bad%20id", b'{"text": "hi"}', "conversation id"),
+        ("c", b"\xff\xfe", "JSON"),
+    ],
+)
+async def test_bad_requests_get_clear_400(api: str, path_id: str, body: bytes, message: str) -> None:
+    async with aiohttp.ClientSession(headers=auth()) as http:
+        async with http.post(f"{api}/v1/conversations/{path_id}/messages", data=body) as response:
+            assert response.status == 400
+            assert message in (await response.json())["error"]
+        async with http.post(f"{api}/v1/conversations/ok/messages", json={"text": "still alive"}) as response:
+            assert response.status == 200
+
+
+async def test_readyz_and_metrics(api: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{api}/readyz") as response:
+            assert response.status == 200
+        async with http.get(f"{api}/metrics") as response:
+            assert "agentd_turns_total" in await response.text()
+
+
+async def test_refuses_non_loopback_without_token(make_pool: PoolFactory, tmp_path: Path) -> None:
+    pool = await make_pool()
+    with pytest.raises(ConfigError, match="api_token"):
+        Api(HttpConfig(listen="0.0.0.0:0"), pool, pool.store)
+    Api(HttpConfig(listen="127.0.0.1:0"), pool, pool.store)
