@@ -72,12 +72,15 @@ class SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._ttl_s = keys.conversation_ttl_s(ttl_days)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS conversations ("
-            " id TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at REAL NOT NULL)"
-        )
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS conversations ("
+                " id TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at REAL NOT NULL)"
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"embedded store {path}: {exc}") from exc
 
     async def get(self, conversation_id: str) -> ConversationRecord | None:
         rows = await self._run(

@@ -72,4 +72,7 @@ class RedisStore:
         try:
             return await pending
         except (RedisError, OSError) as exc:
+            # Close every pooled socket: after a server restart they are all dead,
+            # and the next command should start from fresh connections.
+            await self._redis.connection_pool.disconnect()
             raise StoreError(f"redis: {exc}") from exc

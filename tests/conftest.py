@@ -74,3 +74,4 @@ async def make_pool(tmp_path: Path, fake_model: FakeModel) -> AsyncIterator[Pool
     yield factory
     for pool in pools:
         await pool.close(grace_s=5)
+        await pool.store.close()

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.config import ConfigError, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agentd.toml"
+    path.write_text(text)
+    return path
+
+
+def test_toml_then_env_then_conventional(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, '[pool]\nmax_sessions = 7\nprewarm = 2\n[http]\nlisten = "0.0.0.0:9000"\n')
+    monkeypatch.setenv("AGENTD_POOL__PREWARM", "3")
+    monkeypatch.setenv("REDIS_URL", "redis://:pw@redis:6379/0")
+    monkeypatch.setenv("AGENTD_API_TOKEN", "tok-zz9")
+    settings = load_settings(path, {"REDIS_URL": "redis://:pw@redis:6379/0", "AGENTD_API_TOKEN": "tok-zz9"})
+    assert settings.pool.max_sessions == 7 and settings.pool.prewarm == 3
+    assert settings.http.port == 9000 and not settings.http.is_loopback
+    assert settings.store.redis_url is not None and settings.store.redis_url.get_secret_value().endswith("/0")
+    redacted = str(settings.redacted())
+    assert "pw@" not in redacted and "tok-zz9" not in redacted
+
+
+def test_defaults_are_sensible() -> None:
+    settings = load_settings(None, {})
+    assert settings.pool.busy_policy == "queue" and settings.http.is_loopback
+    assert settings.pool.hard_ceiling_mb == 2 * settings.pool.session_max_rss_mb
+    assert settings.store.redis_url is None
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ("[pool]\nmax_sessions = -1\n", "pool.max_sessions"),
+        ("[pool]\nmax_sesions = 3\n", "pool.max_sesions"),
+        ('[pool]\nbusy_policy = "drop"\n', "pool.busy_policy"),
+        ('[http]\nlisten = "nowhere"\n', "http"),
+        ("[pool]\nsession_max_rss_mb = 500\nhard_rss_mb = 400\n", "hard_rss_mb"),
+        ("[pool\n", "not valid TOML"),
+    ],
+)
+def test_invalid_config_names_the_key(tmp_path: Path, toml: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(write(tmp_path, toml), {})
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[pool]\nmax_sessions = 0\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "--config", str(path), "run"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "pool.max_sessions" in result.stderr
+
+
+def test_config_command_redacts_secrets(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "ANTHROPIC_API_KEY": "sk-very-secret", "AGENTD_API_TOKEN": "api-secret"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "config"], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sk-very-secret" not in result.stdout and "api-secret" not in result.stdout
+    assert '"api_key": "**********"' in result.stdout

@@ -1,0 +1,90 @@
+"""One suite, every Store implementation (the ``store`` fixture is parametrized)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from bot.core import Inbound
+from bot.store import ConversationRecord, SqliteStore, Store, StoreError
+from bot.store_redis import RedisStore
+from tests.conftest import PoolFactory
+from tests.fakes.model import FakeModel
+from tests.fakes.redis_server import RedisServer, free_port
+
+
+def record(cid: str, **changes: object) -> ConversationRecord:
+    base = ConversationRecord(conversation_id=cid, workdir=f"/w/{cid}", config_dir=f"/c/{cid}", created_at=time.time())
+    return base.replace(**changes)
+
+
+async def test_put_get_round_trip(store: Store) -> None:
+    assert await store.get("api:none") is None
+    saved = record("api:a", session_id="s-1", turns=3, cost_usd=0.5, state="warm")
+    await store.put(saved)
+    assert await store.get("api:a") == saved
+
+
+async def test_put_overwrites_whole_record(store: Store) -> None:
+    await store.put(record("api:a", turns=1))
+    await store.put(record("api:a", turns=2, evict_reason="idle"))
+    got = await store.get("api:a")
+    assert got is not None and got.turns == 2 and got.evict_reason == "idle"
+
+
+async def test_list_and_delete(store: Store) -> None:
+    for cid in ("api:b", "api:a", "slack:T:C:1.2"):
+        await store.put(record(cid))
+    assert [r.conversation_id for r in await store.list()] == ["api:a", "api:b", "slack:T:C:1.2"]
+    await store.delete("api:b")
+    assert [r.conversation_id for r in await store.list()] == ["api:a", "slack:T:C:1.2"]
+    assert await store.get("api:b") is None
+
+
+async def test_unusual_ids_are_kept_verbatim(store: Store) -> None:
+    odd = "mail:<abc@example.com>:ünïcode 'quoted' \"x\" ; DROP TABLE"
+    await store.put(record(odd))
+    got = await store.get(odd)
+    assert got is not None and got.conversation_id == odd
+
+
+async def test_ping(store: Store) -> None:
+    await store.ping()
+
+
+async def test_unknown_fields_from_newer_versions_are_ignored() -> None:
+    raw = record("api:x").to_json().replace("{", '{"added_later": 1, ', 1)
+    assert ConversationRecord.from_json(raw).conversation_id == "api:x"
+
+
+async def test_unreachable_redis_raises_store_error() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", ttl_days=1)
+    with pytest.raises(StoreError, match="redis"):
+        await store.ping()
+    await store.close()
+
+
+async def test_corrupt_sqlite_file_raises_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="not a database"):
+        SqliteStore(path, ttl_days=1)
+
+
+async def test_warm_sessions_survive_redis_restart(
+    make_pool: PoolFactory, fake_model: FakeModel, redis_server: RedisServer
+) -> None:
+    store = RedisStore(redis_server.url, ttl_days=1)
+    pool = await make_pool(store=store)
+    first = await pool.ask(Inbound("api:r", "before redis restart"))
+    pid = pool.live_pids()[0]
+    redis_server.stop()
+    during = await pool.ask(Inbound("api:r", "while redis is down"))
+    assert during.ok and pool.live_pids() == [pid], "a warm session must not need the store"
+    redis_server.start()
+    after = await pool.ask(Inbound("api:r", "after redis restart"))
+    assert after.ok and after.session_id == first.session_id
+    saved = await store.get("api:r")
+    assert saved is not None and saved.turns == 3, "the next write heals what the outage missed"
