@@ -29,7 +29,9 @@ def open_store(settings: Settings) -> Store:
     return SqliteStore(settings.store.data_dir / "agentd.db", settings.store.conversation_ttl_days)
 
 
-def bounded(name: str, close: Callable[[], Awaitable[None]], limit_s: float = CLEANUP_LIMIT_S) -> Callable[[], Awaitable[None]]:
+def bounded(
+    name: str, close: Callable[[], Awaitable[None]], limit_s: float = CLEANUP_LIMIT_S
+) -> Callable[[], Awaitable[None]]:
     """A cleanup that gives up after ``limit_s`` so one stuck service cannot hang shutdown."""
 
     async def run() -> None:

@@ -22,9 +22,14 @@ log = structlog.get_logger(__name__)
 
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 STATUS = {
-    Failure.BUSY: 409, Failure.INTERRUPTED: 409, Failure.QUEUE_FULL: 429,
-    Failure.SHUTDOWN: 503, Failure.STORE: 503,
-    Failure.CRASHED: 502, Failure.MEMORY: 502, Failure.AGENT_ERROR: 502,
+    Failure.BUSY: 409,
+    Failure.INTERRUPTED: 409,
+    Failure.QUEUE_FULL: 429,
+    Failure.SHUTDOWN: 503,
+    Failure.STORE: 503,
+    Failure.CRASHED: 502,
+    Failure.MEMORY: 502,
+    Failure.AGENT_ERROR: 502,
     Failure.TIMEOUT: 504,
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -36,8 +41,10 @@ class BadRequest(Exception):
 
 def outcome_body(outcome: Outcome) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "reply": outcome.reply, "session_id": outcome.session_id,
-        "cost_usd": round(outcome.cost_usd, 6), "turns": outcome.turns,
+        "reply": outcome.reply,
+        "session_id": outcome.session_id,
+        "cost_usd": round(outcome.cost_usd, 6),
+        "turns": outcome.turns,
     }
     if not outcome.ok:
         body |= {"error": outcome.error, "failure": str(outcome.failure)}
@@ -47,7 +54,9 @@ def outcome_body(outcome: Outcome) -> dict[str, Any]:
 class Api:
     def __init__(self, config: HttpConfig, pool: Pool, store: Store) -> None:
         if config.api_token is None and not config.is_loopback:
-            raise ConfigError("http.api_token (AGENTD_API_TOKEN) is required when http.listen is not a loopback address")
+            raise ConfigError(
+                "http.api_token (AGENTD_API_TOKEN) is required when http.listen is not a loopback address"
+            )
         self._config, self._pool, self._store = config, pool, store
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -118,7 +127,9 @@ class Api:
         turn = await self._pool.submit(inbound)
         if "text/event-stream" not in request.headers.get("Accept", ""):
             outcome = await turn.outcome
-            return web.json_response(outcome_body(outcome), status=STATUS.get(outcome.failure, 200) if outcome.failure else 200)
+            return web.json_response(
+                outcome_body(outcome), status=STATUS.get(outcome.failure, 200) if outcome.failure else 200
+            )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         async for text in turn.stream():
@@ -135,7 +146,7 @@ class Api:
         try:
             body = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError):
-            raise BadRequest("body must be JSON: {\"text\": \"...\"}") from None
+            raise BadRequest('body must be JSON: {"text": "..."}') from None
         text = body.get("text") if isinstance(body, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise BadRequest("field 'text' must be a non-empty string")

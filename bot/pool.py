@@ -9,13 +9,13 @@ the same Claude session.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -29,9 +29,9 @@ from bot.store import ConversationRecord, Store, StoreError
 log = structlog.get_logger(__name__)
 
 FAILURE_TEXT = {
-    Failure.BUSY: "The agent is busy with an earlier message in this conversation; send this again when it has answered.",
+    Failure.BUSY: "The agent is still answering an earlier message here; send this again when it has answered.",
     Failure.QUEUE_FULL: "Too many messages are waiting in this conversation; this one was not accepted.",
-    Failure.CRASHED: "The agent process stopped unexpectedly during this turn; the next message resumes the conversation.",
+    Failure.CRASHED: "The agent process stopped unexpectedly; the next message resumes the conversation.",
     Failure.MEMORY: "The agent exceeded its memory ceiling and was stopped; the next message resumes the conversation.",
     Failure.TIMEOUT: "The agent took too long and was stopped; the next message resumes the conversation.",
     Failure.INTERRUPTED: "This turn was interrupted by a newer message.",
@@ -153,7 +153,9 @@ class Worker:
             seconds = time.monotonic() - started
             metrics.SPAWNS.labels(kind="resume" if self.resume else "spare" if self.spare else "new").inc()
             metrics.SPAWN_SECONDS.observe(seconds)
-            self.log.info("resume" if self.resume else "spawn", pid=self.pid, spare=self.spare, seconds=round(seconds, 3))
+            self.log.info(
+                "resume" if self.resume else "spawn", pid=self.pid, spare=self.spare, seconds=round(seconds, 3)
+            )
             if not self.spare:
                 self.record = self.record.replace(state="warm")
                 await self.pool.persist(self.record)
@@ -216,14 +218,17 @@ class Worker:
         self.current, self.last_used = None, time.monotonic()
         session_id = done.session_id if done is not None else self.record.session_id
         self.record = self.record.replace(
-            turns=self.record.turns + 1, cost_usd=self.record.cost_usd + cost,
-            session_id=session_id, state="warm",
+            turns=self.record.turns + 1,
+            cost_usd=self.record.cost_usd + cost,
+            session_id=session_id,
+            state="warm",
         )
         self.last_turn_cost = cost
         seconds = time.monotonic() - started
         metrics.TURN_SECONDS.observe(seconds)
-        self.log.info("turn_end", seconds=round(seconds, 3), cost_usd=round(cost, 6),
-                      ok=done is not None and done.error is None)
+        self.log.info(
+            "turn_end", seconds=round(seconds, 3), cost_usd=round(cost, 6), ok=done is not None and done.error is None
+        )
 
     def _outcome(self, turn: Turn, done: TurnDone) -> Outcome:
         failure = Failure.INTERRUPTED if done.interrupted else Failure.AGENT_ERROR if done.error else None
@@ -259,9 +264,13 @@ class Worker:
     def info(self) -> SessionInfo:
         state = "busy" if self.current is not None else "warm" if self.state == "warm" else self.state
         return SessionInfo(
-            conversation_id=self.record.conversation_id, session_id=self.record.session_id,
-            state=state, pid=self.pid, rss_mb=None if self.rss_mb is None else round(self.rss_mb, 1),
-            turns=self.record.turns, idle_s=round(time.monotonic() - self.last_used, 1),
+            conversation_id=self.record.conversation_id,
+            session_id=self.record.session_id,
+            state=state,
+            pid=self.pid,
+            rss_mb=None if self.rss_mb is None else round(self.rss_mb, 1),
+            turns=self.record.turns,
+            idle_s=round(time.monotonic() - self.last_used, 1),
             cost_usd=round(self.record.cost_usd, 6),
         )
 
@@ -404,8 +413,11 @@ class Pool:
     def spec_for(self, record: ConversationRecord, resume: bool) -> SessionSpec:
         assert record.session_id is not None
         return SessionSpec(
-            workdir=Path(record.workdir), config_dir=Path(record.config_dir),
-            data_dir=self.data_dir, session_id=record.session_id, resume=resume,
+            workdir=Path(record.workdir),
+            config_dir=Path(record.config_dir),
+            data_dir=self.data_dir,
+            session_id=record.session_id,
+            resume=resume,
         )
 
     # -- spares ------------------------------------------------------------------
@@ -512,8 +524,8 @@ class Pool:
             metrics.STORE_ERRORS.inc()
             log.error("store_error", conversation=record.conversation_id, error=str(exc))
 
-    def _spawn_background(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -546,7 +558,7 @@ class Pool:
     async def sessions(self) -> list[SessionInfo]:
         live = {w.record.conversation_id: w.info() for w in self._workers.values()}
         try:
-            records = await self.store.list()
+            records = await self.store.records()
         except StoreError as exc:
             log.error("store_error", error=str(exc))
             records = []
@@ -554,8 +566,13 @@ class Pool:
         for record in records:
             if record.conversation_id not in rows:
                 rows[record.conversation_id] = SessionInfo(
-                    conversation_id=record.conversation_id, session_id=record.session_id,
-                    state="evicted", pid=None, rss_mb=None, turns=record.turns, idle_s=None,
+                    conversation_id=record.conversation_id,
+                    session_id=record.session_id,
+                    state="evicted",
+                    pid=None,
+                    rss_mb=None,
+                    turns=record.turns,
+                    idle_s=None,
                     cost_usd=round(record.cost_usd, 6),
                 )
         return [rows[k] for k in sorted(rows)]

@@ -57,7 +57,7 @@ class Store(Protocol):
 
     async def delete(self, conversation_id: str) -> None: ...
 
-    async def list(self) -> list[ConversationRecord]: ...
+    async def records(self) -> list[ConversationRecord]: ...
 
     async def ping(self) -> None:
         """Raise StoreError unless the backend answers."""
@@ -99,10 +99,8 @@ class SqliteStore:
     async def delete(self, conversation_id: str) -> None:
         await self._run("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
-    async def list(self) -> list[ConversationRecord]:
-        rows = await self._run(
-            "SELECT record FROM conversations WHERE expires_at > ? ORDER BY id", (time.time(),)
-        )
+    async def records(self) -> list[ConversationRecord]:
+        rows = await self._run("SELECT record FROM conversations WHERE expires_at > ? ORDER BY id", (time.time(),))
         return [ConversationRecord.from_json(r[0]) for r in rows]
 
     async def ping(self) -> None:

@@ -52,8 +52,9 @@ class RedisStore:
             pipe.srem(keys.CONVERSATION_INDEX, conversation_id)
             await self._call(pipe.execute())
 
-    async def list(self) -> list[ConversationRecord]:
-        ids = sorted(await self._call(self._redis.smembers(keys.CONVERSATION_INDEX)))
+    async def records(self) -> list[ConversationRecord]:
+        members = await self._call(self._redis.smembers(keys.CONVERSATION_INDEX))
+        ids = sorted(str(m) for m in members)
         if not ids:
             return []
         raws = await self._call(self._redis.mget([keys.conversation(i) for i in ids]))

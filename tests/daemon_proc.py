@@ -31,9 +31,13 @@ class DaemonProcess:
             f'[pool]\nprewarm = 0\n[agent]\nmodel = "claude-sonnet-4-5"\n{toml}'
         )
         self.env = {
-            "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8",
-            "ANTHROPIC_BASE_URL": model_url, "ANTHROPIC_API_KEY": "sk-test-anthropic-key",
-            **SECRETS, **(extra_env or {}),
+            "PATH": os.environ["PATH"],
+            "HOME": os.environ.get("HOME", "/root"),
+            "LANG": "C.UTF-8",
+            "ANTHROPIC_BASE_URL": model_url,
+            "ANTHROPIC_API_KEY": "sk-test-anthropic-key",
+            **SECRETS,
+            **(extra_env or {}),
         }
         self.log = tmp / "daemon.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -50,7 +54,10 @@ class DaemonProcess:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "bot.cli", "--config", str(self.config), "run"],
-                env=self.env, stdout=log, stderr=log, cwd=Path(__file__).parent.parent,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                cwd=Path(__file__).parent.parent,
             )
         async with aiohttp.ClientSession() as http:
             for _ in range(int(timeout / 0.05)):
@@ -66,9 +73,10 @@ class DaemonProcess:
         raise TimeoutError("daemon did not become healthy")
 
     async def ask(self, conversation: str, text: str) -> dict[str, object]:
-        async with aiohttp.ClientSession(headers=self.headers) as http, http.post(
-            f"{self.url}/v1/conversations/{conversation}/messages", json={"text": text}
-        ) as response:
+        async with (
+            aiohttp.ClientSession(headers=self.headers) as http,
+            http.post(f"{self.url}/v1/conversations/{conversation}/messages", json={"text": text}) as response,
+        ):
             return dict(await response.json())
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:

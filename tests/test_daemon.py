@@ -44,7 +44,9 @@ async def test_agent_environment_holds_no_daemon_secrets(
         await proc.stop()
     results = [
         str(b.get("content"))
-        for r in fake_model.turn_requests() for b in r.last_user_blocks() if b.get("type") == "tool_result"
+        for r in fake_model.turn_requests()
+        for b in r.last_user_blocks()
+        if b.get("type") == "tool_result"
     ]
     assert results and "PATH=" in results[0]
     dumped = "\n".join(results)
@@ -83,8 +85,12 @@ async def test_sessions_command_prints_table(daemon: DaemonProcess) -> None:
     await daemon.start()
     await daemon.ask("tbl", "hello")
     result = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "bot.cli", "--config", str(daemon.config), "sessions"],
-        env=daemon.env, capture_output=True, text=True, timeout=30,
+        subprocess.run,
+        [sys.executable, "-m", "bot.cli", "--config", str(daemon.config), "sessions"],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     await daemon.stop()
     assert result.returncode == 0, result.stderr

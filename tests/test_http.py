@@ -45,9 +45,12 @@ async def test_streaming_reply(api: str, fake_model: FakeModel) -> None:
     fake_model.chunk_size = 5
     fake_model.add("stream me", text="a fairly long streamed answer")
     events: list[tuple[str, dict[str, object]]] = []
-    async with aiohttp.ClientSession(headers=auth()) as http, http.post(
-        f"{api}/v1/conversations/s1/messages", json={"text": "stream me"}, headers={"Accept": "text/event-stream"}
-    ) as response:
+    async with (
+        aiohttp.ClientSession(headers=auth()) as http,
+        http.post(
+            f"{api}/v1/conversations/s1/messages", json={"text": "stream me"}, headers={"Accept": "text/event-stream"}
+        ) as response,
+    ):
         assert response.headers["Content-Type"].startswith("text/event-stream")
         event = ""
         async for raw in response.content:

@@ -51,13 +51,17 @@ async def test_conversations_cannot_read_or_write_each_other(make_pool: PoolFact
 
     fake_model.add("bash read", tool=ToolUse("Bash", {"command": f"cat {b_dir}/secret.txt", "description": "r"}))
     fake_model.add("tool read", tool=ToolUse("Read", {"file_path": f"{b_dir}/secret.txt"}))
-    fake_model.add("bash write", tool=ToolUse("Bash", {"command": f"echo pwned > {b_dir}/pwned.txt", "description": "w"}))
+    fake_model.add(
+        "bash write", tool=ToolUse("Bash", {"command": f"echo pwned > {b_dir}/pwned.txt", "description": "w"})
+    )
     fake_model.add("tool write", tool=ToolUse("Write", {"file_path": f"{b_dir}/pwned2.txt", "content": "pwned"}))
     for attempt in ("bash read", "tool read", "bash write", "tool write"):
         assert (await pool.ask(Inbound("api:a", attempt))).ok
     assert "TOP-SECRET-B" not in tool_results(fake_model).replace("echo TOP-SECRET-B", "")
     assert sorted(p.name for p in b_dir.iterdir() if "pwned" in p.name) == []
 
-    fake_model.add("own write", tool=ToolUse("Bash", {"command": "echo mine > own.txt && cat own.txt", "description": "o"}))
+    fake_model.add(
+        "own write", tool=ToolUse("Bash", {"command": "echo mine > own.txt && cat own.txt", "description": "o"})
+    )
     assert (await pool.ask(Inbound("api:a", "own write"))).ok
     assert "mine" in tool_results(fake_model)

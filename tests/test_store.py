@@ -37,9 +37,9 @@ async def test_put_overwrites_whole_record(store: Store) -> None:
 async def test_list_and_delete(store: Store) -> None:
     for cid in ("api:b", "api:a", "slack:T:C:1.2"):
         await store.put(record(cid))
-    assert [r.conversation_id for r in await store.list()] == ["api:a", "api:b", "slack:T:C:1.2"]
+    assert [r.conversation_id for r in await store.records()] == ["api:a", "api:b", "slack:T:C:1.2"]
     await store.delete("api:b")
-    assert [r.conversation_id for r in await store.list()] == ["api:a", "slack:T:C:1.2"]
+    assert [r.conversation_id for r in await store.records()] == ["api:a", "slack:T:C:1.2"]
     assert await store.get("api:b") is None
 
 

@@ -224,8 +224,6 @@ class FakeModel:
             pieces = [text[i : i + self.chunk_size] for i in range(0, len(text), self.chunk_size)]
             deltas = [{"type": "text_delta", "text": p} for p in pieces or [""]]
         events = [("content_block_start", {"type": "content_block_start", "index": index, "content_block": start})]
-        events += [
-            ("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d}) for d in deltas
-        ]
+        events += [("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d}) for d in deltas]
         events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
         return events
