@@ -29,7 +29,7 @@ from bot.store import ConversationRecord, Store, StoreError
 log = structlog.get_logger(__name__)
 
 FAILURE_TEXT = {
-    Failure.BUSY: "The agent is still answering an earlier message here; send this again when it has answered.",
+    Failure.BUSY: "The agent is busy with an earlier message here; send this again when it has answered.",
     Failure.QUEUE_FULL: "Too many messages are waiting in this conversation; this one was not accepted.",
     Failure.CRASHED: "The agent process stopped unexpectedly; the next message resumes the conversation.",
     Failure.MEMORY: "The agent exceeded its memory ceiling and was stopped; the next message resumes the conversation.",
@@ -216,6 +216,8 @@ class Worker:
             self.cost_base = done.total_cost_usd
         self.turns_served += 1
         self.current, self.last_used = None, time.monotonic()
+        if self.state == "busy":
+            self.state = "closing" if self.retire_reason else "warm"
         session_id = done.session_id if done is not None else self.record.session_id
         self.record = self.record.replace(
             turns=self.record.turns + 1,
