@@ -1,0 +1,206 @@
+"""agentd benchmark: ratios against baselines measured in the same run, on the fake model.
+
+Run: .venv/bin/python -m tests.bench.bench_pool [--repeats N] [--quick]
+Not a test: it prints numbers; nothing asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, ResultMessage
+
+from bot import logs, procs
+from bot.agent import ClaudeLauncher
+from bot.config import HttpConfig, LogConfig
+from bot.core import Inbound
+from bot.http import Api
+from bot.pool import Pool
+from bot.store import SqliteStore
+from tests.conftest import make_settings
+from tests.fakes.model import FakeModel
+from tests.helpers import wait_until
+
+
+async def timed(action: Callable[[], Awaitable[object]]) -> float:
+    started = time.perf_counter()
+    await action()
+    return time.perf_counter() - started
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def bare_options(model: FakeModel, workdir: Path, resume: str | None = None) -> ClaudeAgentOptions:
+    return ClaudeAgentOptions(
+        cwd=workdir, model="claude-sonnet-4-5", setting_sources=[], resume=resume,
+        env={"ANTHROPIC_BASE_URL": model.url, "ANTHROPIC_API_KEY": "sk-bench",
+             "CLAUDE_CONFIG_DIR": str(workdir / ".cfg")},
+    )
+
+
+async def bare_turn(client: ClaudeSDKClient, text: str) -> str:
+    await client.query(text)
+    session = ""
+    async for message in client.receive_response():
+        if isinstance(message, ResultMessage):
+            session = message.session_id
+    return session
+
+
+async def p1_ephemeral(model: FakeModel, root: Path, repeats: int) -> list[float]:
+    workdir = root / "ephemeral"
+    workdir.mkdir()
+    client = ClaudeSDKClient(bare_options(model, workdir))
+    await client.connect()
+    session = await bare_turn(client, "start")
+    await client.disconnect()
+    samples = []
+    for i in range(repeats):
+        async def once() -> None:
+            c = ClaudeSDKClient(bare_options(model, workdir, resume=session))
+            await c.connect()
+            await bare_turn(c, f"ephemeral {i}")
+            await c.disconnect()
+        samples.append(await timed(once))
+    return samples
+
+
+async def bare_warm(model: FakeModel, root: Path, repeats: int) -> list[float]:
+    workdir = root / "bare"
+    workdir.mkdir()
+    client = ClaudeSDKClient(bare_options(model, workdir))
+    await client.connect()
+    await bare_turn(client, "warm up")
+    samples = [await timed(lambda: bare_turn(client, "bare warm")) for _ in range(repeats)]
+    await client.disconnect()
+    return samples
+
+
+async def api_turns(pool: Pool, repeats: int) -> list[float]:
+    api = Api(HttpConfig(listen="127.0.0.1:0", api_token="bench"), pool, pool.store)
+    await api.start()
+    url = f"http://127.0.0.1:{api.port}/v1/conversations/bench/messages"
+    samples = []
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer bench"}) as http:
+        async def post() -> None:
+            async with http.post(url, json={"text": "api turn"}) as response:
+                assert response.status == 200, await response.text()
+        await post()
+        samples = [await timed(post) for _ in range(repeats)]
+    await api.stop()
+    return samples
+
+
+async def first_reply(pool: Pool, repeats: int, spare: bool) -> list[float]:
+    samples = []
+    for _ in range(repeats):
+        if spare:
+            await wait_until(lambda: pool._spares and all(s.state == "warm" for s in pool._spares), 30)
+        samples.append(await timed(lambda: pool.ask(Inbound(f"api:{uuid.uuid4().hex}", "first"))))
+    return samples
+
+
+async def rss_growth(pool: Pool) -> dict[int, float]:
+    marks: dict[int, float] = {}
+    for turn in range(1, 51):
+        await pool.ask(Inbound("api:rss", f"turn {turn} " + "x" * 2000))
+        if turn in (1, 10, 50):
+            worker = pool._workers["api:rss"]
+            assert worker.pid is not None
+            marks[turn] = procs.tree_rss_mb(worker.pid) or 0.0
+    return marks
+
+
+async def fleet(pool: Pool, conversations: int, turns: int) -> tuple[int, int, float, float]:
+    peak = 0.0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, sum(procs.tree_rss_mb(p) or 0.0 for p in pool.live_pids()))
+            await asyncio.sleep(0.1)
+
+    async def conversation(i: int) -> list[str]:
+        return [(await pool.ask(Inbound(f"api:fleet{i}", f"c{i} t{t}"))).reply for t in range(turns)]
+
+    watcher = asyncio.create_task(watch())
+    started = time.perf_counter()
+    replies = await asyncio.gather(*(conversation(i) for i in range(conversations)))
+    elapsed = time.perf_counter() - started
+    watcher.cancel()
+    expected = {f"echo: c{i} t{t}" for i in range(conversations) for t in range(turns)}
+    got = [r for rs in replies for r in rs]
+    lost = len(expected - set(got))
+    duplicated = len(got) - len(set(got))
+    return lost, duplicated, peak, elapsed
+
+
+async def make_pool(model: FakeModel, root: Path, **pool: object) -> Pool:
+    settings = make_settings(root / uuid.uuid4().hex, model, pool=dict(pool))
+    store = SqliteStore(settings.store.data_dir / "bench.db", ttl_days=1)
+    made = Pool(settings, ClaudeLauncher(settings.agent), store)
+    await made.start()
+    return made
+
+
+async def main(repeats: int, quick: bool) -> None:
+    logs.configure(LogConfig(level="warning"))
+    model = FakeModel()
+    await model.start()
+    root = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
+    print(f"# agentd benchmark: medians of {repeats} runs, fake model on loopback")
+
+    warm_pool = await make_pool(model, root)
+    await warm_pool.ask(Inbound("api:warm", "warm up"))
+    warm = [await timed(lambda: warm_pool.ask(Inbound("api:warm", "warm turn"))) for _ in range(repeats)]
+    ephemeral = await p1_ephemeral(model, root, repeats)
+    print(f"P1 warm follow-up {median_ms(warm):.1f} ms vs ephemeral resume {median_ms(ephemeral):.1f} ms"
+          f" -> {statistics.median(ephemeral) / statistics.median(warm):.1f}x faster (goal >= 10x)")
+
+    bare = await bare_warm(model, root, repeats)
+    api = await api_turns(warm_pool, repeats)
+    print(f"P2 API turn {median_ms(api):.1f} ms vs bare ClaudeSDKClient turn {median_ms(bare):.1f} ms"
+          f" -> {statistics.median(api) / statistics.median(bare):.2f}x (goal <= 1.15x)")
+    await warm_pool.close(grace_s=5)
+
+    spare_pool = await make_pool(model, root, prewarm=1)
+    with_spare = await first_reply(spare_pool, repeats, spare=True)
+    await spare_pool.close(grace_s=5)
+    cold_pool = await make_pool(model, root)
+    cold = await first_reply(cold_pool, repeats, spare=False)
+    await cold_pool.close(grace_s=5)
+    print(f"P3 first reply with a spare {median_ms(with_spare):.1f} ms -> "
+          f"{statistics.median(with_spare) / statistics.median(warm):.2f}x a warm turn (goal <= 1.5x);"
+          f" without a spare {median_ms(cold):.1f} ms -> {statistics.median(cold) / statistics.median(warm):.2f}x")
+
+    rss_pool = await make_pool(model, root)
+    marks = await rss_growth(rss_pool)
+    await rss_pool.close(grace_s=5)
+    print("RSS per session (CLI process tree): " + ", ".join(f"after {t} turns {mb:.0f} MiB" for t, mb in marks.items()))
+
+    conversations, turns = (20, 3) if quick else (100, 3)
+    budget = 20 * 300
+    fleet_pool = await make_pool(model, root, max_sessions=20, memory_budget_mb=budget, spawn_estimate_mb=280)
+    lost, duplicated, peak, elapsed = await fleet(fleet_pool, conversations, turns)
+    await fleet_pool.close(grace_s=5)
+    print(f"Fleet {conversations} conversations x {turns} turns through a pool of 20: {lost} lost, {duplicated} duplicated,"
+          f" peak RSS sum {peak:.0f} MiB vs memory_budget_mb {budget} ({elapsed:.1f} s)")
+    await model.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="20 conversations instead of 100")
+    args = parser.parse_args()
+    asyncio.run(main(args.repeats, args.quick))
