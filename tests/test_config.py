@@ -69,3 +69,8 @@ def test_config_command_redacts_secrets(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "sk-very-secret" not in result.stdout and "api-secret" not in result.stdout
     assert '"api_key": "**********"' in result.stdout
+
+
+def test_example_config_is_valid_and_matches_defaults() -> None:
+    example = Path(__file__).parent.parent / "deploy" / "agentd.example.toml"
+    assert load_settings(example, {}).redacted() == load_settings(None, {}).redacted()
