@@ -42,9 +42,15 @@ def median_ms(samples: list[float]) -> float:
 
 def bare_options(model: FakeModel, workdir: Path, resume: str | None = None) -> ClaudeAgentOptions:
     return ClaudeAgentOptions(
-        cwd=workdir, model="claude-sonnet-4-5", setting_sources=[], resume=resume,
-        env={"ANTHROPIC_BASE_URL": model.url, "ANTHROPIC_API_KEY": "sk-bench",
-             "CLAUDE_CONFIG_DIR": str(workdir / ".cfg")},
+        cwd=workdir,
+        model="claude-sonnet-4-5",
+        setting_sources=[],
+        resume=resume,
+        env={
+            "ANTHROPIC_BASE_URL": model.url,
+            "ANTHROPIC_API_KEY": "sk-bench",
+            "CLAUDE_CONFIG_DIR": str(workdir / ".cfg"),
+        },
     )
 
 
@@ -66,11 +72,13 @@ async def p1_ephemeral(model: FakeModel, root: Path, repeats: int) -> list[float
     await client.disconnect()
     samples = []
     for i in range(repeats):
-        async def once() -> None:
+
+        async def once(i: int = i) -> None:
             c = ClaudeSDKClient(bare_options(model, workdir, resume=session))
             await c.connect()
             await bare_turn(c, f"ephemeral {i}")
             await c.disconnect()
+
         samples.append(await timed(once))
     return samples
 
@@ -92,9 +100,11 @@ async def api_turns(pool: Pool, repeats: int) -> list[float]:
     url = f"http://127.0.0.1:{api.port}/v1/conversations/bench/messages"
     samples = []
     async with aiohttp.ClientSession(headers={"Authorization": "Bearer bench"}) as http:
+
         async def post() -> None:
             async with http.post(url, json={"text": "api turn"}) as response:
                 assert response.status == 200, await response.text()
+
         await post()
         samples = [await timed(post) for _ in range(repeats)]
     await api.stop()
@@ -164,13 +174,17 @@ async def main(repeats: int, quick: bool) -> None:
     await warm_pool.ask(Inbound("api:warm", "warm up"))
     warm = [await timed(lambda: warm_pool.ask(Inbound("api:warm", "warm turn"))) for _ in range(repeats)]
     ephemeral = await p1_ephemeral(model, root, repeats)
-    print(f"P1 warm follow-up {median_ms(warm):.1f} ms vs ephemeral resume {median_ms(ephemeral):.1f} ms"
-          f" -> {statistics.median(ephemeral) / statistics.median(warm):.1f}x faster (goal >= 10x)")
+    print(
+        f"P1 warm follow-up {median_ms(warm):.1f} ms vs ephemeral resume {median_ms(ephemeral):.1f} ms"
+        f" -> {statistics.median(ephemeral) / statistics.median(warm):.1f}x faster (goal >= 10x)"
+    )
 
     bare = await bare_warm(model, root, repeats)
     api = await api_turns(warm_pool, repeats)
-    print(f"P2 API turn {median_ms(api):.1f} ms vs bare ClaudeSDKClient turn {median_ms(bare):.1f} ms"
-          f" -> {statistics.median(api) / statistics.median(bare):.2f}x (goal <= 1.15x)")
+    print(
+        f"P2 API turn {median_ms(api):.1f} ms vs bare ClaudeSDKClient turn {median_ms(bare):.1f} ms"
+        f" -> {statistics.median(api) / statistics.median(bare):.2f}x (goal <= 1.15x)"
+    )
     await warm_pool.close(grace_s=5)
 
     spare_pool = await make_pool(model, root, prewarm=1)
@@ -179,22 +193,29 @@ async def main(repeats: int, quick: bool) -> None:
     cold_pool = await make_pool(model, root)
     cold = await first_reply(cold_pool, repeats, spare=False)
     await cold_pool.close(grace_s=5)
-    print(f"P3 first reply with a spare {median_ms(with_spare):.1f} ms -> "
-          f"{statistics.median(with_spare) / statistics.median(warm):.2f}x a warm turn (goal <= 1.5x);"
-          f" without a spare {median_ms(cold):.1f} ms -> {statistics.median(cold) / statistics.median(warm):.2f}x")
+    print(
+        f"P3 first reply with a spare {median_ms(with_spare):.1f} ms -> "
+        f"{statistics.median(with_spare) / statistics.median(warm):.2f}x a warm turn (goal <= 1.5x);"
+        f" without a spare {median_ms(cold):.1f} ms -> {statistics.median(cold) / statistics.median(warm):.2f}x"
+    )
 
     rss_pool = await make_pool(model, root)
     marks = await rss_growth(rss_pool)
     await rss_pool.close(grace_s=5)
-    print("RSS per session (CLI process tree): " + ", ".join(f"after {t} turns {mb:.0f} MiB" for t, mb in marks.items()))
+    print(
+        "RSS per session (CLI process tree): " + ", ".join(f"after {t} turns {mb:.0f} MiB" for t, mb in marks.items())
+    )
 
     conversations, turns = (20, 3) if quick else (100, 3)
     budget = 20 * 300
     fleet_pool = await make_pool(model, root, max_sessions=20, memory_budget_mb=budget, spawn_estimate_mb=280)
     lost, duplicated, peak, elapsed = await fleet(fleet_pool, conversations, turns)
     await fleet_pool.close(grace_s=5)
-    print(f"Fleet {conversations} conversations x {turns} turns through a pool of 20: {lost} lost, {duplicated} duplicated,"
-          f" peak RSS sum {peak:.0f} MiB vs memory_budget_mb {budget} ({elapsed:.1f} s)")
+    print(
+        f"Fleet {conversations} conversations x {turns} turns through a pool of 20:"
+        f" {lost} lost, {duplicated} duplicated,"
+        f" peak RSS sum {peak:.0f} MiB vs memory_budget_mb {budget} ({elapsed:.1f} s)"
+    )
     await model.stop()
 
 
