@@ -63,12 +63,17 @@ async def bare_turn(client: ClaudeSDKClient, text: str) -> str:
     return session
 
 
-async def p1_ephemeral(model: FakeModel, root: Path, repeats: int) -> list[float]:
-    workdir = root / "ephemeral"
+async def connected_bare(model: FakeModel, workdir: Path) -> tuple[ClaudeSDKClient, str]:
+    """A bare SDK client (no agentd) that has served one turn, and its session id."""
     workdir.mkdir()
     client = ClaudeSDKClient(bare_options(model, workdir))
     await client.connect()
-    session = await bare_turn(client, "start")
+    return client, await bare_turn(client, "warm up")
+
+
+async def p1_ephemeral(model: FakeModel, root: Path, repeats: int) -> list[float]:
+    workdir = root / "ephemeral"
+    client, session = await connected_bare(model, workdir)
     await client.disconnect()
     samples = []
     for i in range(repeats):
@@ -84,11 +89,7 @@ async def p1_ephemeral(model: FakeModel, root: Path, repeats: int) -> list[float
 
 
 async def bare_warm(model: FakeModel, root: Path, repeats: int) -> list[float]:
-    workdir = root / "bare"
-    workdir.mkdir()
-    client = ClaudeSDKClient(bare_options(model, workdir))
-    await client.connect()
-    await bare_turn(client, "warm up")
+    client, _ = await connected_bare(model, root / "bare")
     samples = [await timed(lambda: bare_turn(client, "bare warm")) for _ in range(repeats)]
     await client.disconnect()
     return samples
