@@ -57,9 +57,9 @@ class AgentConfig(_Section):
 
     @property
     def sandbox_enabled(self) -> bool:
-        """On by default wherever bubblewrap is installed."""
+        """On by default wherever bubblewrap (and socat, which its network proxy needs) is installed."""
         if self.sandbox is None:
-            return shutil.which("bwrap") is not None
+            return all(shutil.which(tool) is not None for tool in ("bwrap", "socat"))
         return self.sandbox
 
 

@@ -97,3 +97,22 @@ async def test_sessions_command_prints_table(daemon: DaemonProcess) -> None:
     header, row = result.stdout.splitlines()[:2]
     assert header.split()[:3] == ["CONVERSATION", "SESSION", "STATE"]
     assert row.startswith("api:tbl") and " warm " in row
+
+
+async def test_chat_command_streams_replies(daemon: DaemonProcess, fake_model: FakeModel) -> None:
+    fake_model.add("tell me", text="here is the streamed story")
+    await daemon.start()
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "bot.cli", "--config", str(daemon.config), "chat", "term"],
+        input="tell me\nsecond line\n",
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    await daemon.stop()
+    assert result.returncode == 0, result.stderr
+    assert "agent> here is the streamed story" in result.stdout
+    assert "agent> echo: second line" in result.stdout
+    assert "turn 2" in result.stdout
