@@ -24,6 +24,13 @@ async def daemon(tmp_path: Path, fake_model: FakeModel) -> AsyncIterator[DaemonP
     proc.kill()
 
 
+async def run_cli(daemon: DaemonProcess, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "bot.cli", "--config", str(daemon.config), *args]
+    return await asyncio.to_thread(
+        subprocess.run, command, input=stdin, env=daemon.env, capture_output=True, text=True, timeout=60
+    )
+
+
 def cli_descendants(pid: int) -> list[psutil.Process]:
     try:
         return [p for p in psutil.Process(pid).children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
@@ -84,14 +91,7 @@ async def test_restart_resumes_conversation(daemon: DaemonProcess, fake_model: F
 async def test_sessions_command_prints_table(daemon: DaemonProcess) -> None:
     await daemon.start()
     await daemon.ask("tbl", "hello")
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "bot.cli", "--config", str(daemon.config), "sessions"],
-        env=daemon.env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = await run_cli(daemon, "sessions")
     await daemon.stop()
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.splitlines()[:2]
@@ -102,15 +102,7 @@ async def test_sessions_command_prints_table(daemon: DaemonProcess) -> None:
 async def test_chat_command_streams_replies(daemon: DaemonProcess, fake_model: FakeModel) -> None:
     fake_model.add("tell me", text="here is the streamed story")
     await daemon.start()
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "bot.cli", "--config", str(daemon.config), "chat", "term"],
-        input="tell me\nsecond line\n",
-        env=daemon.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = await run_cli(daemon, "chat", "term", stdin="tell me\nsecond line\n")
     await daemon.stop()
     assert result.returncode == 0, result.stderr
     assert "agent> here is the streamed story" in result.stdout
