@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import structlog
 from claude_agent_sdk import (
@@ -23,13 +23,17 @@ from claude_agent_sdk import (
     ClaudeSDKError,
     HookContext,
     HookMatcher,
+    PermissionResultAllow,
+    PermissionResultDeny,
     ResultMessage,
     StreamEvent,
     TextBlock,
+    ToolPermissionContext,
 )
-from claude_agent_sdk.types import HookInput, HookJSONOutput
+from claude_agent_sdk.types import HookInput, HookJSONOutput, PermissionResult
 
 from bot.config import AgentConfig
+from bot.core import ToolPolicy, ToolRequest, Verdict
 
 log = structlog.get_logger(__name__)
 
@@ -74,7 +78,7 @@ class AgentSession(Protocol):
     @property
     def pid(self) -> int | None: ...
 
-    def turn(self, text: str) -> AsyncIterator[TextDelta | TurnDone]: ...
+    def turn(self, text: str, policy: ToolPolicy | None = None) -> AsyncIterator[TextDelta | TurnDone]: ...
 
     async def interrupt(self) -> None: ...
 
@@ -83,9 +87,61 @@ class Launcher(Protocol):
     def open(self, spec: SessionSpec) -> AbstractAsyncContextManager[AgentSession]: ...
 
 
+class _ToolGate:
+    """Decides every tool call by the current turn's policy.
+
+    A warm process serves turns from different policies (a spare is adopted by
+    any channel), so the decision is made per call, not by CLI flags.  The
+    PreToolUse hook sees every call: it denies what the policy does not name and
+    forces a prompt for "ask" tools; the prompt then reaches ``can_use_tool``.
+    """
+
+    def __init__(self, spec: SessionSpec, default: ToolPolicy) -> None:
+        self.default = default
+        self.policy = default
+        self._workdir, self._data_dir = spec.workdir.resolve(), spec.data_dir.resolve()
+
+    async def hook(self, hook_input: HookInput, tool_use_id: str | None, context: HookContext) -> HookJSONOutput:
+        tool = str(hook_input.get("tool_name", ""))
+        tool_input = hook_input.get("tool_input") or {}
+        if tool in FILE_TOOLS and isinstance(tool_input, dict):
+            for key in _PATH_KEYS:
+                raw = tool_input.get(key)
+                if isinstance(raw, str) and _forbidden(Path(raw), self._workdir, self._data_dir):
+                    return _decision("deny", f"{raw} belongs to another conversation")
+        if tool in self.policy.ask:
+            return _decision("ask", "this tool needs a person's approval")
+        if tool not in self.policy.allow:
+            return _decision("deny", f"the {tool} tool is not allowed in this conversation")
+        return {}
+
+    async def can_use_tool(
+        self, tool: str, tool_input: dict[str, Any], context: ToolPermissionContext
+    ) -> PermissionResult:
+        policy = self.policy
+        if tool in policy.allow:
+            return PermissionResultAllow()
+        if tool not in policy.ask or policy.approver is None:
+            return PermissionResultDeny(message=f"the {tool} tool is not allowed in this conversation")
+        verdict = await policy.approver(ToolRequest(tool=tool, summary=_summary(tool_input)))
+        if verdict is Verdict.APPROVED:
+            return PermissionResultAllow()
+        if verdict is Verdict.TIMED_OUT:
+            return PermissionResultDeny(message="nobody approved this tool call in time; it was not run")
+        return PermissionResultDeny(message="a person denied this tool call")
+
+
+def _summary(tool_input: dict[str, Any]) -> str:
+    for key in ("command", *_PATH_KEYS, "url", "pattern"):
+        if isinstance(tool_input.get(key), str):
+            return str(tool_input[key])[:500]
+    return json.dumps(tool_input, ensure_ascii=False, default=str)[:500]
+
+
 class _ClaudeSession:
-    def __init__(self, client: ClaudeSDKClient) -> None:
+    def __init__(self, client: ClaudeSDKClient, gate: _ToolGate) -> None:
         self._client = client
+        self._gate = gate
 
     @property
     def pid(self) -> int | None:
@@ -96,7 +152,8 @@ class _ClaudeSession:
     async def interrupt(self) -> None:
         await self._client.interrupt()
 
-    async def turn(self, text: str) -> AsyncIterator[TextDelta | TurnDone]:
+    async def turn(self, text: str, policy: ToolPolicy | None = None) -> AsyncIterator[TextDelta | TurnDone]:
+        self._gate.policy = policy or self._gate.default
         parts: list[str] = []
         try:
             await self._client.query(text)
@@ -149,24 +206,29 @@ class ClaudeLauncher:
     async def open(self, spec: SessionSpec) -> AsyncIterator[AgentSession]:
         spec.workdir.mkdir(parents=True, exist_ok=True)
         spec.config_dir.mkdir(parents=True, exist_ok=True)
-        client = ClaudeSDKClient(self.options(spec))
+        gate = _ToolGate(spec, self.default_policy())
+        client = ClaudeSDKClient(self.options(spec, gate))
         try:
             await client.connect()
         except ClaudeSDKError as exc:
             await client.disconnect()
             raise AgentError(f"could not start the agent: {exc}") from exc
         try:
-            yield _ClaudeSession(client)
+            yield _ClaudeSession(client, gate)
         finally:
             await client.disconnect()
 
-    def options(self, spec: SessionSpec) -> ClaudeAgentOptions:
+    def default_policy(self) -> ToolPolicy:
+        return ToolPolicy(allow=frozenset(self._config.allowed_tools))
+
+    def options(self, spec: SessionSpec, gate: _ToolGate) -> ClaudeAgentOptions:
         c = self._config
         return ClaudeAgentOptions(
             cwd=spec.workdir,
             model=c.model,
             system_prompt=c.system_prompt,
-            allowed_tools=list(c.allowed_tools),
+            # Nothing is pre-approved: the gate decides every call per turn.
+            allowed_tools=[],
             disallowed_tools=list(c.disallowed_tools),
             permission_mode=c.permission_mode,
             max_turns=c.max_turns,
@@ -179,7 +241,8 @@ class ClaudeLauncher:
             session_id=None if spec.resume else spec.session_id,
             settings=json.dumps(self._settings(spec)),
             env=self.environment(spec),
-            hooks={"PreToolUse": [HookMatcher(matcher="|".join(FILE_TOOLS), hooks=[_path_guard(spec)])]},
+            can_use_tool=gate.can_use_tool,
+            hooks={"PreToolUse": [HookMatcher(matcher=None, hooks=[gate.hook])]},
             stderr=_stderr_logger(spec),
         )
 
@@ -210,7 +273,8 @@ class ClaudeLauncher:
         return {
             "sandbox": {
                 "enabled": True,
-                "autoAllowBashIfSandboxed": True,
+                # Bash goes through the gate like every other tool.
+                "autoAllowBashIfSandboxed": False,
                 "allowUnsandboxedCommands": False,
                 # Writes are confined to cwd by default; reads are not, so every
                 # other conversation's files are hidden explicitly.
@@ -219,31 +283,16 @@ class ClaudeLauncher:
         }
 
 
-def _path_guard(spec: SessionSpec) -> Any:
-    """A PreToolUse hook: file tools may not touch data_dir outside this workdir."""
-    data_dir, workdir = spec.data_dir.resolve(), spec.workdir.resolve()
-
-    async def guard(hook_input: HookInput, tool_use_id: str | None, context: HookContext) -> HookJSONOutput:
-        tool_input = hook_input.get("tool_input") or {}
-        for key in _PATH_KEYS:
-            raw = tool_input.get(key) if isinstance(tool_input, dict) else None
-            if isinstance(raw, str) and _forbidden(Path(raw), workdir, data_dir):
-                return _deny(f"{raw} belongs to another conversation")
-        return {}
-
-    return guard
-
-
 def _forbidden(raw: Path, workdir: Path, data_dir: Path) -> bool:
     target = (raw if raw.is_absolute() else workdir / raw).resolve()
     return target.is_relative_to(data_dir) and not target.is_relative_to(workdir)
 
 
-def _deny(reason: str) -> HookJSONOutput:
+def _decision(decision: Literal["deny", "ask"], reason: str) -> HookJSONOutput:
     return {
         "hookSpecificOutput": {
             "hookEventName": "PreToolUse",
-            "permissionDecision": "deny",
+            "permissionDecision": decision,
             "permissionDecisionReason": reason,
         }
     }

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 
 class Failure(enum.StrEnum):
@@ -20,13 +22,50 @@ class Failure(enum.StrEnum):
     STORE = "store"
 
 
+class Verdict(enum.StrEnum):
+    """A person's answer to an approval request; a timeout is not a denial."""
+
+    APPROVED = "approved"
+    DENIED = "denied"
+    TIMED_OUT = "timed_out"
+
+
+@dataclass(frozen=True)
+class ToolRequest:
+    """The agent wants to run a tool that its policy marks "ask"."""
+
+    tool: str
+    summary: str
+
+
+class Approver(Protocol):
+    """Asks a person on the conversation's channel; returns within the channel's own timeout."""
+
+    async def __call__(self, request: ToolRequest) -> Verdict: ...
+
+
+@dataclass(frozen=True)
+class ToolPolicy:
+    """Which tools a turn may use: ``allow`` runs at once, ``ask`` needs an approver, anything else is denied."""
+
+    allow: frozenset[str]
+    ask: frozenset[str] = frozenset()
+    approver: Approver | None = field(default=None, compare=False)
+
+
 @dataclass(frozen=True)
 class Inbound:
-    """One message for a conversation, from any channel."""
+    """One message for a conversation, from any channel.
+
+    ``files`` are moved into the conversation's workdir (``inbox/``) before the
+    turn and named in the prompt.  ``policy`` None means the agent's defaults.
+    """
 
     conversation_id: str
     text: str
     source: str = "api"
+    files: tuple[Path, ...] = ()
+    policy: ToolPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +79,7 @@ class Outcome:
     turns: int
     failure: Failure | None = None
     error: str | None = None
+    files: tuple[Path, ...] = ()
 
     @property
     def ok(self) -> bool:

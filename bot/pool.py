@@ -202,7 +202,7 @@ class Worker:
 
     async def _run_turn(self, session: AgentSession, turn: Turn) -> TurnDone:
         async with asyncio.timeout(self.pool.settings.agent.turn_timeout_s):
-            async for event in session.turn(turn.inbound.text):
+            async for event in session.turn(turn.inbound.text, turn.inbound.policy):
                 if isinstance(event, TextDelta):
                     turn.deltas.put_nowait(event.text)
                 else:

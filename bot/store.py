@@ -64,6 +64,21 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    # Small named values with a lifetime: dedupe claims, checkpoints, outboxes,
+    # counters.  Names come from ``bot.keys``.
+
+    async def claim(self, name: str, ttl_s: int) -> bool:
+        """Set ``name`` unless it is already set: True for exactly one caller per TTL."""
+
+    async def get_value(self, name: str) -> str | None: ...
+
+    async def put_value(self, name: str, value: str, ttl_s: int) -> None: ...
+
+    async def delete_value(self, name: str) -> None: ...
+
+    async def incr(self, name: str, window_s: int) -> int:
+        """Count within a window that starts at the first increment."""
+
 
 class SqliteStore:
     """The embedded default: one SQLite file in ``data_dir``, used from a worker thread."""
@@ -78,6 +93,9 @@ class SqliteStore:
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS conversations ("
                 " id TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at REAL NOT NULL)"
+            )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS kv (name TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL NOT NULL)"
             )
         except sqlite3.Error as exc:
             raise StoreError(f"embedded store {path}: {exc}") from exc
@@ -105,6 +123,40 @@ class SqliteStore:
 
     async def ping(self) -> None:
         await self._run("SELECT 1", ())
+
+    async def claim(self, name: str, ttl_s: int) -> bool:
+        now = time.time()
+        rows = await self._run(
+            "INSERT INTO kv (name, value, expires_at) VALUES (?, '1', ?) ON CONFLICT(name) DO UPDATE"
+            " SET value = excluded.value, expires_at = excluded.expires_at WHERE kv.expires_at <= ? RETURNING 1",
+            (name, now + ttl_s, now),
+        )
+        return bool(rows)
+
+    async def get_value(self, name: str) -> str | None:
+        rows = await self._run("SELECT value FROM kv WHERE name = ? AND expires_at > ?", (name, time.time()))
+        return str(rows[0][0]) if rows else None
+
+    async def put_value(self, name: str, value: str, ttl_s: int) -> None:
+        await self._run(
+            "INSERT INTO kv (name, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE"
+            " SET value = excluded.value, expires_at = excluded.expires_at",
+            (name, value, time.time() + ttl_s),
+        )
+
+    async def delete_value(self, name: str) -> None:
+        await self._run("DELETE FROM kv WHERE name = ?", (name,))
+
+    async def incr(self, name: str, window_s: int) -> int:
+        now = time.time()
+        rows = await self._run(
+            "INSERT INTO kv (name, value, expires_at) VALUES (?, '1', ?) ON CONFLICT(name) DO UPDATE SET"
+            " value = CASE WHEN kv.expires_at <= ? THEN 1 ELSE CAST(kv.value AS INTEGER) + 1 END,"
+            " expires_at = CASE WHEN kv.expires_at <= ? THEN excluded.expires_at ELSE kv.expires_at END"
+            " RETURNING value",
+            (name, now + window_s, now, now),
+        )
+        return int(rows[0][0])
 
     async def close(self) -> None:
         await asyncio.to_thread(self._db.close)

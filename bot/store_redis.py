@@ -69,6 +69,26 @@ class RedisStore:
     async def close(self) -> None:
         await self._redis.aclose()
 
+    async def claim(self, name: str, ttl_s: int) -> bool:
+        return bool(await self._call(self._redis.set(name, "1", ex=ttl_s, nx=True)))
+
+    async def get_value(self, name: str) -> str | None:
+        raw = await self._call(self._redis.get(name))
+        return None if raw is None else str(raw)
+
+    async def put_value(self, name: str, value: str, ttl_s: int) -> None:
+        await self._call(self._redis.set(name, value, ex=ttl_s))
+
+    async def delete_value(self, name: str) -> None:
+        await self._call(self._redis.delete(name))
+
+    async def incr(self, name: str, window_s: int) -> int:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incr(name)
+            pipe.expire(name, window_s, nx=True)
+            count, _ = await self._call(pipe.execute())
+        return int(count)
+
     async def _call(self, pending: Awaitable[T]) -> T:
         try:
             return await pending

@@ -29,16 +29,6 @@ def test_safe_name_never_escapes(key: str) -> None:
     assert len(name) <= 53
 
 
-def tool_results(model: FakeModel) -> str:
-    texts = []
-    for request in model.turn_requests():
-        for block in request.last_user_blocks():
-            if block.get("type") == "tool_result":
-                content = block.get("content")
-                texts.append(content if isinstance(content, str) else str(content))
-    return "\n".join(texts)
-
-
 @needs_bwrap
 async def test_conversations_cannot_read_or_write_each_other(make_pool: PoolFactory, fake_model: FakeModel) -> None:
     pool = await make_pool(agent={"sandbox": True})
@@ -57,11 +47,11 @@ async def test_conversations_cannot_read_or_write_each_other(make_pool: PoolFact
     fake_model.add("tool write", tool=ToolUse("Write", {"file_path": f"{b_dir}/pwned2.txt", "content": "pwned"}))
     for attempt in ("bash read", "tool read", "bash write", "tool write"):
         assert (await pool.ask(Inbound("api:a", attempt))).ok
-    assert "TOP-SECRET-B" not in tool_results(fake_model).replace("echo TOP-SECRET-B", "")
+    assert "TOP-SECRET-B" not in fake_model.tool_results().replace("echo TOP-SECRET-B", "")
     assert sorted(p.name for p in b_dir.iterdir() if "pwned" in p.name) == []
 
     fake_model.add(
         "own write", tool=ToolUse("Bash", {"command": "echo mine > own.txt && cat own.txt", "description": "o"})
     )
     assert (await pool.ask(Inbound("api:a", "own write"))).ok
-    assert "mine" in tool_results(fake_model)
+    assert "mine" in fake_model.tool_results()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -88,3 +89,32 @@ async def test_warm_sessions_survive_redis_restart(
     assert after.ok and after.session_id == first.session_id
     saved = await store.get("api:r")
     assert saved is not None and saved.turns == 3, "the next write heals what the outage missed"
+
+
+async def test_claim_is_granted_once_until_it_expires(store: Store) -> None:
+    assert await store.claim("agentd:test:claim", ttl_s=60)
+    assert not await store.claim("agentd:test:claim", ttl_s=60)
+    assert await store.claim("agentd:test:other", ttl_s=60)
+
+
+async def test_expired_claim_can_be_taken_again(store: Store) -> None:
+    assert await store.claim("agentd:test:short", ttl_s=1)
+    assert not await store.claim("agentd:test:short", ttl_s=1)
+    deadline = time.monotonic() + 5
+    while not await store.claim("agentd:test:short", ttl_s=1):
+        assert time.monotonic() < deadline, "an expired claim was never granted again"
+        await asyncio.sleep(0.05)
+
+
+async def test_values_round_trip_and_delete(store: Store) -> None:
+    assert await store.get_value("agentd:test:v") is None
+    await store.put_value("agentd:test:v", "ünï {json}", ttl_s=60)
+    await store.put_value("agentd:test:v", "second", ttl_s=60)
+    assert await store.get_value("agentd:test:v") == "second"
+    await store.delete_value("agentd:test:v")
+    assert await store.get_value("agentd:test:v") is None
+
+
+async def test_counter_counts_within_its_window(store: Store) -> None:
+    assert [await store.incr("agentd:test:n", window_s=60) for _ in range(3)] == [1, 2, 3]
+    assert await store.incr("agentd:test:m", window_s=60) == 1

@@ -106,6 +106,15 @@ class FakeModel:
         """Requests of real turns (side requests such as titles carry no tools)."""
         return [r for r in self.requests if r.has_tools]
 
+    def tool_results(self) -> str:
+        """Every tool result the CLI sent back, in order."""
+        texts = []
+        for request in self.turn_requests():
+            for block in request.last_user_blocks():
+                if block.get("type") == "tool_result":
+                    texts.append(_block_text(block))
+        return "\n".join(texts)
+
     def find(self, needle: str) -> list[RecordedRequest]:
         return [r for r in self.turn_requests() if needle in r.last_said()]
 
