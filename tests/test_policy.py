@@ -34,7 +34,7 @@ async def workdir(store: Store, conversation_id: str) -> Path:
     return Path(record.workdir)
 
 
-async def test_a_restricted_turn_cannot_use_bash_on_a_warm_process(make_pool: PoolFactory, fake_model: FakeModel) -> None:
+async def test_restricted_turn_cannot_use_bash_on_warm_process(make_pool: PoolFactory, fake_model: FakeModel) -> None:
     pool = await make_pool()
     fake_model.add("first", tool=touch("allowed.txt"))
     fake_model.add("second", tool=touch("denied.txt"))
