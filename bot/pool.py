@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from bot import metrics, procs
+from bot import files, metrics, procs
 from bot.agent import AgentCrashed, AgentError, AgentSession, Launcher, SessionSpec, TextDelta, TurnDone
 from bot.config import Settings
 from bot.core import Failure, Inbound, Outcome, SessionInfo
@@ -34,7 +34,7 @@ FAILURE_TEXT = {
     Failure.CRASHED: "The agent process stopped unexpectedly; the next message resumes the conversation.",
     Failure.MEMORY: "The agent exceeded its memory ceiling and was stopped; the next message resumes the conversation.",
     Failure.TIMEOUT: "The agent took too long and was stopped; the next message resumes the conversation.",
-    Failure.INTERRUPTED: "This turn was interrupted by a newer message.",
+    Failure.INTERRUPTED: "This turn was stopped before it finished.",
     Failure.AGENT_ERROR: "The agent could not complete this turn.",
     Failure.SHUTDOWN: "The daemon is shutting down; this message was not processed.",
     Failure.STORE: "The conversation store is unreachable; try again shortly.",
@@ -48,6 +48,7 @@ class Turn:
     inbound: Inbound
     deltas: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     outcome: asyncio.Future[Outcome] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    started: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def stream(self) -> AsyncIterator[str]:
         while (text := await self.deltas.get()) is not None:
@@ -99,6 +100,7 @@ class Worker:
         self.cost_base = 0.0
         self.last_used = time.monotonic()
         self.admitted = False
+        self.fresh = False
         self.last_turn_cost = 0.0
         self._wakeup = asyncio.Event()
         self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
@@ -183,10 +185,11 @@ class Worker:
 
     async def _serve(self, session: AgentSession, turn: Turn) -> None:
         self.state, self.current = "busy", turn
+        turn.started.set()
         started = time.monotonic()
         self.log.info("turn_start", source=turn.inbound.source, chars=len(turn.inbound.text))
         try:
-            done = await self._run_turn(session, turn)
+            done = await self._run_turn(session, turn, self._prompt(turn))
         except AgentCrashed as exc:
             self._end_turn(turn, None, started)
             turn.fail(*self._crash_failure(exc), record=self.record)
@@ -200,9 +203,15 @@ class Worker:
         turn.finish(self._outcome(turn, done))
         await self.pool.persist(self.record)
 
-    async def _run_turn(self, session: AgentSession, turn: Turn) -> TurnDone:
+    def _prompt(self, turn: Turn) -> str:
+        if not turn.inbound.files:
+            return turn.inbound.text
+        placed = files.move_into_inbox(turn.inbound.files, Path(self.record.workdir))
+        return turn.inbound.text + files.attachment_note(placed)
+
+    async def _run_turn(self, session: AgentSession, turn: Turn, prompt: str) -> TurnDone:
         async with asyncio.timeout(self.pool.settings.agent.turn_timeout_s):
-            async for event in session.turn(turn.inbound.text, turn.inbound.policy):
+            async for event in session.turn(prompt, turn.inbound.policy):
                 if isinstance(event, TextDelta):
                     turn.deltas.put_nowait(event.text)
                 else:
@@ -234,7 +243,9 @@ class Worker:
 
     def _outcome(self, turn: Turn, done: TurnDone) -> Outcome:
         failure = Failure.INTERRUPTED if done.interrupted else Failure.AGENT_ERROR if done.error else None
+        parking = self.pool.data_dir / "sent" / Path(self.record.workdir).name
         return Outcome(
+            files=files.take_outbox(Path(self.record.workdir), parking),
             conversation_id=self.record.conversation_id,
             reply=done.reply,
             session_id=done.session_id,
@@ -364,17 +375,19 @@ class Pool:
                 self._spawn_background(worker.interrupt())
 
     def _start_conversation(self, conversation_id: str, record: ConversationRecord | None) -> Worker:
+        previous = self._workers.pop(conversation_id, None)
+        if previous is not None:
+            self._retiring[conversation_id] = previous
+            if previous.fresh and record is not None:
+                record = record.replace(session_id=None, turns=0)
         resumable = record is not None and record.session_id is not None and record.turns > 0
         if record is None:
-            spare = self._take_spare()
+            spare = self._take_spare() if previous is None else None
             if spare is not None:
                 return self._adopt(spare, conversation_id)
             record = self._new_record(conversation_id, safe_name(conversation_id))
         elif not resumable:
             record = record.replace(session_id=str(uuid.uuid4()))
-        previous = self._workers.pop(conversation_id, None)
-        if previous is not None:
-            self._retiring[conversation_id] = previous
         predecessor = previous.task if previous is not None else None
         worker = Worker(self, record, resume=resumable, spare=False, predecessor=predecessor)
         self._workers[conversation_id] = worker
@@ -485,7 +498,7 @@ class Pool:
     async def worker_exited(self, worker: Worker) -> None:
         cid = worker.record.conversation_id
         if not worker.spare:
-            await self.persist(worker.record.replace(state="evicted", evict_reason=worker.retire_reason or "exit"))
+            await self.persist(self._exit_record(worker))
         self._admitted.discard(worker)
         if self._workers.get(cid) is worker:
             del self._workers[cid]
@@ -502,6 +515,10 @@ class Pool:
         await self.notify_room()
         if worker.admitted:
             self._fill_spares()
+
+    def _exit_record(self, worker: Worker) -> ConversationRecord:
+        record = worker.record.replace(state="evicted", evict_reason=worker.retire_reason or "exit")
+        return record.replace(session_id=None, turns=0) if worker.fresh else record
 
     def _hand_over(self, conversation_id: str, turns: list[Turn]) -> None:
         if not turns:
@@ -578,6 +595,31 @@ class Pool:
                     cost_usd=round(record.cost_usd, 6),
                 )
         return [rows[k] for k in sorted(rows)]
+
+    async def reset(self, conversation_id: str) -> None:
+        """Forget the conversation's Claude session: its next message starts a fresh one (files stay)."""
+        worker = self._workers.get(conversation_id)
+        if worker is not None:
+            worker.fresh = True
+            worker.retire("reset")
+            return
+        record = await self.store.get(conversation_id)
+        if record is not None:
+            await self.store.put(record.replace(session_id=None, turns=0))
+
+    async def cancel(self, conversation_id: str) -> bool:
+        """Stop the running turn, if any; queued messages still run."""
+        worker = self._live(conversation_id)
+        if worker is None or worker.current is None:
+            return False
+        await worker.interrupt()
+        return True
+
+    async def info(self, conversation_id: str) -> SessionInfo | None:
+        worker = self._workers.get(conversation_id)
+        if worker is not None:
+            return worker.info()
+        return next((s for s in await self.sessions() if s.conversation_id == conversation_id), None)
 
     def live_pids(self) -> list[int]:
         return [w.pid for w in self._admitted if w.pid is not None]

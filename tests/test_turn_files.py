@@ -1,0 +1,79 @@
+"""Attachments reach the workdir, outbox files leave it, and per-conversation controls work."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bot.core import Failure, Inbound
+from bot.files import safe_filename, take_outbox
+from tests.conftest import PoolFactory
+from tests.fakes.model import FakeModel, ToolUse
+from tests.helpers import wait_until
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("../../etc/passwd", "passwd"),
+        ("..\\..\\boot.ini", "boot.ini"),
+        ("...", "file"),
+        (".env", "env"),
+        ("a b;rm -rf $(x).txt", "a b_rm -rf _x_.txt"),
+        ("", "file"),
+    ],
+)
+def test_safe_filename(raw: str, expected: str) -> None:
+    assert safe_filename(raw) == expected
+
+
+def test_outbox_skips_links_and_directories(tmp_path: Path) -> None:
+    outbox = tmp_path / "work" / "outbox"
+    (outbox / "sub").mkdir(parents=True)
+    (outbox / "report.txt").write_text("ok")
+    os.symlink("/etc/passwd", outbox / "passwd")
+    taken = take_outbox(tmp_path / "work", tmp_path / "parking")
+    assert [p.name for p in taken] == ["report.txt"] and taken[0].read_text() == "ok"
+    assert not (outbox / "report.txt").exists()
+
+
+async def test_files_in_and_out(make_pool: PoolFactory, fake_model: FakeModel, tmp_path: Path) -> None:
+    pool = await make_pool()
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "notes.txt").write_text("attached words")
+    cmd = "mkdir -p outbox && tr a-z A-Z < inbox/notes.txt > outbox/LOUD.txt"
+    fake_model.add("shout", tool=ToolUse("Bash", {"command": cmd, "description": "shout"}))
+    outcome = await pool.ask(Inbound("api:f", "shout it", files=(staged / "notes.txt",)))
+    assert outcome.ok, outcome.error
+    assert "inbox/notes.txt" in fake_model.find("shout it")[0].last_said()
+    assert [p.name for p in outcome.files] == ["LOUD.txt"]
+    assert outcome.files[0].read_text().strip() == "ATTACHED WORDS"
+    second = await pool.ask(Inbound("api:f", "nothing new"))
+    assert second.files == ()
+
+
+async def test_reset_starts_a_fresh_session(make_pool: PoolFactory, fake_model: FakeModel) -> None:
+    pool = await make_pool()
+    first = await pool.ask(Inbound("api:r", "remember kiwi"))
+    await pool.reset("api:r")
+    second = await pool.ask(Inbound("api:r", "what fruit?"))
+    assert second.ok and second.session_id != first.session_id
+    assert "kiwi" not in fake_model.find("what fruit?")[0].all_text()
+    info = await pool.info("api:r")
+    assert info is not None and info.turns == 1
+
+
+async def test_cancel_stops_the_running_turn(make_pool: PoolFactory, fake_model: FakeModel) -> None:
+    pool = await make_pool()
+    fake_model.add("slow", text="too late", delay_s=30)
+    turn = await pool.submit(Inbound("api:c", "slow one"))
+    await turn.started.wait()
+    await wait_until(lambda: bool(fake_model.find("slow one")), what="the slow request")
+    assert await pool.cancel("api:c")
+    outcome = await turn.outcome
+    assert outcome.failure is Failure.INTERRUPTED
+    assert not await pool.cancel("api:c")
+    assert (await pool.ask(Inbound("api:c", "after"))).ok
