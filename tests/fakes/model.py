@@ -123,7 +123,8 @@ class FakeModel:
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_route("*", "/{tail:.*}", self._other)
-        self._runner = web.AppRunner(app)
+        # Cancel a delayed answer when the CLI hangs up (interrupt, kill), so stop() never waits on it.
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
