@@ -29,6 +29,10 @@ CONVENTIONAL_VARIABLES: dict[str, tuple[str, str]] = {
     "ANTHROPIC_BASE_URL": ("agent", "base_url"),
     "REDIS_URL": ("store", "redis_url"),
     "AGENTD_API_TOKEN": ("http", "api_token"),
+    "SLACK_BOT_TOKEN": ("slack", "bot_token"),
+    "SLACK_APP_TOKEN": ("slack", "app_token"),
+    "SLACK_SIGNING_SECRET": ("slack", "signing_secret"),
+    "SLACK_API_URL": ("slack", "api_url"),
 }
 
 
@@ -124,6 +128,46 @@ class HttpConfig(_Section):
         return self
 
 
+class SlackConfig(_Section):
+    """The Slack channel; on when ``bot_token`` is set. Socket Mode with ``app_token``, else HTTP Events."""
+
+    bot_token: SecretStr | None = None
+    app_token: SecretStr | None = None
+    signing_secret: SecretStr | None = None
+    api_url: str | None = None
+    allowed_teams: list[str] = Field(default_factory=list)
+    allowed_channels: list[str] = Field(default_factory=list)
+    allowed_users: list[str] = Field(default_factory=list)
+    allowed_bots: list[str] = Field(default_factory=list)
+    follow_up_without_mention: bool = True
+    thread_context_messages: int = Field(default=30, ge=0, le=200)
+    stream: bool = True
+    ask_tools: list[str] = Field(default_factory=list)
+    approvers: list[str] = Field(default_factory=list)
+    approval_timeout_s: float = Field(default=300.0, gt=0)
+    max_file_mb: float = Field(default=20.0, gt=0)
+    max_files: int = Field(default=10, ge=0)
+    file_types: list[str] = Field(
+        default_factory=lambda: ["text/", "image/", "application/pdf", "application/json", "application/zip"]
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.bot_token is not None
+
+    @property
+    def mode(self) -> Literal["socket", "http"]:
+        return "socket" if self.app_token is not None else "http"
+
+    @model_validator(mode="after")
+    def _complete(self) -> SlackConfig:
+        if self.bot_token is None and (self.app_token or self.signing_secret):
+            raise ValueError("bot_token (SLACK_BOT_TOKEN) is required when Slack is configured")
+        if self.bot_token is not None and self.app_token is None and self.signing_secret is None:
+            raise ValueError("set app_token (SLACK_APP_TOKEN) for Socket Mode or signing_secret (SLACK_SIGNING_SECRET)")
+        return self
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -141,6 +185,7 @@ class Settings(BaseSettings):
     pool: PoolConfig = Field(default_factory=PoolConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    slack: SlackConfig = Field(default_factory=SlackConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     def redacted(self) -> dict[str, Any]:

@@ -98,3 +98,20 @@ class SessionInfo:
     turns: int
     idle_s: float | None
     cost_usd: float
+
+
+class Channel(Protocol):
+    """A way in and out (Slack, email, schedules).  The daemon owns its lifecycle.
+
+    ``start`` connects and begins intake; ``stop_intake`` stops taking new
+    messages (before the pool drains); ``close`` waits for in-flight
+    deliveries, then releases connections.
+    """
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop_intake(self) -> None: ...
+
+    async def close(self) -> None: ...

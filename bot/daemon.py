@@ -12,6 +12,7 @@ import structlog
 
 from bot.agent import ClaudeLauncher
 from bot.config import Settings
+from bot.core import Channel
 from bot.http import Api
 from bot.pool import Pool
 from bot.security import scrub_environ
@@ -53,16 +54,32 @@ async def serve(settings: Settings, stop: asyncio.Event, started: asyncio.Event 
         await pool.start()
         stack.push_async_callback(bounded("pool", lambda: pool.close(grace_s=0), limit_s=grace + CLEANUP_LIMIT_S))
         api = Api(settings.http, pool, store)
+        channels = build_channels(settings, pool, store, api)
+        for channel in channels:
+            await channel.start()
+            stack.push_async_callback(bounded(channel.name, channel.close, limit_s=grace + CLEANUP_LIMIT_S))
         await api.start()
         stack.push_async_callback(bounded("http", api.stop))
-        log.info("ready", sandbox=settings.agent.sandbox_enabled, store=type(store).__name__)
+        log.info("ready", sandbox=settings.agent.sandbox_enabled, store=type(store).__name__, channels=len(channels))
         if started is not None:
             started.set()
         await stop.wait()
         log.info("stopping", grace_s=grace)
         api.draining = True
+        for channel in channels:
+            await bounded(f"{channel.name}:intake", channel.stop_intake)()
         await bounded("drain", lambda: pool.close(grace_s=grace), limit_s=grace + CLEANUP_LIMIT_S)()
     log.info("stopped")
+
+
+def build_channels(settings: Settings, pool: Pool, store: Store, api: Api) -> list[Channel]:
+    """Each configured channel, in start order; each imports its protocol library only when used."""
+    channels: list[Channel] = []
+    if settings.slack.enabled:
+        from bot.slack import SlackChannel
+
+        channels.append(SlackChannel(settings, pool, store, api))
+    return channels
 
 
 async def _check_store(store: Store) -> None:

@@ -59,8 +59,13 @@ class Api:
             )
         self._config, self._pool, self._store = config, pool, store
         self._runner: web.AppRunner | None = None
+        self._extra: list[tuple[str, str, Handler]] = []
         self.port: int | None = None
         self.draining = False
+
+    def add_route(self, method: str, path: str, handler: Handler) -> None:
+        """A channel's own endpoint (Slack HTTP Events); it does its own authentication."""
+        self._extra.append((method, path, handler))
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth], client_max_size=self._config.max_text_chars * 4 + 65536)
@@ -69,6 +74,8 @@ class Api:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/conversations/{conversation_id}/messages", self._message)
         app.router.add_get("/v1/sessions", self._sessions)
+        for method, path, handler in self._extra:
+            app.router.add_route(method, path, handler)
         return app
 
     async def start(self) -> None:

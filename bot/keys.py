@@ -14,3 +14,22 @@ def conversation(conversation_id: str) -> str:
 def conversation_ttl_s(days: int) -> int:
     """Records expire this long after the conversation was last written."""
     return days * DAY_S
+
+
+# -- Slack -------------------------------------------------------------------
+# A Slack event is claimed once by event_id (retries) and once by message
+# identity (a mention arrives both as app_mention and as message).
+SLACK_EVENT_TTL_S = DAY_S
+
+
+def slack_event(event_id: str) -> str:
+    return f"{PREFIX}:slack:event:{event_id}"
+
+
+def slack_message(team: str, channel: str, ts: str) -> str:
+    return f"{PREFIX}:slack:msg:{team}:{channel}:{ts}"
+
+
+def slack_thread(team: str, channel: str, thread_ts: str) -> str:
+    """Set while the agent takes part in a thread, so follow-ups need no mention."""
+    return f"{PREFIX}:slack:thread:{team}:{channel}:{thread_ts}"

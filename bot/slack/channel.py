@@ -1,0 +1,449 @@
+"""The Slack channel: slack-bolt intake (Socket Mode or HTTP Events), one lane per thread, replies in the thread.
+
+Bolt listeners only translate, deduplicate and enqueue.  Each thread has a
+lane task that submits its messages to the pool in order; each turn's reply is
+delivered by its own task, so a slow answer never blocks intake or other threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import structlog
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError, SlackClientError
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot import keys, metrics
+from bot.config import ConfigError, Settings
+from bot.core import Inbound, Outcome, SessionInfo, ToolPolicy
+from bot.files import safe_filename, unique_path
+from bot.http import Api
+from bot.pool import Pool, Turn
+from bot.slack import events
+from bot.slack.approvals import APPROVE, DENY, Approvals, Click
+from bot.slack.events import Identity, SlackMessage
+from bot.slack.reply import AutoWriter, Thread
+from bot.store import Store, StoreError
+
+log = structlog.get_logger(__name__)
+
+SLACK_ERRORS = (SlackApiError, SlackClientError, aiohttp.ClientError, TimeoutError)
+REFUSED_TEXT = "Sorry, I can't take requests from you here. An admin can give you access."
+DOWNLOAD_CHUNK = 64 * 1024
+
+
+class FileRefused(Exception):
+    """An attachment that is too large, of a refused type, or cannot be fetched; the message is the reason."""
+
+
+class SlackChannel:
+    name = "slack"
+
+    def __init__(self, settings: Settings, pool: Pool, store: Store, api: Api) -> None:
+        self._config, self._pool, self._store = settings.slack, pool, store
+        self._agent_tools = frozenset(settings.agent.allowed_tools)
+        self._thread_ttl_s = keys.conversation_ttl_s(settings.store.conversation_ttl_days)
+        self._staging = pool.data_dir / "incoming"
+        assert self._config.bot_token is not None
+        self._token = self._config.bot_token.get_secret_value()
+        self._client = AsyncWebClient(
+            token=self._token,
+            base_url=self._config.api_url or AsyncWebClient.BASE_URL,
+            retry_handlers=[AsyncConnectionErrorRetryHandler(), AsyncRateLimitErrorRetryHandler(max_retry_count=3)],
+        )
+        self._app = self._bolt_app()
+        self._socket: AsyncSocketModeHandler | None = None
+        if self._config.mode == "http":
+            api.add_route("POST", "/slack/events", self._http_events)
+        self._me = Identity("", "", "")
+        self._approvals = Approvals(self._config.approval_timeout_s)
+        self._lanes: dict[str, asyncio.Queue[SlackMessage]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._intake = False
+        self._streaming = self._config.stream
+        self._status_api = True
+
+    def _bolt_app(self) -> AsyncApp:
+        secret = self._config.signing_secret
+        app = AsyncApp(
+            client=self._client,
+            signing_secret=secret.get_secret_value() if secret else "unused-in-socket-mode",
+            request_verification_enabled=self._config.mode == "http",
+            logger=logging.getLogger("slack_bolt"),
+        )
+        app.event("app_mention")(self._on_event)
+        app.event("message")(self._on_event)
+        app.action(APPROVE)(self._on_approval)
+        app.action(DENY)(self._on_approval)
+        return app
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            auth = await self._client.auth_test()
+        except SlackApiError as exc:
+            raise ConfigError(f"slack: Slack refused the bot token ({exc.response.get('error')})") from exc
+        self._me = Identity(str(auth["team_id"]), str(auth["user_id"]), str(auth.get("bot_id") or ""))
+        self._intake = True
+        if self._config.mode == "socket":
+            assert self._config.app_token is not None
+            self._socket = AsyncSocketModeHandler(
+                self._app, self._config.app_token.get_secret_value(), web_client=self._client
+            )
+            await self._socket.connect_async()  # type: ignore[no-untyped-call]
+        log.info("slack_started", mode=self._config.mode, team=self._me.team_id, bot_user=self._me.user_id)
+
+    async def stop_intake(self) -> None:
+        self._intake = False
+        if self._socket is not None:
+            await self._socket.close_async()  # type: ignore[no-untyped-call]
+            self._socket = None
+
+    async def close(self) -> None:
+        await self.stop_intake()
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+        if self._client.session is not None:
+            await self._client.session.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- intake (bolt listeners: translate, deduplicate, enqueue) -------------------
+
+    async def _http_events(self, request: web.Request) -> web.Response:
+        if not self._intake:
+            # Slack retries a failed delivery: the event is processed after the restart.
+            return web.json_response({"error": "shutting down"}, status=503)
+        response = await self._app.async_dispatch(await to_bolt_request(request))
+        return await to_aiohttp_response(response)
+
+    async def _on_event(self, body: dict[str, Any], event: dict[str, Any]) -> None:
+        if not self._intake:
+            return
+        try:
+            message = events.parse(event, str(body.get("team_id") or ""), self._me)
+        except events.BadEvent as exc:
+            log.warning("slack_bad_event", error=str(exc), event_id=body.get("event_id"))
+            return
+        skip = events.skip_reason(event, message, self._me, self._config) or await self._unaddressed(message)
+        if skip is not None:
+            metrics.CHANNEL_MESSAGES.labels(channel="slack", fate=str(skip)).inc()
+            return
+        if not await self._first_delivery(body, message):
+            metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="duplicate").inc()
+            log.info("slack_duplicate", event_id=body.get("event_id"), conversation=message.conversation_id)
+            return
+        self._enqueue(message)
+
+    async def _unaddressed(self, message: SlackMessage) -> events.Skip | None:
+        if message.mentioned or message.is_dm:
+            return None
+        if message.in_thread and self._config.follow_up_without_mention and await self._knows_thread(message):
+            return None
+        return events.Skip.NOT_ADDRESSED
+
+    async def _knows_thread(self, message: SlackMessage) -> bool:
+        try:
+            name = keys.slack_thread(message.team, message.channel, message.thread_ts)
+            return await self._store.get_value(name) is not None
+        except StoreError as exc:
+            log.error("store_error", error=str(exc), conversation=message.conversation_id)
+            return False
+
+    async def _first_delivery(self, body: dict[str, Any], message: SlackMessage) -> bool:
+        """Claim the event id (Slack's retries) and the message (mention + message twins); True once."""
+        names = [keys.slack_message(message.team, message.channel, message.ts)]
+        if isinstance(body.get("event_id"), str):
+            names.insert(0, keys.slack_event(body["event_id"]))
+        try:
+            for name in names:
+                if not await self._store.claim(name, keys.SLACK_EVENT_TTL_S):
+                    return False
+        except StoreError as exc:
+            # Without the store a retry may be answered twice; dropping the message would be worse.
+            log.error("store_error", error=str(exc), conversation=message.conversation_id, note="not deduplicated")
+        return True
+
+    def _enqueue(self, message: SlackMessage) -> None:
+        lane = self._lanes.get(message.conversation_id)
+        if lane is None:
+            lane = self._lanes[message.conversation_id] = asyncio.Queue()
+            self._spawn(self._run_lane(message.conversation_id, lane), name=f"slack-lane:{message.conversation_id}")
+        lane.put_nowait(message)
+
+    async def _on_approval(self, ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        user = str((body.get("user") or {}).get("id") or "")
+        verdict = self._approvals.click(str(action.get("value") or ""), user, action.get("action_id") == APPROVE)
+        if verdict is Click.NOT_ALLOWED:
+            container = body.get("container") or {}
+            self._spawn(self._tell_not_allowed(container, user), name="slack-approval-refused")
+
+    async def _tell_not_allowed(self, container: dict[str, Any], user: str) -> None:
+        try:
+            await self._client.chat_postEphemeral(
+                channel=str(container.get("channel_id")),
+                user=user,
+                thread_ts=container.get("thread_ts"),
+                text="You are not one of the people allowed to approve this agent's tools.",
+            )
+        except SLACK_ERRORS as exc:
+            log.warning("slack_error", call="chat.postEphemeral", error=str(exc)[:200])
+
+    # -- lanes: one per thread, messages submitted in order -----------------------
+
+    async def _run_lane(self, conversation_id: str, lane: asyncio.Queue[SlackMessage]) -> None:
+        try:
+            while not lane.empty():
+                message = lane.get_nowait()
+                logger = log.bind(conversation=conversation_id, channel=message.channel, user=message.user)
+                try:
+                    await self._accept(message, self._thread(message))
+                except Exception:  # task boundary: one bad message must not stop the thread's lane
+                    logger.exception("slack_message_failed", ts=message.ts)
+        finally:
+            self._lanes.pop(conversation_id, None)
+
+    def _thread(self, message: SlackMessage) -> Thread:
+        return Thread(self._client, message.channel, message.thread_ts, message.team, message.user, message.is_dm)
+
+    async def _accept(self, message: SlackMessage, thread: Thread) -> None:
+        bound = log.bind(conversation=message.conversation_id, channel=message.channel, user=message.user)
+        rule = events.refusal(message, self._config)
+        if rule is not None:
+            bound.warning("slack_refused", rule=str(rule))
+            metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="refused").inc()
+            await thread.post(REFUSED_TEXT)
+            return
+        if message.control is not None:
+            await self._control(message, thread)
+            return
+        try:
+            staged = await self._download_files(message)
+        except FileRefused as exc:
+            bound.warning("slack_file_refused", reason=str(exc))
+            metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="file_refused").inc()
+            await thread.post(f":x: {exc} I did not start on this message.")
+            return
+        await self._submit(message, thread, staged)
+
+    async def _submit(self, message: SlackMessage, thread: Thread, staged: tuple[Path, ...]) -> None:
+        info = await self._pool.info(message.conversation_id)
+        queued = info is not None and info.state == "busy"
+        await self._show_status(message, thread, queued)
+        prompt = await self._prompt(message)
+        inbound = Inbound(message.conversation_id, prompt, "slack", staged, self._policy(message, thread))
+        turn = await self._pool.submit(inbound)
+        metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="accepted").inc()
+        await self._remember_thread(message)
+        self._spawn(self._deliver(message, thread, turn, queued), name=f"slack-reply:{message.conversation_id}")
+
+    async def _remember_thread(self, message: SlackMessage) -> None:
+        try:
+            name = keys.slack_thread(message.team, message.channel, message.thread_ts)
+            await self._store.put_value(name, "1", self._thread_ttl_s)
+        except StoreError as exc:
+            log.error("store_error", error=str(exc), conversation=message.conversation_id)
+
+    def _policy(self, message: SlackMessage, thread: Thread) -> ToolPolicy | None:
+        ask = frozenset(self._config.ask_tools)
+        if not ask:
+            return None
+        approvers = frozenset(self._config.approvers) or frozenset({message.user})
+        return ToolPolicy(self._agent_tools - ask, ask, self._approvals.approver(thread, approvers))
+
+    async def _prompt(self, message: SlackMessage) -> str:
+        text = message.text or "(The message has no text.)"
+        if not message.is_dm:
+            text = f"<@{message.user}>: {text}"
+        if message.in_thread and not await self._knows_thread(message):
+            text = await self._history(message) + text
+        return text
+
+    async def _history(self, message: SlackMessage) -> str:
+        """The thread so far, for a mention in a thread the agent has not seen (fetched once per thread)."""
+        limit = self._config.thread_context_messages
+        if limit == 0:
+            return ""
+        try:
+            response = await self._client.conversations_replies(
+                channel=message.channel, ts=message.thread_ts, limit=limit + 1
+            )
+        except SLACK_ERRORS as exc:
+            log.warning("slack_error", call="conversations.replies", error=str(exc)[:200])
+            return ""
+        history = response.get("messages") or []
+        return events.thread_context(list(history), message.ts, self._me, limit)
+
+    # -- status, files, control words --------------------------------------------
+
+    async def _show_status(self, message: SlackMessage, thread: Thread, queued: bool) -> None:
+        if queued:
+            await self._react(message, "hourglass_flowing_sand")
+            return
+        if self._status_api:
+            try:
+                await self._client.assistant_threads_setStatus(
+                    channel_id=message.channel, thread_ts=message.thread_ts, status="is thinking…"
+                )
+                return
+            except SLACK_ERRORS as exc:
+                self._status_api = False
+                log.info("slack_status_unavailable", error=str(exc)[:200], fallback="eyes reaction")
+        await self._react(message, "eyes")
+
+    async def _react(self, message: SlackMessage, name: str, remove: bool = False) -> None:
+        call = self._client.reactions_remove if remove else self._client.reactions_add
+        try:
+            await call(channel=message.channel, timestamp=message.ts, name=name)
+        except SLACK_ERRORS as exc:
+            log.debug("slack_reaction_failed", name=name, error=str(exc)[:200])
+
+    async def _download_files(self, message: SlackMessage) -> tuple[Path, ...]:
+        if not message.files:
+            return ()
+        if len(message.files) > self._config.max_files:
+            raise FileRefused(f"That is {len(message.files)} files; I take at most {self._config.max_files}.")
+        for file in message.files:
+            self._check_file(file)
+        batch = self._staging / uuid.uuid4().hex
+        batch.mkdir(parents=True)
+        return tuple([await self._download(file, batch) for file in message.files])
+
+    def _check_file(self, file: dict[str, Any]) -> None:
+        name = str(file.get("name") or "file")
+        mimetype = str(file.get("mimetype") or "application/octet-stream")
+        if not any(mimetype.startswith(prefix) for prefix in self._config.file_types):
+            raise FileRefused(f"The file {safe_filename(name)!r} is of type {mimetype}, which I don't accept.")
+        size = file.get("size")
+        if isinstance(size, int) and size > self._max_bytes:
+            raise FileRefused(
+                f"The file {safe_filename(name)!r} is {size / 1e6:.1f} MB; the limit is {self._config.max_file_mb} MB."
+            )
+
+    @property
+    def _max_bytes(self) -> int:
+        return int(self._config.max_file_mb * 1_000_000)
+
+    async def _download(self, file: dict[str, Any], batch: Path) -> Path:
+        name = safe_filename(str(file.get("name") or "file"))
+        url = str(file.get("url_private_download") or file.get("url_private") or "")
+        if not self._is_slack_url(url):
+            raise FileRefused(f"The file {name!r} has no Slack download address.")
+        target = unique_path(batch, name)
+        session = await self._http_session()
+        headers = {"Authorization": f"Bearer {self._token}"}
+        async with session.get(url, headers=headers, allow_redirects=False) as response:
+            if response.status != 200:
+                raise FileRefused(f"Slack did not hand over the file {name!r} (HTTP {response.status}).")
+            await self._save(response, target, name)
+        return target
+
+    async def _save(self, response: aiohttp.ClientResponse, target: Path, name: str) -> None:
+        written = 0
+        with target.open("wb") as out:
+            async for chunk in response.content.iter_chunked(DOWNLOAD_CHUNK):
+                written += len(chunk)
+                if written > self._max_bytes:
+                    raise FileRefused(f"The file {name!r} is larger than {self._config.max_file_mb} MB.")
+                out.write(chunk)
+
+    def _is_slack_url(self, url: str) -> bool:
+        """The bot token goes only to Slack's own hosts (or the configured API host), never to a planted URL."""
+        parts = urlsplit(url)
+        api = urlsplit(self._client.base_url)
+        if parts.scheme == api.scheme and parts.netloc == api.netloc:
+            return True
+        return parts.scheme == "https" and (parts.hostname or "").endswith(".slack.com")
+
+    async def _http_session(self) -> aiohttp.ClientSession:
+        if self._client.session is None:
+            self._client.session = aiohttp.ClientSession()
+        return self._client.session
+
+    async def _control(self, message: SlackMessage, thread: Thread) -> None:
+        cid = message.conversation_id
+        log.info("slack_control", conversation=cid, word=message.control, user=message.user)
+        if message.control == "reset":
+            await self._pool.reset(cid)
+            await thread.post(":recycle: Started a fresh session for this thread. Files in its workspace stay.")
+        elif message.control == "cancel":
+            cancelled = await self._pool.cancel(cid)
+            await thread.post(
+                ":octagonal_sign: Cancelled the running turn." if cancelled else "Nothing is running here."
+            )
+        else:
+            await thread.post(stats_text(await self._pool.info(cid)))
+
+    # -- delivery -------------------------------------------------------------------
+
+    async def _deliver(self, message: SlackMessage, thread: Thread, turn: Turn, queued: bool) -> None:
+        logger = log.bind(conversation=message.conversation_id, channel=message.channel)
+        try:
+            writer = AutoWriter(thread, self._streaming, self._streaming_unavailable)
+            async for text in turn.stream():
+                await writer.write(text)
+            outcome = await turn.outcome
+            if outcome.reply:
+                await writer.finish(outcome.reply)
+            await self._upload(thread, outcome)
+            await self._finish(message, thread, outcome, queued)
+        except Exception:  # task boundary: log with context; the outcome is recorded by the pool
+            logger.exception("slack_delivery_failed")
+
+    def _streaming_unavailable(self, error: str) -> None:
+        if self._streaming:
+            self._streaming = False
+            log.warning("slack_streaming_unavailable", error=error[:200], fallback="post and update")
+
+    async def _upload(self, thread: Thread, outcome: Outcome) -> None:
+        if not outcome.files:
+            return
+        uploads = [{"file": str(path), "filename": path.name, "title": path.name} for path in outcome.files]
+        try:
+            await self._client.files_upload_v2(file_uploads=uploads, channel=thread.channel, thread_ts=thread.thread_ts)
+        except SLACK_ERRORS as exc:
+            log.error("slack_upload_failed", files=[p.name for p in outcome.files], error=str(exc)[:200])
+            await thread.post(f":warning: I made {len(uploads)} file(s) but could not upload them ({exc}).")
+
+    async def _finish(self, message: SlackMessage, thread: Thread, outcome: Outcome, queued: bool) -> None:
+        await self._react(message, "hourglass_flowing_sand" if queued else "eyes", remove=True)
+        await self._react(message, "white_check_mark" if outcome.ok else "x")
+        if not outcome.ok:
+            await thread.post(f":x: {outcome.error}")
+        if self._status_api:
+            try:
+                await self._client.assistant_threads_setStatus(
+                    channel_id=message.channel, thread_ts=message.thread_ts, status=""
+                )
+            except SLACK_ERRORS as exc:
+                log.debug("slack_status_clear_failed", error=str(exc)[:200])
+
+
+def stats_text(info: SessionInfo | None) -> str:
+    if info is None:
+        return "No agent session in this thread yet."
+    rss = f"{info.rss_mb:.0f} MiB" if info.rss_mb is not None else "not running"
+    return (
+        f"*Session* `{info.session_id}`\n"
+        f"State: {info.state} · Messages: {info.turns} · Cost: ${info.cost_usd:.4f} · Memory: {rss}"
+    )

@@ -1,0 +1,199 @@
+"""Getting an answer into a Slack thread whole: streamed, or posted and updated, always split within limits."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import structlog
+from markdown_to_mrkdwn import SlackMarkdownConverter  # type: ignore[import-untyped]
+from slack_sdk.errors import SlackApiError, SlackClientError
+from slack_sdk.web.async_chat_stream import AsyncChatStream
+from slack_sdk.web.async_client import AsyncWebClient
+
+log = structlog.get_logger(__name__)
+
+# Slack's markdown fields hold 12,000 characters; a streamed message rolls over well before.
+STREAM_MESSAGE_CHARS = 10_000
+# chat.update has rejected long text that chat.postMessage took; keep every posted part small.
+POST_MESSAGE_CHARS = 3_500
+UPDATE_INTERVAL_S = 1.0
+_converter = SlackMarkdownConverter()
+
+
+def to_mrkdwn(markdown: str) -> str:
+    return str(_converter.convert(markdown))
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """Pieces of at most ``limit`` characters, cut at a paragraph, line or word boundary where one exists."""
+    pieces: list[str] = []
+    rest = text
+    while len(rest) > limit:
+        window = rest[:limit]
+        cut = max(window.rfind("\n\n"), window.rfind("\n"), window.rfind(" "))
+        cut = cut if cut > limit // 2 else limit
+        pieces.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip("\n ")
+    if rest.strip() or not pieces:
+        pieces.append(rest)
+    return pieces
+
+
+class ReplyWriter(Protocol):
+    async def write(self, text: str) -> None:
+        """More of the answer, as it is generated."""
+
+    async def finish(self, reply: str) -> None:
+        """The whole answer: whatever was not yet shown is delivered now."""
+
+
+class Thread:
+    """Where replies go, and who they answer."""
+
+    def __init__(self, client: AsyncWebClient, channel: str, thread_ts: str, team: str, user: str, dm: bool) -> None:
+        self.client, self.channel, self.thread_ts = client, channel, thread_ts
+        self.team, self.user, self.dm = team, user, dm
+
+    async def post(self, mrkdwn: str) -> str:
+        response = await self.client.chat_postMessage(channel=self.channel, thread_ts=self.thread_ts, text=mrkdwn)
+        return str(response["ts"])
+
+    async def post_all(self, markdown: str) -> None:
+        for piece in split_text(to_mrkdwn(markdown), POST_MESSAGE_CHARS):
+            await self.post(piece)
+
+
+class PostWriter:
+    """Fallback: post the first part, update it as text arrives, continue in new messages past the limit."""
+
+    def __init__(self, thread: Thread) -> None:
+        self._thread = thread
+        self._text = ""
+        self._messages: list[tuple[str, str]] = []  # (ts, text shown)
+        self._last_update = 0.0
+
+    async def write(self, text: str) -> None:
+        self._text += text
+        if time.monotonic() - self._last_update >= UPDATE_INTERVAL_S:
+            await self._show(self._text)
+
+    async def finish(self, reply: str) -> None:
+        await self._show(reply or self._text)
+
+    async def _show(self, markdown: str) -> None:
+        self._last_update = time.monotonic()
+        pieces = split_text(to_mrkdwn(markdown), POST_MESSAGE_CHARS)
+        for index, piece in enumerate(pieces):
+            if index >= len(self._messages):
+                self._messages.append((await self._thread.post(piece), piece))
+            elif self._messages[index][1] != piece:
+                ts = self._messages[index][0]
+                await self._thread.client.chat_update(channel=self._thread.channel, ts=ts, text=piece)
+                self._messages[index] = (ts, piece)
+
+
+class StreamingUnavailable(Exception):
+    """chat.startStream is refused (no AI app feature, an old workspace, a proxy that lacks it)."""
+
+
+class StreamWriter:
+    """Streams Markdown with chat.startStream/appendStream/stopStream, one message per STREAM_MESSAGE_CHARS.
+
+    If streaming breaks midway, the rest of the answer is posted instead: the final text is never lost.
+    """
+
+    def __init__(self, thread: Thread) -> None:
+        self._thread = thread
+        self._stream: AsyncChatStream | None = None
+        self._in_message = 0
+        self._shown = ""
+        self._pending = ""
+        self._last_flush = 0.0
+        self._broken = False
+
+    async def write(self, text: str) -> None:
+        self._pending += text
+        if not self._broken and time.monotonic() - self._last_flush >= UPDATE_INTERVAL_S / 2:
+            await self._flush()
+
+    async def finish(self, reply: str) -> None:
+        if not self._broken:
+            await self._flush()
+        if self._stream is not None and not self._broken:
+            await self._guard(self._stream.stop())
+        final = reply or self._shown + self._pending
+        # If the streamed text and the recorded answer differ, show the answer whole.
+        rest = final[len(self._shown) :] if final.startswith(self._shown) else final
+        if rest.strip():
+            await self._thread.post_all(rest)
+
+    async def _flush(self) -> None:
+        self._last_flush = time.monotonic()
+        while self._pending and not self._broken:
+            room = STREAM_MESSAGE_CHARS - self._in_message
+            if room <= 0:
+                await self._roll_over()
+                continue
+            chunk = self._pending[:room]
+            stream = await self._current()
+            if stream is None or not await self._guard(stream.append(markdown_text=chunk)):
+                return
+            self._shown += chunk
+            self._in_message += len(chunk)
+            self._pending = self._pending[len(chunk) :]
+
+    async def _current(self) -> AsyncChatStream | None:
+        if self._stream is None:
+            recipient = {} if self._thread.dm else {"recipient_team_id": self._thread.team}
+            if not self._thread.dm:
+                recipient["recipient_user_id"] = self._thread.user
+            self._stream = await self._thread.client.chat_stream(
+                channel=self._thread.channel, thread_ts=self._thread.thread_ts, buffer_size=1, **recipient
+            )
+        return self._stream
+
+    async def _roll_over(self) -> None:
+        if self._stream is not None:
+            await self._guard(self._stream.stop())
+        self._stream, self._in_message = None, 0
+
+    async def _guard(self, call: Awaitable[Any]) -> bool:
+        """Run one stream call; a failure switches the rest of the answer to plain posts."""
+        try:
+            await call
+            return True
+        except (SlackApiError, SlackClientError) as exc:
+            self._broken = True
+            if self._stream is not None and self._stream.ts is None and not self._shown:
+                raise StreamingUnavailable(str(exc)) from exc
+            log.warning("slack_stream_broken", error=str(exc)[:200], shown=len(self._shown))
+            return False
+
+
+class AutoWriter:
+    """Streams when the workspace allows it, else posts and updates; remembers a refusal via ``on_unavailable``."""
+
+    def __init__(self, thread: Thread, stream: bool, on_unavailable: Callable[[str], None]) -> None:
+        self._thread, self._on_unavailable = thread, on_unavailable
+        self._inner: ReplyWriter = StreamWriter(thread) if stream else PostWriter(thread)
+        self._text = ""
+
+    async def write(self, text: str) -> None:
+        self._text += text
+        try:
+            await self._inner.write(text)
+        except StreamingUnavailable as exc:
+            await self._fall_back(str(exc)).write(self._text)
+
+    async def finish(self, reply: str) -> None:
+        try:
+            await self._inner.finish(reply)
+        except StreamingUnavailable as exc:
+            await self._fall_back(str(exc)).finish(reply or self._text)
+
+    def _fall_back(self, error: str) -> ReplyWriter:
+        self._on_unavailable(error)
+        self._inner = PostWriter(self._thread)
+        return self._inner
