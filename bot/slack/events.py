@@ -15,7 +15,7 @@ from bot.config import SlackConfig
 
 # Subtypes that carry a person's new message; every other subtype (edits,
 # deletions, joins, topic changes, ...) never starts a turn.
-_NEW_MESSAGE_SUBTYPES = frozenset({None, "file_share", "thread_broadcast"})
+_NEW_MESSAGE_SUBTYPES = frozenset({None, "file_share", "thread_broadcast", "bot_message"})
 _CONTROL = re.compile(r"^\s*!(reset|stats|cancel)\s*$", re.IGNORECASE)
 
 
