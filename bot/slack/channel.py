@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import uuid
 from collections.abc import Coroutine
 from pathlib import Path
@@ -43,6 +44,7 @@ from bot.store import Store, StoreError
 log = structlog.get_logger(__name__)
 
 SLACK_ERRORS = (SlackApiError, SlackClientError, aiohttp.ClientError, TimeoutError)
+SLACK_CONNECTION_ERRORS = (SlackClientError, aiohttp.ClientError, TimeoutError, OSError)
 REFUSED_TEXT = "Sorry, I can't take requests from you here. An admin can give you access."
 DOWNLOAD_CHUNK = 64 * 1024
 
@@ -75,6 +77,7 @@ class SlackChannel:
         self._lanes: dict[str, asyncio.Queue[SlackMessage]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._intake = False
+        self._connector: asyncio.Task[None] | None = None
         self._streaming = self._config.stream
         self._status_api = True
 
@@ -95,6 +98,17 @@ class SlackChannel:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        """Connect now if Slack answers; if it is unreachable, keep trying in the background.
+
+        A token Slack refuses is a configuration error and stops the daemon.
+        """
+        try:
+            await self._connect()
+        except SLACK_CONNECTION_ERRORS as exc:
+            log.error("slack_unreachable", error=str(exc)[:200], note="retrying in the background")
+            self._connector = asyncio.create_task(self._connect_until_up(), name="slack-connect")
+
+    async def _connect(self) -> None:
         try:
             auth = await self._client.auth_test()
         except SlackApiError as exc:
@@ -109,8 +123,25 @@ class SlackChannel:
             await self._socket.connect_async()  # type: ignore[no-untyped-call]
         log.info("slack_started", mode=self._config.mode, team=self._me.team_id, bot_user=self._me.user_id)
 
+    async def _connect_until_up(self) -> None:
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            try:
+                await self._connect()
+                return
+            except SLACK_CONNECTION_ERRORS as exc:
+                log.warning("slack_unreachable", error=str(exc)[:200], retry_in_s=round(delay))
+            except ConfigError as exc:
+                log.error("slack_refused_token", error=str(exc))
+                return
+            delay = min(delay * 2, 60.0)
+
     async def stop_intake(self) -> None:
         self._intake = False
+        if self._connector is not None:
+            self._connector.cancel()
+            await asyncio.wait([self._connector])
         if self._socket is not None:
             await self._socket.close_async()  # type: ignore[no-untyped-call]
             self._socket = None
@@ -133,8 +164,11 @@ class SlackChannel:
         if not self._intake:
             # Slack retries a failed delivery: the event is processed after the restart.
             return web.json_response({"error": "shutting down"}, status=503)
-        response = await self._app.async_dispatch(await to_bolt_request(request))
-        return await to_aiohttp_response(response)
+        try:
+            bolt_request = await to_bolt_request(request)
+        except ValueError:  # bolt parses the body before checking the signature
+            return web.json_response({"error": "the body is not a Slack request"}, status=400)
+        return await to_aiohttp_response(await self._app.async_dispatch(bolt_request))
 
     async def _on_event(self, body: dict[str, Any], event: dict[str, Any]) -> None:
         if not self._intake:
@@ -249,13 +283,13 @@ class SlackChannel:
     async def _submit(self, message: SlackMessage, thread: Thread, staged: tuple[Path, ...]) -> None:
         info = await self._pool.info(message.conversation_id)
         queued = info is not None and info.state == "busy"
-        await self._show_status(message, thread, queued)
+        mark = await self._show_status(message, queued)
         prompt = await self._prompt(message)
         inbound = Inbound(message.conversation_id, prompt, "slack", staged, self._policy(message, thread))
         turn = await self._pool.submit(inbound)
         metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="accepted").inc()
         await self._remember_thread(message)
-        self._spawn(self._deliver(message, thread, turn, queued), name=f"slack-reply:{message.conversation_id}")
+        self._spawn(self._deliver(message, thread, turn, mark), name=f"slack-reply:{message.conversation_id}")
 
     async def _remember_thread(self, message: SlackMessage) -> None:
         try:
@@ -296,27 +330,29 @@ class SlackChannel:
 
     # -- status, files, control words --------------------------------------------
 
-    async def _show_status(self, message: SlackMessage, thread: Thread, queued: bool) -> None:
+    async def _show_status(self, message: SlackMessage, queued: bool) -> str | None:
+        """Show at once that the message was taken; returns the reaction added, to remove when done."""
         if queued:
-            await self._react(message, "hourglass_flowing_sand")
-            return
+            return await self._react(message, "hourglass_flowing_sand")
         if self._status_api:
             try:
                 await self._client.assistant_threads_setStatus(
                     channel_id=message.channel, thread_ts=message.thread_ts, status="is thinking…"
                 )
-                return
+                return None
             except SLACK_ERRORS as exc:
                 self._status_api = False
                 log.info("slack_status_unavailable", error=str(exc)[:200], fallback="eyes reaction")
-        await self._react(message, "eyes")
+        return await self._react(message, "eyes")
 
-    async def _react(self, message: SlackMessage, name: str, remove: bool = False) -> None:
+    async def _react(self, message: SlackMessage, name: str, remove: bool = False) -> str | None:
         call = self._client.reactions_remove if remove else self._client.reactions_add
         try:
             await call(channel=message.channel, timestamp=message.ts, name=name)
+            return name
         except SLACK_ERRORS as exc:
             log.debug("slack_reaction_failed", name=name, error=str(exc)[:200])
+            return None
 
     async def _download_files(self, message: SlackMessage) -> tuple[Path, ...]:
         if not message.files:
@@ -396,7 +432,7 @@ class SlackChannel:
 
     # -- delivery -------------------------------------------------------------------
 
-    async def _deliver(self, message: SlackMessage, thread: Thread, turn: Turn, queued: bool) -> None:
+    async def _deliver(self, message: SlackMessage, thread: Thread, turn: Turn, mark: str | None) -> None:
         logger = log.bind(conversation=message.conversation_id, channel=message.channel)
         try:
             writer = AutoWriter(thread, self._streaming, self._streaming_unavailable)
@@ -406,7 +442,7 @@ class SlackChannel:
             if outcome.reply:
                 await writer.finish(outcome.reply)
             await self._upload(thread, outcome)
-            await self._finish(message, thread, outcome, queued)
+            await self._finish(message, thread, outcome, mark)
         except Exception:  # task boundary: log with context; the outcome is recorded by the pool
             logger.exception("slack_delivery_failed")
 
@@ -425,8 +461,9 @@ class SlackChannel:
             log.error("slack_upload_failed", files=[p.name for p in outcome.files], error=str(exc)[:200])
             await thread.post(f":warning: I made {len(uploads)} file(s) but could not upload them ({exc}).")
 
-    async def _finish(self, message: SlackMessage, thread: Thread, outcome: Outcome, queued: bool) -> None:
-        await self._react(message, "hourglass_flowing_sand" if queued else "eyes", remove=True)
+    async def _finish(self, message: SlackMessage, thread: Thread, outcome: Outcome, mark: str | None) -> None:
+        if mark is not None:
+            await self._react(message, mark, remove=True)
         await self._react(message, "white_check_mark" if outcome.ok else "x")
         if not outcome.ok:
             await thread.post(f":x: {outcome.error}")

@@ -1,0 +1,122 @@
+"""Runs the real daemon (``bot.daemon.serve``) in-process against the fake Slack and the fake model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+from bot.config import SlackConfig
+from bot.daemon import serve
+from tests.conftest import make_settings
+from tests.fakes.model import FakeModel
+from tests.fakes.redis_server import free_port
+from tests.fakes.slack import FakeSlack
+from tests.helpers import wait_until
+
+SIGNING_SECRET = "slack-signing-secret-for-tests"
+
+
+class SlackDaemon:
+    def __init__(self, tmp: Path, model: FakeModel, fake: FakeSlack, mode: str, **sections: dict[str, Any]) -> None:
+        self.port = free_port()
+        credentials: dict[str, Any] = {"bot_token": "xoxb-test-bot", "api_url": fake.url}
+        if mode == "socket":
+            credentials["app_token"] = "xapp-test-app"
+        else:
+            credentials["signing_secret"] = SIGNING_SECRET
+        sections.setdefault("http", {})["listen"] = f"127.0.0.1:{self.port}"
+        settings = make_settings(tmp, model, **sections)
+        slack_config = SlackConfig(**credentials, **sections.get("slack", {}))
+        self.settings = settings.model_copy(update={"slack": slack_config})
+        self.slack = fake
+        self._stop = asyncio.Event()
+        self._started = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(serve(self.settings, self._stop, self._started))
+        started = asyncio.create_task(self._started.wait())
+        await asyncio.wait([started, self._task], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if self._task.done():
+            self._task.result()
+        assert self._started.is_set(), "daemon did not start"
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.wait_for(self._task, 60)
+
+    async def post_event(self, body: bytes, timestamp: int | None = None, secret: str = SIGNING_SECRET) -> int:
+        """POST an HTTP Events request as Slack would sign it; returns the status."""
+        stamp = str(timestamp if timestamp is not None else int(time.time()))
+        digest = hmac.new(secret.encode(), b"v0:" + stamp.encode() + b":" + body, hashlib.sha256).hexdigest()
+        headers = {
+            "X-Slack-Request-Timestamp": stamp,
+            "X-Slack-Signature": f"v0={digest}",
+            "Content-Type": "application/json",
+        }
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{self.url}/slack/events", data=body, headers=headers) as response,
+        ):
+            return response.status
+
+
+@contextlib.asynccontextmanager
+async def running(
+    tmp: Path, model: FakeModel, fake: FakeSlack, mode: str = "socket", **sections: dict[str, Any]
+) -> AsyncIterator[SlackDaemon]:
+    daemon = SlackDaemon(tmp, model, fake, mode, **sections)
+    await daemon.start()
+    try:
+        if mode == "socket":
+            await fake.wait_connected()
+        yield daemon
+    finally:
+        await daemon.stop()
+
+
+def reply_text(slack: FakeSlack, channel: str, thread_ts: str) -> str:
+    """Everything the bot wrote in a thread, joined."""
+    return "\n".join(str(m.get("text") or "") for m in slack.posted(channel, thread_ts))
+
+
+async def wait_reply(slack: FakeSlack, channel: str, thread_ts: str, needle: str, timeout: float = 30) -> str:
+    await wait_until(lambda: needle in reply_text(slack, channel, thread_ts), timeout, f"reply with {needle!r}")
+    return reply_text(slack, channel, thread_ts)
+
+
+async def wait_done(slack: FakeSlack, channel: str, ts: str, timeout: float = 30) -> list[str]:
+    """Until the message carries the finishing reaction (✅ or ❌)."""
+    await wait_until(
+        lambda: bool({"white_check_mark", "x"} & set(slack.reactions(channel, ts))), timeout, "a finishing reaction"
+    )
+    return slack.reactions(channel, ts)
+
+
+def json_body(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload).encode()
+
+
+def cli_processes() -> list[psutil.Process]:
+    """The Claude Code CLI processes this test process spawned."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if process.name() == "claude" or process.cmdline()[:1] == ["claude"]:
+                found.append(process)
+    return found

@@ -1,0 +1,411 @@
+"""The Slack channel end to end: fake Slack (HTTP + WebSocket) -> real bolt/slack-sdk -> daemon -> real CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.fakes.model import FakeModel, ToolUse
+from tests.fakes.slack import FakeSlack
+from tests.helpers import wait_until
+from tests.slack_harness import (
+    SlackDaemon,
+    cli_processes,
+    json_body,
+    reply_text,
+    running,
+    wait_done,
+    wait_reply,
+)
+
+CHANNEL = "C0GENERAL"
+
+
+@pytest.fixture
+async def slack() -> FakeSlack:
+    fake = FakeSlack()
+    await fake.start()
+    yield fake  # type: ignore[misc]
+    await fake.stop()
+
+
+async def mention(slack: FakeSlack, text: str, **kwargs: object) -> str:
+    event = slack.message_event(text, mention=True, **kwargs)  # type: ignore[arg-type]
+    await slack.send_event(event)
+    return str(event["ts"])
+
+
+async def test_mention_gets_a_streamed_threaded_reply(tmp_path: Path, fake_model: FakeModel, slack: FakeSlack) -> None:
+    async with running(tmp_path, fake_model, slack):
+        ts = await mention(slack, "hello agent")
+        text = await wait_reply(slack, CHANNEL, ts, "echo:")
+        assert "hello agent" in text
+        assert await wait_done(slack, CHANNEL, ts) == ["white_check_mark"]
+        assert slack.calls_to("chat.startStream"), "the answer is streamed"
+        status = [c.params.get("status") for c in slack.calls_to("assistant.threads.setStatus")]
+        assert status[0] == "is thinking…"
+
+
+async def test_follow_up_in_thread_reuses_the_session_without_a_mention(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with running(tmp_path, fake_model, slack):
+        root = await mention(slack, "remember the word pineapple")
+        await wait_done(slack, CHANNEL, root)
+        follow = slack.message_event("what was the word?", thread_ts=root)
+        await slack.send_event(follow)
+        await wait_done(slack, CHANNEL, str(follow["ts"]))
+        request = fake_model.find("what was the word?")[-1]
+        assert "remember the word pineapple" in request.all_text(), "the thread's history reaches the model"
+        assert len(cli_processes()) == 1, "one warm process serves the thread"
+
+
+async def test_two_threads_are_two_sessions_and_unaddressed_chatter_is_ignored(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with running(tmp_path, fake_model, slack) as daemon:
+        first, second = await mention(slack, "thread one"), await mention(slack, "thread two")
+        await slack.send_event(slack.message_event("just chatting, no mention"))
+        await wait_done(slack, CHANNEL, first)
+        await wait_done(slack, CHANNEL, second)
+        slack_rows = [s for s in await sessions(daemon) if s["conversation_id"].startswith("slack:")]
+        assert len({s["session_id"] for s in slack_rows}) == 2
+        assert not fake_model.find("just chatting")
+
+
+async def test_direct_message_starts_a_thread_conversation(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with running(tmp_path, fake_model, slack):
+        dm = slack.message_event("hi in private", channel="D0ALICE", channel_type="im")
+        await slack.send_event(dm)
+        text = await wait_reply(slack, "D0ALICE", str(dm["ts"]), "hi in private")
+        assert text.startswith("echo:")
+        start = slack.calls_to("chat.startStream")[0].params
+        assert "recipient_user_id" not in start, "a DM stream needs no recipient"
+
+
+async def test_retry_storm_is_answered_once(tmp_path: Path, fake_model: FakeModel, slack: FakeSlack) -> None:
+    async with running(tmp_path, fake_model, slack):
+        event = slack.message_event("only once please", mention=True)
+        for attempt in range(5):
+            await slack.send_event(event, event_id="Ev0STORM", retry_attempt=attempt)
+        await wait_done(slack, CHANNEL, str(event["ts"]))
+        sentinel = await mention(slack, "sentinel")
+        await wait_done(slack, CHANNEL, sentinel)
+        assert len(fake_model.find("only once please")) == 1
+        assert len(slack.posted(CHANNEL, str(event["ts"]))) == 1
+        await wait_until(lambda: len(slack.acks) >= 6, what="every envelope acked")
+
+
+async def test_own_bot_edit_and_delete_events_start_no_turn(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with running(tmp_path, fake_model, slack):
+        root = await mention(slack, "start a thread")
+        await wait_done(slack, CHANNEL, root)
+        ignored = [
+            slack.message_event("from another bot", thread_ts=root, bot_id="B0OTHER", subtype="bot_message"),
+            slack.message_event("from myself", thread_ts=root, user=slack.bot_user_id, bot_id=slack.bot_id),
+            slack.message_event("edited", thread_ts=root, subtype="message_changed"),
+            slack.message_event("deleted", thread_ts=root, subtype="message_deleted"),
+        ]
+        for event in ignored:
+            await slack.send_event(event)
+        sentinel = await mention(slack, "sentinel")
+        await wait_done(slack, CHANNEL, sentinel)
+        for needle in ("from another bot", "from myself", "edited", "deleted"):
+            assert not fake_model.find(needle), needle
+
+
+async def test_allowed_bot_is_answered(tmp_path: Path, fake_model: FakeModel, slack: FakeSlack) -> None:
+    async with running(tmp_path, fake_model, slack, slack={"allowed_bots": ["B0FRIEND"]}):
+        event = slack.message_event("report from a friendly bot", mention=True, bot_id="B0FRIEND", user="U0FRIEND")
+        await slack.send_event(event)
+        await wait_reply(slack, CHANNEL, str(event["ts"]), "report from a friendly bot")
+
+
+async def test_disconnect_frame_reconnects_and_loses_nothing(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with running(tmp_path, fake_model, slack):
+        await slack.disconnect()
+        ts = await mention(slack, "after the reconnect")
+        await wait_reply(slack, CHANNEL, ts, "after the reconnect")
+        assert slack.connections >= 2
+        assert len(slack.calls_to("apps.connections.open")) >= 2
+
+
+async def test_rate_limited_calls_are_retried(tmp_path: Path, fake_model: FakeModel, slack: FakeSlack) -> None:
+    async with running(tmp_path, fake_model, slack):
+        slack.fail_next("chat.startStream", status=429, retry_after=1)
+        ts = await mention(slack, "despite the rate limit")
+        await wait_reply(slack, CHANNEL, ts, "despite the rate limit")
+        assert len(slack.calls_to("chat.startStream")) == 2
+
+
+async def test_http_events_mode_verifies_signatures(tmp_path: Path, fake_model: FakeModel, slack: FakeSlack) -> None:
+    async with running(tmp_path, fake_model, slack, mode="http") as daemon:
+        event = slack.message_event("over http", mention=True)
+        body = json_body(slack.event_payload(event))
+        assert await daemon.post_event(body, secret="wrong-secret") == 401
+        assert await daemon.post_event(body, timestamp=int(time.time()) - 3600) == 401
+        assert await daemon.post_event(body) == 200
+        await wait_reply(slack, CHANNEL, str(event["ts"]), "over http")
+        challenge = json_body({"type": "url_verification", "challenge": "c-123", "token": "x"})
+        assert await daemon.post_event(challenge) == 200
+        assert await daemon.post_event(b"{not json") == 400
+        assert await daemon.post_event(body) == 200, "a retry is accepted"
+        sentinel = slack.message_event("still alive", mention=True)
+        assert await daemon.post_event(json_body(slack.event_payload(sentinel))) == 200
+        await wait_reply(slack, CHANNEL, str(sentinel["ts"]), "still alive")
+        assert len(fake_model.find("over http")) == 1
+
+
+async def test_long_input_and_long_answer_are_delivered_whole(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    answer = " ".join(f"word{i:05d}" for i in range(2000))  # 20,000 characters
+    fake_model.add("LONG-", text=answer)
+    fake_model.chunk_size = 2000
+    async with running(tmp_path, fake_model, slack):
+        big = "LONG-" + "x" * 39_990
+        ts = await mention(slack, big)
+        await wait_done(slack, CHANNEL, ts)
+        assert big in fake_model.find("LONG-")[0].last_said()
+        parts = slack.posted(CHANNEL, ts)
+        assert len(parts) >= 2
+        assert all(len(str(p["text"])) <= 12_000 for p in parts)
+        assert "".join(str(p["text"]) for p in parts).split() == answer.split()
+
+
+async def test_without_streaming_long_answer_is_posted_updated_and_split(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    answer = "**Report**\n\n" + "\n".join(f"- item {i:04d} is fine" for i in range(900))
+    fake_model.add("report please", text=answer)
+    slack.streaming = False
+    async with running(tmp_path, fake_model, slack):
+        ts = await mention(slack, "report please")
+        await wait_done(slack, CHANNEL, ts)
+        parts = slack.posted(CHANNEL, ts)
+        text = "\n".join(str(p["text"]) for p in parts)
+        assert len(parts) >= 5 and all(len(str(p["text"])) <= 4000 for p in parts)
+        assert text.startswith("*Report*"), "Markdown is converted to mrkdwn"
+        missing = [i for i in range(900) if f"item {i:04d} is fine" not in text]
+        assert not missing, (missing[:5], [len(str(p["text"])) for p in parts], text[:300])
+        assert all(f"item {i:04d} is fine" in text for i in range(900))
+
+
+async def test_files_in_and_out(tmp_path: Path, fake_model: FakeModel, slack: FakeSlack) -> None:
+    write_report = "mkdir -p outbox && cp inbox/passwd.txt outbox/report.txt && echo done"
+    fake_model.add("summarise the file", tool=ToolUse("Bash", {"command": write_report, "description": "copy"}))
+    async with running(tmp_path, fake_model, slack):
+        shared = slack.add_file("../../etc/passwd.txt", b"secret-free content\n", "text/plain")
+        event = slack.message_event("summarise the file", mention=True, files=[shared])
+        await slack.send_event(event)
+        ts = str(event["ts"])
+        await wait_done(slack, CHANNEL, ts)
+        prompt = fake_model.find("summarise the file")[0].last_said()
+        assert "inbox/passwd.txt" in prompt and ".." not in prompt.split("saved in your working directory:")[1]
+        assert slack.shared_files(CHANNEL, ts) == [("report.txt", b"secret-free content\n")]
+        assert not list(tmp_path.glob("etc/passwd.txt")) and not (tmp_path / "data" / "etc").exists()
+
+
+async def test_too_large_or_wrong_type_file_gets_a_clear_reply_and_no_turn(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with running(tmp_path, fake_model, slack, slack={"max_file_mb": 1}):
+        big = slack.add_file("big.txt", b"x" * 1_500_000)
+        event = slack.message_event("read this big file", mention=True, files=[big])
+        await slack.send_event(event)
+        text = await wait_reply(slack, CHANNEL, str(event["ts"]), "limit is 1")
+        assert "big.txt" in text
+        exe = slack.add_file("tool.exe", b"MZ", "application/x-msdownload")
+        event = slack.message_event("run this", mention=True, files=[exe])
+        await slack.send_event(event)
+        await wait_reply(slack, CHANNEL, str(event["ts"]), "don't accept")
+        assert not fake_model.find("read this big file") and not fake_model.find("run this")
+
+
+def touch(name: str) -> ToolUse:
+    return ToolUse("Bash", {"command": f"echo made > {name}", "description": "touch"})
+
+
+async def approval_request(slack: FakeSlack, ts: str) -> tuple[str, str]:
+    """(approval message ts, approval id) of the buttons posted in a thread."""
+
+    def buttons() -> list[dict[str, object]]:
+        return [m for m in slack.posted(CHANNEL, ts) if m.get("blocks") and "Approve" in json.dumps(m["blocks"])]
+
+    await wait_until(lambda: bool(buttons()), what="approval buttons")
+    message = buttons()[-1]
+    blocks = message["blocks"]
+    blocks = json.loads(blocks) if isinstance(blocks, str) else blocks
+    actions = next(b for b in blocks if b["type"] == "actions")  # type: ignore[index, union-attr]
+    return str(message["ts"]), str(actions["elements"][0]["value"])
+
+
+async def test_approvals_approve_deny_and_time_out(tmp_path: Path, fake_model: FakeModel, slack: FakeSlack) -> None:
+    config = {"ask_tools": ["Bash"], "approvers": ["U0BOSS"], "approval_timeout_s": 2}
+    fake_model.add("approve me", tool=touch("approved.txt"))
+    fake_model.add("deny me", tool=touch("denied.txt"))
+    fake_model.add("ignore me", tool=touch("ignored.txt"))
+    async with running(tmp_path, fake_model, slack, slack=config):
+        root = await mention(slack, "approve me")
+        message_ts, approval = await approval_request(slack, root)
+        await slack.click(
+            action_id="agentd_approve",
+            value=approval,
+            user="U0ALICE",
+            channel=CHANNEL,
+            message_ts=message_ts,
+            thread_ts=root,
+        )
+        await wait_until(lambda: bool(slack.calls_to("chat.postEphemeral")), what="not-allowed notice")
+        await slack.click(
+            action_id="agentd_approve",
+            value=approval,
+            user="U0BOSS",
+            channel=CHANNEL,
+            message_ts=message_ts,
+            thread_ts=root,
+        )
+        await wait_done(slack, CHANNEL, root)
+        assert "approved by <@U0BOSS>" in reply_text(slack, CHANNEL, root)
+
+        second = slack.message_event("deny me", thread_ts=root)
+        await slack.send_event(second)
+        message_ts, approval = await approval_request(slack, root)
+        await slack.click(
+            action_id="agentd_deny",
+            value=approval,
+            user="U0BOSS",
+            channel=CHANNEL,
+            message_ts=message_ts,
+            thread_ts=root,
+        )
+        await wait_done(slack, CHANNEL, str(second["ts"]))
+        third = slack.message_event("ignore me", thread_ts=root)
+        await slack.send_event(third)
+        await wait_done(slack, CHANNEL, str(third["ts"]))
+        text = reply_text(slack, CHANNEL, root)
+        assert "denied by <@U0BOSS>" in text and "timed out, not denied" in text
+    results = fake_model.tool_results()
+    assert "a person denied this tool call" in results and "nobody approved this tool call in time" in results
+    work = list((tmp_path / "data" / "work").iterdir())
+    made = sorted(p.name for w in work for p in w.glob("*.txt"))
+    assert made == ["approved.txt"]
+
+
+async def test_refused_user_gets_a_polite_reply_and_no_turn(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with running(tmp_path, fake_model, slack, slack={"allowed_users": ["U0ALICE"]}):
+        ts = await mention(slack, "let me in", user="U0MALLORY")
+        await wait_reply(slack, CHANNEL, ts, "can't take requests from you")
+        allowed = await mention(slack, "alice here")
+        await wait_reply(slack, CHANNEL, allowed, "alice here")
+        assert not fake_model.find("let me in")
+
+
+async def test_crash_mid_turn_is_reported_and_the_next_message_resumes(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    fake_model.add("slow question", text="never seen", delay_s=30)
+    async with running(tmp_path, fake_model, slack):
+        root = await mention(slack, "first words")
+        await wait_done(slack, CHANNEL, root)
+        slow = slack.message_event("slow question", thread_ts=root)
+        await slack.send_event(slow)
+        await wait_until(lambda: bool(fake_model.find("slow question")), what="the slow turn to reach the model")
+        for process in cli_processes():
+            process.kill()
+        assert await wait_done(slack, CHANNEL, str(slow["ts"])) == ["x"]
+        assert "stopped unexpectedly" in reply_text(slack, CHANNEL, root)
+        after = slack.message_event("are you back?", thread_ts=root)
+        await slack.send_event(after)
+        assert await wait_done(slack, CHANNEL, str(after["ts"])) == ["white_check_mark"]
+        assert "first words" in fake_model.find("are you back?")[-1].all_text(), "resumed with its history"
+
+
+async def test_control_words_stats_cancel_and_reset(tmp_path: Path, fake_model: FakeModel, slack: FakeSlack) -> None:
+    fake_model.add("take your time", text="too late", delay_s=30)
+    async with running(tmp_path, fake_model, slack):
+        root = await mention(slack, "remember banana")
+        await wait_done(slack, CHANNEL, root)
+        await slack.send_event(slack.message_event("!stats", thread_ts=root))
+        await wait_reply(slack, CHANNEL, root, "Messages: 1")
+        slow = slack.message_event("take your time", thread_ts=root)
+        await slack.send_event(slow)
+        await wait_until(lambda: bool(fake_model.find("take your time")), what="the slow turn")
+        await slack.send_event(slack.message_event("!cancel", thread_ts=root))
+        await wait_reply(slack, CHANNEL, root, "Cancelled the running turn")
+        assert await wait_done(slack, CHANNEL, str(slow["ts"])) == ["x"]
+        await slack.send_event(slack.message_event("!reset", thread_ts=root))
+        await wait_reply(slack, CHANNEL, root, "fresh session")
+        fresh = slack.message_event("new start", thread_ts=root)
+        await slack.send_event(fresh)
+        await wait_done(slack, CHANNEL, str(fresh["ts"]))
+        assert "remember banana" not in fake_model.find("new start")[-1].all_text()
+
+
+async def test_mention_mid_thread_brings_the_thread_as_context(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    root_ts = "1600000000.000100"
+    slack.set_replies(
+        CHANNEL,
+        root_ts,
+        [
+            {"ts": root_ts, "user": "U0BOB", "text": "the deploy failed with code 137"},
+            {"ts": "1600000000.000200", "user": "U0CAROL", "text": "probably out of memory"},
+        ],
+    )
+    async with running(tmp_path, fake_model, slack):
+        ts = await mention(slack, "what do you think?", thread_ts=root_ts)
+        await wait_done(slack, CHANNEL, ts)
+        said = fake_model.find("what do you think?")[0].last_said()
+        assert "the deploy failed with code 137" in said and "probably out of memory" in said
+        assert slack.posted(CHANNEL, root_ts), "the answer goes into the existing thread"
+
+
+async def test_queued_message_is_marked_and_answered_in_order(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    fake_model.add("busy work", text="done with the busy work", delay_s=2)
+    async with running(tmp_path, fake_model, slack):
+        root = await mention(slack, "busy work")
+        await wait_until(lambda: bool(fake_model.find("busy work")), what="the first turn")
+        queued = slack.message_event("and then this", thread_ts=root)
+        await slack.send_event(queued)
+        await wait_until(
+            lambda: "hourglass_flowing_sand" in slack.reactions(CHANNEL, str(queued["ts"])), what="queued mark"
+        )
+        await wait_done(slack, CHANNEL, str(queued["ts"]))
+        text = reply_text(slack, CHANNEL, root)
+        assert text.index("done with the busy work") < text.index("and then this")
+
+
+async def test_malformed_events_are_survived(tmp_path: Path, fake_model: FakeModel, slack: FakeSlack) -> None:
+    async with running(tmp_path, fake_model, slack):
+        for event in (
+            {"type": "app_mention", "text": "no channel or ts"},
+            {"type": "app_mention", "channel": CHANNEL, "ts": "1.1", "text": 42, "files": "nope"},
+            {"type": "message", "channel": 7, "ts": None},
+        ):
+            await slack.send_event(event)
+        await slack.push({"garbage": True})
+        ts = await mention(slack, "still answering")
+        await wait_reply(slack, CHANNEL, ts, "still answering")
+        reply_to_odd = await wait_reply(slack, CHANNEL, "1.1", "echo:")
+        assert "no text" in reply_to_odd
+
+
+async def sessions(daemon: SlackDaemon) -> list[dict[str, str]]:
+    async with aiohttp.ClientSession() as http, http.get(f"{daemon.url}/v1/sessions") as response:
+        return list((await response.json())["sessions"])
