@@ -17,6 +17,7 @@ SECRETS = {
     "AGENTD_API_TOKEN": "tok-daemon-api-0001",
     "SLACK_BOT_TOKEN": "xoxb-slack-leak-0002",
     "SLACK_APP_TOKEN": "xapp-slack-leak-0003",
+    "SLACK_SIGNING_SECRET": "slack-signing-leak-0006",
     "IMAP_PASSWORD": "imap-leak-0004",
     "SMTP_PASSWORD": "smtp-leak-0005",
 }
@@ -36,6 +37,8 @@ class DaemonProcess:
             "LANG": "C.UTF-8",
             "ANTHROPIC_BASE_URL": model_url,
             "ANTHROPIC_API_KEY": "sk-test-anthropic-key",
+            # Slack is on (the tokens above): keep its connection attempts on this machine.
+            "SLACK_API_URL": "http://127.0.0.1:9/api/",
             **SECRETS,
             **(extra_env or {}),
         }

@@ -50,6 +50,18 @@ async def test_mention_gets_a_streamed_threaded_reply(tmp_path: Path, fake_model
         assert status[0] == "is thinking…"
 
 
+async def test_without_the_status_api_an_eyes_reaction_shows_at_once(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    slack.status_api = False
+    async with running(tmp_path, fake_model, slack):
+        ts = await mention(slack, "look at me")
+        assert await wait_done(slack, CHANNEL, ts) == ["white_check_mark"]
+        added = [c.params.get("name") for c in slack.calls_to("reactions.add")]
+        assert added == ["eyes", "white_check_mark"]
+        assert [c.params.get("name") for c in slack.calls_to("reactions.remove")] == ["eyes"]
+
+
 async def test_follow_up_in_thread_reuses_the_session_without_a_mention(
     tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
 ) -> None:
@@ -400,6 +412,9 @@ async def test_malformed_events_are_survived(tmp_path: Path, fake_model: FakeMod
         ):
             await slack.send_event(event)
         await slack.push({"garbage": True})
+        await slack.click(
+            action_id="agentd_approve", value="no-such-approval", user="U0X", channel=CHANNEL, message_ts="1.2"
+        )
         ts = await mention(slack, "still answering")
         await wait_reply(slack, CHANNEL, ts, "still answering")
         reply_to_odd = await wait_reply(slack, CHANNEL, "1.1", "echo:")
