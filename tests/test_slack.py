@@ -262,6 +262,12 @@ async def approval_request(slack: FakeSlack, ts: str) -> tuple[str, str]:
     return str(message["ts"]), str(actions["elements"][0]["value"])
 
 
+async def press(slack: FakeSlack, action_id: str, approval: str, user: str, message_ts: str, root: str) -> None:
+    await slack.click(
+        action_id=action_id, value=approval, user=user, channel=CHANNEL, message_ts=message_ts, thread_ts=root
+    )
+
+
 async def test_approvals_approve_deny_and_time_out(tmp_path: Path, fake_model: FakeModel, slack: FakeSlack) -> None:
     config = {"ask_tools": ["Bash"], "approvers": ["U0BOSS"], "approval_timeout_s": 2}
     fake_model.add("approve me", tool=touch("approved.txt"))
@@ -270,37 +276,16 @@ async def test_approvals_approve_deny_and_time_out(tmp_path: Path, fake_model: F
     async with running(tmp_path, fake_model, slack, slack=config):
         root = await mention(slack, "approve me")
         message_ts, approval = await approval_request(slack, root)
-        await slack.click(
-            action_id="agentd_approve",
-            value=approval,
-            user="U0ALICE",
-            channel=CHANNEL,
-            message_ts=message_ts,
-            thread_ts=root,
-        )
+        await press(slack, "agentd_approve", approval, "U0ALICE", message_ts, root)
         await wait_until(lambda: bool(slack.calls_to("chat.postEphemeral")), what="not-allowed notice")
-        await slack.click(
-            action_id="agentd_approve",
-            value=approval,
-            user="U0BOSS",
-            channel=CHANNEL,
-            message_ts=message_ts,
-            thread_ts=root,
-        )
+        await press(slack, "agentd_approve", approval, "U0BOSS", message_ts, root)
         await wait_done(slack, CHANNEL, root)
         assert "approved by <@U0BOSS>" in reply_text(slack, CHANNEL, root)
 
         second = slack.message_event("deny me", thread_ts=root)
         await slack.send_event(second)
         message_ts, approval = await approval_request(slack, root)
-        await slack.click(
-            action_id="agentd_deny",
-            value=approval,
-            user="U0BOSS",
-            channel=CHANNEL,
-            message_ts=message_ts,
-            thread_ts=root,
-        )
+        await press(slack, "agentd_deny", approval, "U0BOSS", message_ts, root)
         await wait_done(slack, CHANNEL, str(second["ts"]))
         third = slack.message_event("ignore me", thread_ts=root)
         await slack.send_event(third)
