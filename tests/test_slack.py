@@ -241,7 +241,12 @@ async def test_too_large_or_wrong_type_file_gets_a_clear_reply_and_no_turn(
         event = slack.message_event("run this", mention=True, files=[exe])
         await slack.send_event(event)
         await wait_reply(slack, CHANNEL, str(event["ts"]), "don't accept")
+        planted = {**slack.add_file("notes.txt", b"hi"), "url_private_download": "https://files.evil.invalid/steal"}
+        event = slack.message_event("fetch that", mention=True, files=[planted])
+        await slack.send_event(event)
+        await wait_reply(slack, CHANNEL, str(event["ts"]), "no Slack download address")
         assert not fake_model.find("read this big file") and not fake_model.find("run this")
+        assert not fake_model.find("fetch that")
 
 
 def touch(name: str) -> ToolUse:
