@@ -33,6 +33,8 @@ CONVENTIONAL_VARIABLES: dict[str, tuple[str, str]] = {
     "SLACK_APP_TOKEN": ("slack", "app_token"),
     "SLACK_SIGNING_SECRET": ("slack", "signing_secret"),
     "SLACK_API_URL": ("slack", "api_url"),
+    "IMAP_PASSWORD": ("email", "imap_password"),
+    "SMTP_PASSWORD": ("email", "smtp_password"),
 }
 
 
@@ -168,6 +170,65 @@ class SlackConfig(_Section):
         return self
 
 
+Security = Literal["tls", "starttls", "plain"]
+
+
+class EmailConfig(_Section):
+    """The email channel; on when ``imap_host`` is set."""
+
+    address: str | None = None
+    own_addresses: list[str] = Field(default_factory=list)
+    imap_host: str | None = None
+    imap_port: int | None = Field(default=None, ge=1, le=65535)
+    imap_security: Security = "tls"
+    imap_user: str | None = None
+    imap_password: SecretStr | None = None
+    mailbox: str = "INBOX"
+    smtp_host: str | None = None
+    smtp_port: int | None = Field(default=None, ge=1, le=65535)
+    smtp_security: Security = "starttls"
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    conversation: Literal["thread", "mailbox"] = "thread"
+    idle_renew_s: float = Field(default=300.0, ge=1, le=1500)
+    command_timeout_s: float = Field(default=60.0, gt=0)
+    reconnect_max_s: float = Field(default=60.0, ge=1)
+    processed_keyword: str = Field(default="$AgentdDone", pattern=r"^[$A-Za-z0-9_-]+$")
+    processed_folder: str | None = None
+    refused_folder: str = "agentd-refused"
+    error_reply: bool = True
+    allowed_senders: list[str] = Field(default_factory=list)
+    require_dmarc: bool = False
+    trusted_authserv_id: str | None = None
+    sender_rate_per_hour: int = Field(default=10, ge=1)
+    thread_reply_cap: int = Field(default=25, ge=1)
+    allowed_tools: list[str] = Field(default_factory=lambda: ["Read", "Glob", "Grep"])
+    max_attachments: int = Field(default=10, ge=0)
+    max_attachment_mb: float = Field(default=10.0, gt=0)
+    max_body_chars: int = Field(default=50_000, ge=1000)
+    # Tests only: kill the daemon (SIGKILL) at a named point of sending a reply.
+    debug_crash_at: Literal["before_send", "after_send"] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.imap_host is not None
+
+    @property
+    def own(self) -> frozenset[str]:
+        return frozenset(a.lower() for a in [self.address or "", *self.own_addresses] if a)
+
+    @model_validator(mode="after")
+    def _complete(self) -> EmailConfig:
+        if self.imap_host is None:
+            return self
+        for key in ("address", "imap_user", "imap_password"):
+            if getattr(self, key) is None:
+                raise ValueError(f"{key} is required when imap_host is set")
+        if self.require_dmarc and not self.trusted_authserv_id:
+            raise ValueError("trusted_authserv_id is required when require_dmarc is on")
+        return self
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -186,6 +247,7 @@ class Settings(BaseSettings):
     store: StoreConfig = Field(default_factory=StoreConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     slack: SlackConfig = Field(default_factory=SlackConfig)
+    email: EmailConfig = Field(default_factory=EmailConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     def redacted(self) -> dict[str, Any]:

@@ -79,6 +79,10 @@ def build_channels(settings: Settings, pool: Pool, store: Store, api: Api) -> li
         from bot.slack import SlackChannel
 
         channels.append(SlackChannel(settings, pool, store, api))
+    if settings.email.enabled:
+        from bot.mail import EmailChannel
+
+        channels.append(EmailChannel(settings, pool, store, api))
     return channels
 
 

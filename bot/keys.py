@@ -33,3 +33,37 @@ def slack_message(team: str, channel: str, ts: str) -> str:
 def slack_thread(team: str, channel: str, thread_ts: str) -> str:
     """Set while the agent takes part in a thread, so follow-ups need no mention."""
     return f"{PREFIX}:slack:thread:{team}:{channel}:{thread_ts}"
+
+
+# -- Email -------------------------------------------------------------------
+# Per-message records outlive any retry or rescan of the mailbox.
+MAIL_RECORD_TTL_S = 180 * DAY_S
+MAIL_RATE_WINDOW_S = 3600
+
+
+def mail_checkpoint(mailbox: str) -> str:
+    """JSON {uidvalidity, last_uid} of the last message taken from ``mailbox``."""
+    return f"{PREFIX}:mail:checkpoint:{mailbox}"
+
+
+def mail_outcome(message_id: str) -> str:
+    """JSON {status, conversation, reason}: what became of one inbound message; written once."""
+    return f"{PREFIX}:mail:outcome:{message_id}"
+
+
+def mail_outbox(message_id: str) -> str:
+    """JSON {state, raw}: the reply to one inbound message, written before it is sent."""
+    return f"{PREFIX}:mail:outbox:{message_id}"
+
+
+def mail_thread(message_id: str) -> str:
+    """The conversation a Message-ID (received or sent) belongs to."""
+    return f"{PREFIX}:mail:thread:{message_id}"
+
+
+def mail_sender_rate(sender: str) -> str:
+    return f"{PREFIX}:mail:rate:{sender}"
+
+
+def mail_thread_replies(conversation_id: str) -> str:
+    return f"{PREFIX}:mail:replies:{conversation_id}"

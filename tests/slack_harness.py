@@ -1,8 +1,7 @@
-"""Runs the real daemon (``bot.daemon.serve``) in-process against the fake Slack and the fake model."""
+"""The real daemon, in-process, against the fake Slack and the fake model."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -16,49 +15,23 @@ import aiohttp
 import psutil
 
 from bot.config import SlackConfig
-from bot.daemon import serve
-from tests.conftest import make_settings
 from tests.fakes.model import FakeModel
-from tests.fakes.redis_server import free_port
 from tests.fakes.slack import FakeSlack
 from tests.helpers import wait_until
+from tests.inproc import InProcessDaemon
 
 SIGNING_SECRET = "slack-signing-secret-for-tests"
 
 
-class SlackDaemon:
+class SlackDaemon(InProcessDaemon):
     def __init__(self, tmp: Path, model: FakeModel, fake: FakeSlack, mode: str, **sections: dict[str, Any]) -> None:
-        self.port = free_port()
         credentials: dict[str, Any] = {"bot_token": "xoxb-test-bot", "api_url": fake.url}
         if mode == "socket":
             credentials["app_token"] = "xapp-test-app"
         else:
             credentials["signing_secret"] = SIGNING_SECRET
-        sections.setdefault("http", {})["listen"] = f"127.0.0.1:{self.port}"
-        settings = make_settings(tmp, model, **sections)
-        slack_config = SlackConfig(**credentials, **sections.get("slack", {}))
-        self.settings = settings.model_copy(update={"slack": slack_config})
+        super().__init__(tmp, model, {"slack": SlackConfig(**credentials, **sections.pop("slack", {}))}, **sections)
         self.slack = fake
-        self._stop = asyncio.Event()
-        self._started = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(serve(self.settings, self._stop, self._started))
-        started = asyncio.create_task(self._started.wait())
-        await asyncio.wait([started, self._task], timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if self._task.done():
-            self._task.result()
-        assert self._started.is_set(), "daemon did not start"
-
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await asyncio.wait_for(self._task, 60)
 
     async def post_event(self, body: bytes, timestamp: int | None = None, secret: str = SIGNING_SECRET) -> int:
         """POST an HTTP Events request as Slack would sign it; returns the status."""

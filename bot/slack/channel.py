@@ -11,7 +11,6 @@ import asyncio
 import logging
 import random
 import uuid
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +33,7 @@ from bot.config import ConfigError, Settings
 from bot.core import Inbound, Outcome, SessionInfo, ToolPolicy
 from bot.files import safe_filename, unique_path
 from bot.http import Api
+from bot.lanes import Lanes
 from bot.pool import Pool, Turn
 from bot.slack import events
 from bot.slack.approvals import APPROVE, DENY, Approvals, Click
@@ -74,8 +74,7 @@ class SlackChannel:
             api.add_route("POST", "/slack/events", self._http_events)
         self._me = Identity("", "", "")
         self._approvals = Approvals(self._config.approval_timeout_s)
-        self._lanes: dict[str, asyncio.Queue[SlackMessage]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._lanes: Lanes[SlackMessage] = Lanes("slack", self._serve)
         self._intake = False
         self._connector: asyncio.Task[None] | None = None
         self._streaming = self._config.stream
@@ -148,15 +147,9 @@ class SlackChannel:
 
     async def close(self) -> None:
         await self.stop_intake()
-        while self._tasks:
-            await asyncio.wait(list(self._tasks))
+        await self._lanes.join()
         if self._client.session is not None:
             await self._client.session.close()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # -- intake (bolt listeners: translate, deduplicate, enqueue) -------------------
 
@@ -218,11 +211,7 @@ class SlackChannel:
         return True
 
     def _enqueue(self, message: SlackMessage) -> None:
-        lane = self._lanes.get(message.conversation_id)
-        if lane is None:
-            lane = self._lanes[message.conversation_id] = asyncio.Queue()
-            self._spawn(self._run_lane(message.conversation_id, lane), name=f"slack-lane:{message.conversation_id}")
-        lane.put_nowait(message)
+        self._lanes.put(message.conversation_id, message)
 
     async def _on_approval(self, ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
@@ -230,7 +219,7 @@ class SlackChannel:
         verdict = self._approvals.click(str(action.get("value") or ""), user, action.get("action_id") == APPROVE)
         if verdict is Click.NOT_ALLOWED:
             container = body.get("container") or {}
-            self._spawn(self._tell_not_allowed(container, user), name="slack-approval-refused")
+            self._lanes.spawn(self._tell_not_allowed(container, user), name="slack-approval-refused")
 
     async def _tell_not_allowed(self, container: dict[str, Any], user: str) -> None:
         try:
@@ -245,17 +234,8 @@ class SlackChannel:
 
     # -- lanes: one per thread, messages submitted in order -----------------------
 
-    async def _run_lane(self, conversation_id: str, lane: asyncio.Queue[SlackMessage]) -> None:
-        try:
-            while not lane.empty():
-                message = lane.get_nowait()
-                logger = log.bind(conversation=conversation_id, channel=message.channel, user=message.user)
-                try:
-                    await self._accept(message, self._thread(message))
-                except Exception:  # task boundary: one bad message must not stop the thread's lane
-                    logger.exception("slack_message_failed", ts=message.ts)
-        finally:
-            self._lanes.pop(conversation_id, None)
+    async def _serve(self, conversation_id: str, message: SlackMessage) -> None:
+        await self._accept(message, self._thread(message))
 
     def _thread(self, message: SlackMessage) -> Thread:
         return Thread(self._client, message.channel, message.thread_ts, message.team, message.user, message.is_dm)
@@ -289,7 +269,7 @@ class SlackChannel:
         turn = await self._pool.submit(inbound)
         metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="accepted").inc()
         await self._remember_thread(message)
-        self._spawn(self._deliver(message, thread, turn, mark), name=f"slack-reply:{message.conversation_id}")
+        self._lanes.spawn(self._deliver(message, thread, turn, mark), name=f"slack-reply:{message.conversation_id}")
 
     async def _remember_thread(self, message: SlackMessage) -> None:
         try:

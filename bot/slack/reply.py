@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import structlog
-from markdown_to_mrkdwn import SlackMarkdownConverter  # type: ignore[import-untyped]
+from markdown_to_mrkdwn import SlackMarkdownConverter
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_chat_stream import AsyncChatStream
 from slack_sdk.web.async_client import AsyncWebClient

@@ -1,0 +1,317 @@
+"""The email channel: IMAP intake, one lane per email thread, threaded replies over SMTP, exactly once.
+
+Exactly once, across crashes: a message's outcome is recorded (keyed by its
+Message-ID) before the message is marked, and its reply is written to an
+outbox before it is sent.  A message seen again (a rescan, a restart, a new
+UIDVALIDITY) is only marked if its outcome exists, and a reply in the outbox is
+sent again only if it was not confirmed sent, with the same Message-ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.policy
+import json
+import os
+import signal
+import uuid
+from dataclasses import dataclass, replace
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import structlog
+
+from bot import keys, metrics
+from bot.config import Settings
+from bot.core import Failure, Inbound, Outcome, ToolPolicy
+from bot.files import safe_filename, unique_path
+from bot.http import Api
+from bot.lanes import Lanes
+from bot.mail import compose, policy
+from bot.mail.imap import Fetched, ImapWatcher, Mark
+from bot.mail.parse import Mail, message_id, parse
+from bot.pool import Pool
+from bot.store import Store, StoreError
+
+log = structlog.get_logger(__name__)
+
+# Failures that say nothing about the message: leave it unmarked, it is taken again later.
+RETRY_LATER = (Failure.SHUTDOWN, Failure.STORE)
+
+
+@dataclass(frozen=True)
+class Job:
+    fetched: Fetched
+    mail: Mail
+    attempt: int = 0
+
+
+MAX_ATTEMPTS = 6
+
+
+class SendError(Exception):
+    """The SMTP server did not take the reply."""
+
+
+class EmailChannel:
+    name = "email"
+
+    def __init__(self, settings: Settings, pool: Pool, store: Store, api: Api) -> None:
+        self._config, self._pool, self._store = settings.email, pool, store
+        self._staging = pool.data_dir / "incoming"
+        self._policy = ToolPolicy(allow=frozenset(self._config.allowed_tools))
+        self._watcher = ImapWatcher(self._config, store, self._deliver)
+        self._lanes: Lanes[Job] = Lanes("email", self._process)
+        self._inflight: set[str] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._retries: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    async def start(self) -> None:
+        self._runner = asyncio.create_task(self._watcher.run(), name="imap")
+        log.info("email_started", mailbox=self._config.mailbox, mode=self._config.conversation)
+
+    async def stop_intake(self) -> None:
+        self._watcher.stop_intake()
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._retries):
+            task.cancel()
+        await asyncio.gather(*self._retries, return_exceptions=True)
+        await self._lanes.join()
+        self._watcher.stop()
+        if self._runner is not None:
+            await self._runner
+
+    @property
+    def watcher(self) -> ImapWatcher:
+        return self._watcher
+
+    # -- intake: called by the IMAP loop for each message; records or enqueues, never waits for the agent --
+
+    async def _deliver(self, fetched: Fetched) -> None:
+        try:
+            mail = parse(fetched.raw, self._config.max_attachments, self._max_attachment_bytes)
+        except Exception:  # task boundary: malformed MIME must never stop the inbox
+            log.exception("email_unparseable", uid=fetched.uid)
+            await self._finish(fetched, _raw_id(fetched.raw), "unreadable", "the message could not be parsed")
+            return
+        if mail.message_id in self._inflight:
+            return
+        recorded = await self._store.get_value(keys.mail_outcome(mail.message_id))
+        if recorded is not None:
+            self._watcher.mark(self._mark(fetched, json.loads(recorded).get("status", "")))
+            return
+        screened = await self._screen(mail)
+        if screened is not None:
+            await self._finish(fetched, mail.message_id, *screened)
+            return
+        self._inflight.add(mail.message_id)
+        self._lanes.put(await self._conversation(mail), Job(fetched, mail))
+
+    @property
+    def _max_attachment_bytes(self) -> int:
+        return int(self._config.max_attachment_mb * 1_000_000)
+
+    async def _screen(self, mail: Mail) -> tuple[str, str] | None:
+        """(status, reason) for mail that must not be answered; None for mail the agent should see."""
+        if reason := policy.loop_reason(mail, self._config.own):
+            return "ignored", reason
+        if reason := policy.sender_refusal(mail, self._config):
+            return "refused", reason
+        count = await self._store.incr(keys.mail_sender_rate(mail.sender), keys.MAIL_RATE_WINDOW_S)
+        if count > self._config.sender_rate_per_hour:
+            return "rate_limited", f"more than {self._config.sender_rate_per_hour} messages from this sender in an hour"
+        return None
+
+    async def _conversation(self, mail: Mail) -> str:
+        """Mailbox mode: one conversation. Thread mode: the thread any known Message-ID belongs to, else its root."""
+        if self._config.conversation == "mailbox":
+            conversation = f"email:mailbox:{self._config.mailbox}"
+        else:
+            conversation = await self._known_thread(mail) or f"email:{_root(mail)}"
+        await self._remember(mail.message_id, conversation)
+        return conversation
+
+    async def _known_thread(self, mail: Mail) -> str | None:
+        for known_id in [*reversed(mail.references), mail.in_reply_to]:
+            if known_id and (known := await self._store.get_value(keys.mail_thread(known_id))):
+                return known
+        return None
+
+    async def _remember(self, message_id: str, conversation: str) -> None:
+        await self._store.put_value(keys.mail_thread(message_id), conversation, keys.MAIL_RECORD_TTL_S)
+
+    # -- one message in its thread's lane --------------------------------------------
+
+    async def _process(self, conversation: str, job: Job) -> None:
+        mail = job.mail
+        bound = log.bind(conversation=conversation, message_id=mail.message_id, uid=job.fetched.uid)
+        try:
+            outbox = await self._outbox(mail.message_id)
+            if outbox is None:
+                outbox = await self._answer(conversation, job)
+                if outbox is None:
+                    return
+            await self._send_once(mail.message_id, outbox)
+            await self._finish(job.fetched, mail.message_id, outbox["status"], outbox.get("reason"), conversation)
+            bound.info("email_replied", status=outbox["status"])
+        except (StoreError, SendError, aiosmtplib.SMTPException, OSError) as exc:
+            bound.error("email_deferred", error=str(exc)[:300], attempt=job.attempt)
+            if self._retry_later(conversation, job):
+                return
+        self._inflight.discard(mail.message_id)
+
+    def _retry_later(self, conversation: str, job: Job) -> bool:
+        """Try a deferred message again soon; after MAX_ATTEMPTS it waits, unmarked, for the next rescan."""
+        if job.attempt + 1 >= MAX_ATTEMPTS or self._closing:
+            return False
+        task = asyncio.create_task(self._requeue(conversation, replace(job, attempt=job.attempt + 1)))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+        return True
+
+    async def _requeue(self, conversation: str, job: Job) -> None:
+        try:
+            await asyncio.sleep(min(2.0 * 3**job.attempt, 600.0))
+            self._lanes.put(conversation, job)
+        except asyncio.CancelledError:
+            self._inflight.discard(job.mail.message_id)
+            raise
+
+    async def _answer(self, conversation: str, job: Job) -> dict[str, Any] | None:
+        """Run the turn and put its reply in the outbox; None when the message ended without a reply."""
+        mail = job.mail
+        replies = await self._store.incr(keys.mail_thread_replies(conversation), keys.MAIL_RECORD_TTL_S)
+        if replies > self._config.thread_reply_cap:
+            reason = f"the thread reached its cap of {self._config.thread_reply_cap} replies"
+            await self._finish(job.fetched, mail.message_id, "reply_cap", reason, conversation)
+            return None
+        outcome = await self._pool.ask(self._inbound(conversation, mail))
+        if outcome.failure in RETRY_LATER:
+            log.warning("email_retry_later", message_id=mail.message_id, failure=str(outcome.failure))
+            return None
+        if not outcome.ok and not self._config.error_reply:
+            await self._finish(job.fetched, mail.message_id, "failed", outcome.error, conversation)
+            return None
+        message = compose.reply(mail, _reply_text(outcome), self._address, outcome.files)
+        await self._remember(str(message["Message-ID"]).strip(), conversation)
+        status = "replied" if outcome.ok else "failed_replied"
+        outbox = {
+            "state": "sending",
+            "status": status,
+            "reason": outcome.error,
+            "to": mail.sender,
+            "raw": _encode(message),
+        }
+        await self._store.put_value(keys.mail_outbox(mail.message_id), json.dumps(outbox), keys.MAIL_RECORD_TTL_S)
+        return outbox
+
+    def _inbound(self, conversation: str, mail: Mail) -> Inbound:
+        files = self._stage(mail)
+        text = compose.prompt(mail, self._config.max_body_chars)
+        return Inbound(conversation, text, "email", files, self._policy)
+
+    def _stage(self, mail: Mail) -> tuple[Path, ...]:
+        if not mail.attachments:
+            return ()
+        batch = self._staging / uuid.uuid4().hex
+        batch.mkdir(parents=True)
+        staged = []
+        for attachment in mail.attachments:
+            path = unique_path(batch, safe_filename(attachment.name, fallback="attachment"))
+            path.write_bytes(attachment.data)
+            staged.append(path)
+        return tuple(staged)
+
+    # -- sending and recording ------------------------------------------------------------
+
+    async def _outbox(self, message_id: str) -> dict[str, Any] | None:
+        raw = await self._store.get_value(keys.mail_outbox(message_id))
+        return None if raw is None else dict(json.loads(raw))
+
+    async def _send_once(self, message_id: str, outbox: dict[str, Any]) -> None:
+        if outbox["state"] == "sent":
+            return
+        self._crash_point("before_send")
+        await self._send(base64.b64decode(outbox["raw"]), outbox["to"])
+        outbox["state"] = "sent"
+        await self._store.put_value(keys.mail_outbox(message_id), json.dumps(outbox), keys.MAIL_RECORD_TTL_S)
+        self._crash_point("after_send")
+
+    async def _send(self, raw: bytes, to: str) -> None:
+        c = self._config
+        errors, _ = await aiosmtplib.send(
+            raw,
+            sender=self._address,
+            recipients=[to],
+            hostname=c.smtp_host or c.imap_host,
+            port=c.smtp_port or {"tls": 465, "starttls": 587, "plain": 25}[c.smtp_security],
+            username=self._smtp_user,
+            password=self._smtp_password if self._smtp_user else None,
+            use_tls=c.smtp_security == "tls",
+            start_tls=c.smtp_security == "starttls",
+            timeout=c.command_timeout_s,
+        )
+        if errors:
+            raise SendError(f"recipients refused: {errors}")
+
+    @property
+    def _smtp_user(self) -> str | None:
+        """``smtp_user`` unset: the IMAP login; set to "": no SMTP authentication."""
+        user = self._config.imap_user if self._config.smtp_user is None else self._config.smtp_user
+        return user or None
+
+    @property
+    def _smtp_password(self) -> str | None:
+        secret = self._config.smtp_password or self._config.imap_password
+        return secret.get_secret_value() if secret else None
+
+    @property
+    def _address(self) -> str:
+        assert self._config.address is not None
+        return self._config.address
+
+    async def _finish(
+        self, fetched: Fetched, message_id: str, status: str, reason: str | None, conversation: str | None = None
+    ) -> None:
+        """Record the outcome first, then mark: a crash between them only leaves a mark to redo."""
+        record = {"status": status, "reason": reason, "conversation": conversation, "uid": fetched.uid}
+        await self._store.put_value(keys.mail_outcome(message_id), json.dumps(record), keys.MAIL_RECORD_TTL_S)
+        metrics.CHANNEL_MESSAGES.labels(channel="email", fate=status).inc()
+        log.info("email_outcome", message_id=message_id, status=status, reason=reason, conversation=conversation)
+        self._watcher.mark(self._mark(fetched, status))
+
+    def _mark(self, fetched: Fetched, status: str) -> Mark:
+        folder = self._config.refused_folder if status == "refused" else self._config.processed_folder
+        return Mark(fetched.uidvalidity, fetched.uid, folder)
+
+    def _crash_point(self, name: str) -> None:
+        """Tests only (``email.debug_crash_at``): die like ``kill -9`` at a named point."""
+        if self._config.debug_crash_at == name:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _root(mail: Mail) -> str:
+    if mail.references:
+        return mail.references[0]
+    return mail.in_reply_to or mail.message_id
+
+
+def _reply_text(outcome: Outcome) -> str:
+    if outcome.ok:
+        return outcome.reply or "(The agent finished without a written answer.)"
+    partial = f"\n\nWhat it had written so far:\n\n{outcome.reply}" if outcome.reply else ""
+    return f"Sorry, I could not finish answering your message: {outcome.error}{partial}"
+
+
+def _raw_id(raw: bytes) -> str:
+    return message_id({}, raw)
+
+
+def _encode(message: EmailMessage) -> str:
+    return base64.b64encode(message.as_bytes(policy=email.policy.SMTP)).decode()

@@ -1,0 +1,252 @@
+"""Understanding one raw email: text, quotes, forwards, attachments, and whether it may be answered.
+
+Everything here is pure (bytes in, frozen values out) and never raises on
+malformed mail: a broken part becomes a note in the text, not an exception.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import email.utils
+import hashlib
+import re
+from dataclasses import dataclass, field
+from email.message import EmailMessage, Message
+
+import html2text
+from mailparser_reply import EmailReplyParser
+
+from bot.files import safe_filename
+
+FALLBACK_CHARSETS = ("utf-8", "cp1252", "latin-1")
+_INLINE_FORWARD = re.compile(
+    r"^\s*(?:-+\s*(?:Forwarded message|Original Message)\s*-+|Begin forwarded message:)\s*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_FORWARD_HEADER = re.compile(r"^\s*\**(From|Date|Sent|Subject|To|Cc)\**:\s*(.*)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    name: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """The original message inside a forward."""
+
+    sender: str
+    date: str
+    subject: str
+    body: str
+
+
+@dataclass(frozen=True)
+class Mail:
+    """One inbound message, decoded."""
+
+    message_id: str
+    sender: str  # bare address, lower case
+    sender_display: str
+    subject: str
+    date: str
+    references: tuple[str, ...]
+    in_reply_to: str | None
+    text: str  # the new text, quoted reply stripped
+    quoted: str  # the stripped quote, as elided context
+    forwarded: tuple[Forwarded, ...] = ()
+    attachments: tuple[Attachment, ...] = ()
+    skipped: tuple[str, ...] = ()  # attachments not kept, with the reason
+    headers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    content_type: str = "text/plain"
+
+    def header(self, name: str) -> tuple[str, ...]:
+        return self.headers.get(name.lower(), ())
+
+
+def parse(raw: bytes, max_attachments: int, max_attachment_bytes: int) -> Mail:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    headers = _headers(msg)
+    text, html, attachments, forwarded = _walk(msg)
+    body = text or _html_to_text(html)
+    note, inline = split_inline_forward(body)
+    new_text, quoted = strip_quotes(note)
+    kept, skipped = _cap(attachments, max_attachments, max_attachment_bytes)
+    sender_display, sender = email.utils.parseaddr(_first(headers, "from"))
+    return Mail(
+        message_id=message_id(headers, raw),
+        sender=sender.lower(),
+        sender_display=sender_display,
+        subject=_first(headers, "subject"),
+        date=_first(headers, "date"),
+        references=tuple(_ids(" ".join(headers.get("references", ())))),
+        in_reply_to=next(iter(_ids(_first(headers, "in-reply-to"))), None),
+        text=new_text,
+        quoted=quoted,
+        forwarded=tuple(forwarded) + inline,
+        attachments=tuple(kept),
+        skipped=tuple(skipped),
+        headers=headers,
+        content_type=msg.get_content_type(),
+    )
+
+
+def message_id(headers: dict[str, tuple[str, ...]], raw: bytes) -> str:
+    """The Message-ID, or a hash of the raw bytes for mail that has none (so a rescan still dedupes)."""
+    found = _ids(_first(headers, "message-id"))
+    return found[0] if found else "<sha256-" + hashlib.sha256(raw).hexdigest()[:40] + "@agentd.invalid>"
+
+
+def _headers(msg: Message) -> dict[str, tuple[str, ...]]:
+    headers: dict[str, list[str]] = {}
+    for name, value in msg.raw_items():
+        headers.setdefault(name.lower(), []).append(_clean(_header_text(value)))
+    return {k: tuple(v) for k, v in headers.items()}
+
+
+def _header_text(value: object) -> str:
+    try:
+        return str(value)
+    except (ValueError, LookupError, UnicodeError):  # a header the registry cannot decode
+        return repr(value)
+
+
+def _clean(text: str) -> str:
+    """Undo surrogate escapes of 8-bit header bytes (usually UTF-8), and flatten folding."""
+    fixed = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return " ".join(fixed.split())
+
+
+def _first(headers: dict[str, tuple[str, ...]], name: str) -> str:
+    values = headers.get(name)
+    return values[0] if values else ""
+
+
+def _ids(value: str) -> list[str]:
+    return re.findall(r"<[^<>\s]+>", value)
+
+
+def _walk(msg: EmailMessage) -> tuple[str, str, list[Attachment], list[Forwarded]]:
+    texts: list[str] = []
+    htmls: list[str] = []
+    attachments: list[Attachment] = []
+    forwarded: list[Forwarded] = []
+    for part in _parts(msg):
+        kind = part.get_content_type()
+        if kind == "message/rfc822":
+            forwarded += [_forwarded(inner) for inner in _inner_messages(part)]
+        elif part.get_filename() or part.get_content_disposition() == "attachment":
+            attachments.append(_attachment(part))
+        elif kind == "text/plain":
+            texts.append(decode_text(part))
+        elif kind == "text/html":
+            htmls.append(decode_text(part))
+    return "\n\n".join(t for t in texts if t.strip()), "\n".join(htmls), attachments, forwarded
+
+
+def _parts(msg: Message) -> list[Message]:
+    """Leaf parts and attached messages, without descending into attached messages."""
+    if msg.get_content_type() == "message/rfc822" or not msg.is_multipart():
+        return [msg]
+    payload = msg.get_payload()
+    children = payload if isinstance(payload, list) else []
+    return [leaf for child in children if isinstance(child, Message) for leaf in _parts(child)]
+
+
+def _inner_messages(part: Message) -> list[Message]:
+    payload = part.get_payload()
+    return [m for m in payload if isinstance(m, Message)] if isinstance(payload, list) else []
+
+
+def decode_text(part: Message) -> str:
+    """A text part in its declared charset, else utf-8, cp1252, latin-1; an unknown charset never raises."""
+    data = part.get_payload(decode=True)
+    if not isinstance(data, bytes):
+        return ""
+    declared = part.get_content_charset()
+    for charset in (declared, *FALLBACK_CHARSETS) if declared else FALLBACK_CHARSETS:
+        try:
+            return data.decode(charset)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return data.decode("latin-1")
+
+
+def _html_to_text(html: str) -> str:
+    if not html.strip():
+        return ""
+    converter = html2text.HTML2Text()
+    converter.ignore_images = True
+    converter.body_width = 0
+    return converter.handle(html).strip()
+
+
+def _forwarded(inner: Message) -> Forwarded:
+    headers = _headers(inner)
+    text, html, _, _ = _walk(inner) if isinstance(inner, EmailMessage) else ("", "", [], [])
+    return Forwarded(
+        sender=_first(headers, "from"),
+        date=_first(headers, "date"),
+        subject=_first(headers, "subject"),
+        body=(text or _html_to_text(html)).strip(),
+    )
+
+
+def split_inline_forward(text: str) -> tuple[str, tuple[Forwarded, ...]]:
+    """The forwarder's note, and the message forwarded inline below a "Forwarded message" line."""
+    match = _INLINE_FORWARD.search(text)
+    if match is None:
+        return text, ()
+    note, rest = text[: match.start()].strip(), text[match.end() :].lstrip("\n")
+    fields: dict[str, str] = {}
+    lines = rest.splitlines()
+    index = 0
+    while index < len(lines) and (header := _FORWARD_HEADER.match(lines[index])):
+        fields[header.group(1).lower()] = header.group(2).strip()
+        index += 1
+    body = "\n".join(lines[index:]).strip()
+    original = Forwarded(
+        sender=fields.get("from", ""),
+        date=fields.get("date") or fields.get("sent", ""),
+        subject=fields.get("subject", ""),
+        body=body,
+    )
+    return note, (original,)
+
+
+def strip_quotes(text: str) -> tuple[str, str]:
+    """(the new text, the quoted reply below it) using mail-parser-reply."""
+    if not text.strip():
+        return "", ""
+    replies = EmailReplyParser(languages=["en", "de", "fr", "es", "nl"]).read(text=text).replies
+    if not replies:
+        return text.strip(), ""
+    latest = replies[0].body.strip() or text.strip()
+    quoted = "\n".join(r.content for r in replies[1:]).strip()
+    return latest, quoted
+
+
+def _attachment(part: Message) -> Attachment:
+    data = part.get_payload(decode=True)
+    return Attachment(
+        name=safe_filename(_clean(part.get_filename() or ""), fallback="attachment"),
+        content_type=part.get_content_type(),
+        data=data if isinstance(data, bytes) else b"",
+    )
+
+
+def _cap(found: list[Attachment], count: int, size: int) -> tuple[list[Attachment], list[str]]:
+    kept: list[Attachment] = []
+    skipped: list[str] = []
+    for attachment in found:
+        if len(attachment.data) > size:
+            skipped.append(f"{attachment.name} ({len(attachment.data) / 1e6:.1f} MB, over the size limit)")
+        elif len(kept) >= count:
+            skipped.append(f"{attachment.name} (over the limit of {count} attachments)")
+        else:
+            kept.append(attachment)
+    return kept, skipped

@@ -1,0 +1,230 @@
+"""A real mail server for tests: Dovecot (IMAP + LMTP) in a temp dir, and an aiosmtpd hop that delivers over LMTP.
+
+Users ``agent`` (the inbox agentd watches) and ``alice`` (a person) exist, both with
+password ``secret``.  Whatever is sent through the SMTP hop is delivered to the
+recipients' mailboxes and also kept in ``sent`` for inspection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email
+import email.policy
+import email.utils
+import grp
+import imaplib
+import os
+import pwd
+import shutil
+import signal
+import smtplib
+import subprocess
+import tempfile
+import time
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from tests.fakes.redis_server import free_port
+
+DOMAIN = "example.test"
+PASSWORD = "secret"
+USERS = ("agent", "alice")
+
+CONFIG = """
+protocols = imap lmtp
+listen = 127.0.0.1
+base_dir = {root}/run
+state_dir = {root}/state
+log_path = {root}/dovecot.log
+info_log_path = {root}/dovecot.log
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_username_format = %Ln
+mail_location = maildir:{root}/mail/%u/Maildir
+mail_uid = {uid}
+mail_gid = {gid}
+default_internal_user = {user}
+default_login_user = {login_user}
+default_internal_group = {group}
+imap_idle_notify_interval = 1 secs
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%Ln {root}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={root}/mail/%u
+}}
+service imap-login {{
+  chroot =
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+service lmtp {{
+  unix_listener lmtp {{
+    mode = 0666
+  }}
+}}
+"""
+
+
+class Relay:
+    """aiosmtpd handler: keep a copy, then deliver to Dovecot over LMTP."""
+
+    def __init__(self, lmtp_socket: Path) -> None:
+        self.lmtp_socket = lmtp_socket
+        self.sent: list[tuple[list[str], bytes]] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = bytes(envelope.original_content or b"")
+        recipients = list(envelope.rcpt_tos)
+        self.sent.append((recipients, raw))
+        await asyncio.to_thread(self._deliver, str(envelope.mail_from), recipients, raw)
+        return "250 OK"
+
+    def _deliver(self, sender: str, recipients: list[str], raw: bytes) -> None:
+        with smtplib.LMTP(str(self.lmtp_socket)) as lmtp:
+            lmtp.sendmail(sender, recipients, raw)
+
+
+class MailServer:
+    def __init__(self) -> None:
+        # Dovecot's unprivileged processes must reach their sockets: a world-traversable dir of our own.
+        self.root = Path(tempfile.mkdtemp(prefix="agentd-mail-"))
+        self.root.chmod(0o755)
+        self.imap_port = free_port()
+        self.smtp_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.relay = Relay(self.root / "run" / "lmtp")
+        self._smtp: Controller | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._write_config()
+        self._start_dovecot()
+        self._smtp = Controller(self.relay, hostname="127.0.0.1", port=self.smtp_port)
+        self._smtp.start()
+
+    def stop(self) -> None:
+        if self._smtp is not None:
+            self._smtp.stop()
+            self._smtp = None
+        self._stop_dovecot()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def restart_dovecot(self) -> None:
+        self._stop_dovecot()
+        self._start_dovecot()
+
+    def _write_config(self) -> None:
+        for sub in ("run", "state", "mail"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        (self.root / "passwd").write_text("".join(f"{u}:{{PLAIN}}{PASSWORD}\n" for u in USERS))
+        ids = _service_users()
+        os.chown(self.root / "mail", int(ids["uid"]), int(ids["gid"]))
+        text = CONFIG.format(root=self.root, imap_port=self.imap_port, **ids)
+        (self.root / "dovecot.conf").write_text(text)
+
+    def _start_dovecot(self) -> None:
+        self.process = subprocess.Popen(
+            ["dovecot", "-F", "-c", str(self.root / "dovecot.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"dovecot exited: {self.log()[-2000:]}")
+            with contextlib.suppress(OSError, imaplib.IMAP4.error), imaplib.IMAP4("127.0.0.1", self.imap_port) as probe:
+                probe.logout()
+                return
+            time.sleep(0.05)
+        raise TimeoutError("dovecot did not accept connections")
+
+    def _stop_dovecot(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+
+    def log(self) -> str:
+        path = self.root / "dovecot.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # -- mail --------------------------------------------------------------------
+
+    def deliver(self, raw: bytes | EmailMessage, to: str = f"agent@{DOMAIN}", sender: str = f"alice@{DOMAIN}") -> None:
+        """Send through the SMTP hop, as a person's mail client would."""
+        data = raw.as_bytes() if isinstance(raw, EmailMessage) else raw
+        with smtplib.SMTP("127.0.0.1", self.smtp_port) as smtp:
+            smtp.sendmail(sender, [to], data)
+
+    def mailbox(self, user: str = "alice", folder: str = "INBOX") -> list[EmailMessage]:
+        """Every message in a user's folder, oldest first (read with the stdlib IMAP client)."""
+        with imaplib.IMAP4("127.0.0.1", self.imap_port) as imap:
+            imap.login(user, PASSWORD)
+            status, _ = imap.select(folder, readonly=True)
+            if status != "OK":
+                return []
+            _, data = imap.uid("SEARCH", "ALL")
+            messages = []
+            for uid in data[0].split():
+                _, fetched = imap.uid("FETCH", uid, "(BODY.PEEK[])")
+                raw = next(part[1] for part in fetched if isinstance(part, tuple))
+                messages.append(email.message_from_bytes(raw, policy=email.policy.default))
+            return messages  # type: ignore[return-value]
+
+    def flags(self, user: str = "agent", folder: str = "INBOX") -> list[str]:
+        with imaplib.IMAP4("127.0.0.1", self.imap_port) as imap:
+            imap.login(user, PASSWORD)
+            imap.select(folder, readonly=True)
+            _, data = imap.fetch("1:*", "(FLAGS)")
+            return [d.decode() for d in data if isinstance(d, bytes)]
+
+    def wipe_mailbox(self, user: str = "agent") -> None:
+        """Remove the Maildir: Dovecot recreates it with a new UIDVALIDITY."""
+        shutil.rmtree(self.root / "mail" / user, ignore_errors=True)
+
+
+def _service_users() -> dict[str, str]:
+    """Dovecot's login and internal processes refuse to run as root: use the package's users then."""
+    if os.getuid() == 0:
+        # ... and Dovecot refuses uid 0 for mail: mailboxes belong to "nobody".
+        nobody = pwd.getpwnam("nobody")
+        ids = {"uid": str(nobody.pw_uid), "gid": str(nobody.pw_gid)}
+        return {"user": "dovecot", "login_user": "dovenull", "group": "dovecot", **ids}
+    me = pwd.getpwuid(os.getuid()).pw_name
+    ids = {"uid": str(os.getuid()), "gid": str(os.getgid())}
+    return {"user": me, "login_user": me, "group": grp.getgrgid(os.getgid()).gr_name, **ids}
+
+
+def message(subject: str, body: str, sender: str = f"alice@{DOMAIN}", **headers: Any) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = f"agent@{DOMAIN}"
+    msg["Subject"] = subject
+    msg["Message-ID"] = headers.pop("message_id", None) or email.utils.make_msgid(domain=DOMAIN)
+    msg["Date"] = email.utils.formatdate()
+    for name, value in headers.items():
+        msg[name.replace("_", "-")] = value
+    msg.set_content(body)
+    return msg

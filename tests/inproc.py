@@ -1,0 +1,48 @@
+"""Runs the real daemon (``bot.daemon.serve``) in-process, so tests can reach its parts and its store."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from bot.daemon import serve
+from bot.store import SqliteStore
+from tests.conftest import make_settings
+from tests.fakes.model import FakeModel
+from tests.fakes.redis_server import free_port
+
+
+class InProcessDaemon:
+    def __init__(self, tmp: Path, model: FakeModel, channels: dict[str, BaseModel], **sections: dict[str, Any]) -> None:
+        self.port = free_port()
+        sections.setdefault("http", {})["listen"] = f"127.0.0.1:{self.port}"
+        self.settings = make_settings(tmp, model, **sections).model_copy(update=channels)
+        self._stop = asyncio.Event()
+        self._started = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def store(self) -> SqliteStore:
+        """A second connection to the daemon's embedded store (close it after use)."""
+        return SqliteStore(self.settings.store.data_dir / "agentd.db", ttl_days=1)
+
+    async def start(self) -> None:
+        self._stop.clear()
+        self._started.clear()
+        self._task = asyncio.create_task(serve(self.settings, self._stop, self._started))
+        started = asyncio.create_task(self._started.wait())
+        await asyncio.wait([started, self._task], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if self._task.done():
+            self._task.result()
+        assert self._started.is_set(), "daemon did not start"
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.wait_for(self._task, 60)
