@@ -53,7 +53,11 @@ MAX_ATTEMPTS = 6
 
 
 class SendError(Exception):
-    """The SMTP server did not take the reply."""
+    """The SMTP server did not take the reply for every recipient."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class EmailChannel:
@@ -149,22 +153,37 @@ class EmailChannel:
     # -- one message in its thread's lane --------------------------------------------
 
     async def _process(self, conversation: str, job: Job) -> None:
-        mail = job.mail
-        bound = log.bind(conversation=conversation, message_id=mail.message_id, uid=job.fetched.uid)
+        retrying = False
         try:
-            outbox = await self._outbox(mail.message_id)
-            if outbox is None:
-                outbox = await self._answer(conversation, job)
-                if outbox is None:
-                    return
-            await self._send_once(mail.message_id, outbox)
-            await self._finish(job.fetched, mail.message_id, outbox["status"], outbox.get("reason"), conversation)
-            bound.info("email_replied", status=outbox["status"])
-        except (StoreError, SendError, aiosmtplib.SMTPException, OSError) as exc:
-            bound.error("email_deferred", error=str(exc)[:300], attempt=job.attempt)
-            if self._retry_later(conversation, job):
-                return
-        self._inflight.discard(mail.message_id)
+            await self._reply(conversation, job)
+        except (SendError, aiosmtplib.SMTPResponseException) as exc:
+            if _permanent(exc):
+                await self._finish(job.fetched, job.mail.message_id, "undeliverable", str(exc)[:300], conversation)
+            else:
+                retrying = self._defer(conversation, job, exc)
+        except (StoreError, aiosmtplib.SMTPException, OSError) as exc:
+            retrying = self._defer(conversation, job, exc)
+        finally:
+            if not retrying:
+                self._inflight.discard(job.mail.message_id)
+
+    async def _reply(self, conversation: str, job: Job) -> None:
+        mail = job.mail
+        outbox = await self._outbox(mail.message_id) or await self._answer(conversation, job)
+        if outbox is None:
+            return
+        await self._send_once(mail.message_id, outbox)
+        await self._finish(job.fetched, mail.message_id, outbox["status"], outbox.get("reason"), conversation)
+
+    def _defer(self, conversation: str, job: Job, exc: Exception) -> bool:
+        log.error(
+            "email_deferred",
+            conversation=conversation,
+            message_id=job.mail.message_id,
+            error=str(exc)[:300],
+            attempt=job.attempt,
+        )
+        return self._retry_later(conversation, job)
 
     def _retry_later(self, conversation: str, job: Job) -> bool:
         """Try a deferred message again soon; after MAX_ATTEMPTS it waits, unmarked, for the next rescan."""
@@ -258,7 +277,8 @@ class EmailChannel:
             timeout=c.command_timeout_s,
         )
         if errors:
-            raise SendError(f"recipients refused: {errors}")
+            code = min(response.code for response in errors.values())
+            raise SendError(f"recipients refused: {errors}", code)
 
     @property
     def _smtp_user(self) -> str | None:
@@ -294,6 +314,11 @@ class EmailChannel:
         """Tests only (``email.debug_crash_at``): die like ``kill -9`` at a named point."""
         if self._config.debug_crash_at == name:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _permanent(exc: SendError | aiosmtplib.SMTPResponseException) -> bool:
+    """A 5xx answer will not change on retry (an unknown recipient): record it instead of retrying."""
+    return 500 <= exc.code < 600
 
 
 def _root(mail: Mail) -> str:

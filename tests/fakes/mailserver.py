@@ -1,6 +1,6 @@
 """A real mail server for tests: Dovecot (IMAP + LMTP) in a temp dir, and an aiosmtpd hop that delivers over LMTP.
 
-Users ``agent`` (the inbox agentd watches) and ``alice`` (a person) exist, both with
+Users ``agent`` (the inbox agentd watches), ``alice`` and ``bob`` (people) exist, both with
 password ``secret``.  Whatever is sent through the SMTP hop is delivered to the
 recipients' mailboxes and also kept in ``sent`` for inspection.
 """
@@ -33,7 +33,7 @@ from tests.fakes.redis_server import free_port
 
 DOMAIN = "example.test"
 PASSWORD = "secret"
-USERS = ("agent", "alice")
+USERS = ("agent", "alice", "bob")
 
 CONFIG = """
 protocols = imap lmtp
@@ -93,7 +93,11 @@ class Relay:
         raw = bytes(envelope.original_content or b"")
         recipients = list(envelope.rcpt_tos)
         self.sent.append((recipients, raw))
-        await asyncio.to_thread(self._deliver, str(envelope.mail_from), recipients, raw)
+        try:
+            await asyncio.to_thread(self._deliver, str(envelope.mail_from), recipients, raw)
+        except smtplib.SMTPRecipientsRefused as exc:
+            code, text = next(iter(exc.recipients.values()))
+            return f"{code} {text.decode(errors='replace')}"
         return "250 OK"
 
     def _deliver(self, sender: str, recipients: list[str], raw: bytes) -> None:
