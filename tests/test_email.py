@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,3 +179,60 @@ async def test_sender_rate_limit_and_allowlist(tmp_path: Path, fake_model: FakeM
     assert sorted(statuses) == ["rate_limited", "replied", "replied"]
     assert refused["status"] == "refused" and "allowlist" in refused["reason"]
     assert len(replies(mail)) == 2
+
+
+def malformed_corpus() -> dict[str, bytes]:
+    head = b"From: alice@example.test\r\nTo: agent@example.test\r\nMIME-Version: 1.0\r\n"
+    big = base64.encodebytes(os.urandom(25 * 1024 * 1024)).replace(b"\n", b"\r\n")
+    return {
+        "bad-boundary": head + b"Subject: bad boundary\r\nMessage-ID: <m1@x>\r\n"
+        b'Content-Type: multipart/mixed; boundary="nope"\r\n\r\n--other\r\nContent-Type: text/plain\r\n\r\nlost?\r\n',
+        "no-boundary": head
+        + b"Subject: no boundary\r\nMessage-ID: <m2@x>\r\nContent-Type: multipart/mixed\r\n\r\nhi\r\n",
+        "no-charset": head
+        + b"Subject: no charset\r\nMessage-ID: <m3@x>\r\nContent-Type: text/plain\r\n\r\n"
+        + "Grüße aus Köln".encode(),
+        "unknown-charset": head + b"Subject: odd charset\r\nMessage-ID: <m4@x>\r\n"
+        b"Content-Type: text/plain; charset=x-klingon-42\r\n\r\nQapla'\r\n",
+        "8bit-headers": head
+        + "Subject: Café über alles\r\nMessage-ID: <m5@x>\r\n".encode()
+        + b"Content-Type: text/plain; charset=utf-8\r\n\r\nbody\r\n",
+        "empty-body": head + b"Subject: empty\r\nMessage-ID: <m6@x>\r\n\r\n",
+        "huge-attachment": head + b"Subject: huge\r\nMessage-ID: <m7@x>\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n'
+        b'--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename="big.bin"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + big + b"--b--\r\n",
+        "no-message-id": head + b"Subject: anonymous\r\n\r\nno id here\r\n",
+    }
+
+
+async def test_malformed_mail_is_survived_and_each_gets_an_outcome(
+    tmp_path: Path, fake_model: FakeModel, mail: MailServer
+) -> None:
+    corpus = malformed_corpus()
+    async with running(tmp_path, fake_model, mail, email={"max_attachment_mb": 5}) as daemon:
+        for raw in corpus.values():
+            mail.deliver(raw)
+        statuses = {i: (await daemon.outcome(f"<m{i}@x>", timeout=60))["status"] for i in range(1, 8)}
+        await wait_replies(mail, len(corpus), timeout=90)  # the one without a Message-ID too
+    assert set(statuses.values()) == {"replied"}, statuses
+    said = "\n".join(r.last_said() for r in fake_model.turn_requests())
+    assert "Grüße aus Köln" in said and "Café über alles" in said and "Qapla'" in said
+    assert "big.bin (" in said and "over the size limit" in said
+
+
+async def test_attachment_names_cannot_escape_the_workdir(
+    tmp_path: Path, fake_model: FakeModel, mail: MailServer
+) -> None:
+    sent = message("files", "Two attachments.")
+    sent.add_attachment(b"one", maintype="text", subtype="plain", filename="../../../../etc/cron.d/evil")
+    sent.add_attachment(b"two", maintype="text", subtype="plain", filename="..\\\\..\\\\boot.ini")
+    async with running(tmp_path, fake_model, mail) as daemon:
+        mail.deliver(sent)
+        outcome = await daemon.outcome(str(sent["Message-ID"]))
+    workdir = tmp_path / "data" / "work"
+    saved = sorted(p.relative_to(workdir).as_posix().split("/", 1)[1] for p in workdir.rglob("*") if p.is_file())
+    assert outcome["status"] == "replied"
+    assert [s for s in saved if s.startswith("inbox/")] == ["inbox/boot.ini", "inbox/evil"]
+    assert not list(tmp_path.rglob("cron.d"))
+    assert "inbox/evil" in fake_model.find("Two attachments.")[0].last_said()

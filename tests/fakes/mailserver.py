@@ -121,7 +121,7 @@ class MailServer:
     def start(self) -> None:
         self._write_config()
         self._start_dovecot()
-        self._smtp = Controller(self.relay, hostname="127.0.0.1", port=self.smtp_port)
+        self._smtp = Controller(self.relay, hostname="127.0.0.1", port=self.smtp_port, data_size_limit=64 << 20)
         self._smtp.start()
 
     def stop(self) -> None:
