@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.fakes.mailserver import DOMAIN, MailServer, message
+from tests.daemon_proc import DaemonProcess
+from tests.fakes.mailserver import DOMAIN, PASSWORD, MailServer, message
 from tests.fakes.model import FakeModel
 from tests.helpers import wait_until
-from tests.mail_harness import AGENT, replies, running, wait_replies
+from tests.mail_harness import AGENT, MailDaemon, email_toml, read_outcome, replies, running, wait_replies
 
 
 @pytest.fixture
@@ -236,3 +239,96 @@ async def test_attachment_names_cannot_escape_the_workdir(
     assert [s for s in saved if s.startswith("inbox/")] == ["inbox/boot.ini", "inbox/evil"]
     assert not list(tmp_path.rglob("cron.d"))
     assert "inbox/evil" in fake_model.find("Two attachments.")[0].last_said()
+
+
+async def test_new_uidvalidity_rescans_without_duplicate_replies(
+    tmp_path: Path, fake_model: FakeModel, mail: MailServer
+) -> None:
+    first = message("before", "Answered before the mailbox was recreated.")
+    daemon = MailDaemon(tmp_path, fake_model, mail)
+    await daemon.start()
+    try:
+        mail.deliver(first)
+        await wait_replies(mail, 1)
+    finally:
+        await daemon.stop()
+    mail.wipe_mailbox("agent")  # recreated on the next delivery, with a new UIDVALIDITY
+    mail.deliver(first)
+    second = message("after", "New mail in the new mailbox.")
+    mail.deliver(second)
+    await daemon.start()
+    try:
+        assert (await daemon.outcome(str(second["Message-ID"])))["status"] == "replied"
+        await wait_until(lambda: sum("$AgentdDone" in f for f in mail.flags()) == 2, what="both marked")
+    finally:
+        await daemon.stop()
+    assert len(replies(mail)) == 2
+    assert len(fake_model.find("Answered before the mailbox was recreated.")) == 1
+
+
+async def test_dovecot_restart_during_idle_loses_nothing(
+    tmp_path: Path, fake_model: FakeModel, mail: MailServer
+) -> None:
+    async with running(tmp_path, fake_model, mail):
+        mail.deliver(message("one", "Before the restart."))
+        await wait_replies(mail, 1)
+        await asyncio.to_thread(mail.restart_dovecot)
+        mail.deliver(message("two", "Sent while agentd reconnects."))
+        await wait_replies(mail, 2)
+    assert fake_model.find("Sent while agentd reconnects.")
+
+
+def mail_daemon(tmp_path: Path, fake_model: FakeModel, mail: MailServer, **email: Any) -> DaemonProcess:
+    return DaemonProcess(tmp_path, fake_model.url, {"IMAP_PASSWORD": PASSWORD}, toml=email_toml(mail, **email))
+
+
+async def exited(daemon: DaemonProcess) -> None:
+    assert daemon.process is not None
+    process = daemon.process
+    await wait_until(lambda: process.poll() is not None, 60, "the daemon to die")
+
+
+async def test_kill_after_the_reply_was_sent_sends_no_second_reply(
+    tmp_path: Path, fake_model: FakeModel, mail: MailServer
+) -> None:
+    first = message("once", "Answer me exactly once.")
+    crashing = mail_daemon(tmp_path, fake_model, mail, debug_crash_at="after_send")
+    await crashing.start()
+    mail.deliver(first)
+    await exited(crashing)
+    assert len(replies(mail)) == 1 and not any("$AgentdDone" in f for f in mail.flags()), "sent, not marked"
+    daemon = mail_daemon(tmp_path, fake_model, mail)
+    await daemon.start()
+    try:
+        outcome = await read_outcome(tmp_path / "data" / "agentd.db", str(first["Message-ID"]))
+        await wait_until(lambda: any("$AgentdDone" in f for f in mail.flags()), what="the message marked")
+        sentinel = message("next", "A later message.")
+        mail.deliver(sentinel)
+        await wait_replies(mail, 2)
+    finally:
+        await daemon.stop()
+    assert outcome["status"] == "replied"
+    assert [str(r["Subject"]) for r in replies(mail)] == ["Re: once", "Re: next"]
+    assert len(fake_model.find("Answer me exactly once.")) == 1
+
+
+async def test_kill_before_the_reply_gives_exactly_one_reply_after_restart(
+    tmp_path: Path, fake_model: FakeModel, mail: MailServer
+) -> None:
+    fake_model.add("slow question", text="never sent", delay_s=60, once=True)
+    first = message("slow", "A slow question.")
+    daemon = mail_daemon(tmp_path, fake_model, mail)
+    await daemon.start()
+    mail.deliver(first)
+    await wait_until(lambda: bool(fake_model.find("slow question")), 60, "the turn to start")
+    daemon.kill()
+    restarted = mail_daemon(tmp_path, fake_model, mail)
+    await restarted.start()
+    try:
+        outcome = await read_outcome(tmp_path / "data" / "agentd.db", str(first["Message-ID"]))
+        mail.deliver(message("next", "A later message."))
+        await wait_replies(mail, 2)
+    finally:
+        await restarted.stop()
+    assert outcome["status"] == "replied"
+    assert [str(r["Subject"]) for r in replies(mail)] == ["Re: slow", "Re: next"]
