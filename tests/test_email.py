@@ -332,3 +332,14 @@ async def test_kill_before_the_reply_gives_exactly_one_reply_after_restart(
         await restarted.stop()
     assert outcome["status"] == "replied"
     assert [str(r["Subject"]) for r in replies(mail)] == ["Re: slow", "Re: next"]
+
+
+async def test_thread_reply_cap(tmp_path: Path, fake_model: FakeModel, mail: MailServer) -> None:
+    async with running(tmp_path, fake_model, mail, email={"thread_reply_cap": 1}) as daemon:
+        first = message("cap", "First in the thread.")
+        mail.deliver(first)
+        [reply] = await wait_replies(mail, 1)
+        again = message("Re: cap", "Second in the thread.", In_Reply_To=str(reply["Message-ID"]))
+        mail.deliver(again)
+        outcome = await daemon.outcome(str(again["Message-ID"]))
+    assert outcome["status"] == "reply_cap" and len(replies(mail)) == 1

@@ -108,7 +108,8 @@ class ImapWatcher:
         try:
             uidvalidity = await self._select(client)
             self.connected.set()
-            await self._catch_up(client, uidvalidity, full=True)
+            if self._intake:
+                await self._catch_up(client, uidvalidity, full=True)
             while not self._stopping:
                 await self._apply_marks(client, uidvalidity)
                 if self._intake:
