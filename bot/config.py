@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -189,6 +190,7 @@ class EmailConfig(_Section):
     smtp_security: Security = "starttls"
     smtp_user: str | None = None
     smtp_password: SecretStr | None = None
+    tls_ca_file: Path | None = None
     conversation: Literal["thread", "mailbox"] = "thread"
     idle_renew_s: float = Field(default=300.0, ge=1, le=1500)
     command_timeout_s: float = Field(default=60.0, gt=0)
@@ -212,6 +214,10 @@ class EmailConfig(_Section):
     @property
     def enabled(self) -> bool:
         return self.imap_host is not None
+
+    def tls_context(self) -> ssl.SSLContext:
+        """Verifies servers against the system CAs, or ``tls_ca_file`` for a private CA."""
+        return ssl.create_default_context(cafile=self.tls_ca_file)
 
     @property
     def own(self) -> frozenset[str]:

@@ -343,3 +343,18 @@ async def test_thread_reply_cap(tmp_path: Path, fake_model: FakeModel, mail: Mai
         mail.deliver(again)
         outcome = await daemon.outcome(str(again["Message-ID"]))
     assert outcome["status"] == "reply_cap" and len(replies(mail)) == 1
+
+
+@pytest.mark.parametrize("imap", ["tls", "starttls"])
+async def test_tls_and_starttls(tmp_path: Path, fake_model: FakeModel, imap: str) -> None:
+    server = MailServer(tls=True)
+    server.start()
+    try:
+        port = server.imaps_port if imap == "tls" else server.imap_port
+        security = {"imap_security": imap, "imap_port": port, "smtp_security": "starttls", "tls_ca_file": server.cert}
+        async with running(tmp_path, fake_model, server, email=security):
+            server.deliver(message("secure", "Over an encrypted connection."))
+            [reply] = await wait_replies(server, 1)
+    finally:
+        server.stop()
+    assert reply["Subject"] == "Re: secure"

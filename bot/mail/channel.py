@@ -274,6 +274,7 @@ class EmailChannel:
             password=self._smtp_password if self._smtp_user else None,
             use_tls=c.smtp_security == "tls",
             start_tls=c.smtp_security == "starttls",
+            tls_context=c.tls_context() if c.smtp_security != "plain" else None,
             timeout=c.command_timeout_s,
         )
         if errors:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import random
 import re
-import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -93,10 +92,13 @@ class ImapWatcher:
                 await self._session()
                 delay = 1.0
             except (ImapError, aioimaplib.AioImapException, StoreError, OSError, TimeoutError) as exc:
-                self.connected.clear()
                 log.warning("imap_reconnect", error=str(exc)[:200] or type(exc).__name__, retry_in_s=round(delay, 1))
-                await self._pause(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, self._config.reconnect_max_s)
+            except Exception:  # task boundary: a bug must not end the inbox for good
+                log.exception("imap_failed", retry_in_s=round(delay, 1))
+            else:
+                continue
+            await self._pause(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self._config.reconnect_max_s)
 
     async def _pause(self, seconds: float) -> None:
         self._wake.clear()
@@ -125,14 +127,14 @@ class ImapWatcher:
         self._lost.clear()
         timeout = c.command_timeout_s
         lost = self._lost.set
-        if c.imap_security == "tls":
-            client: aioimaplib.IMAP4 = aioimaplib.IMAP4_SSL(
-                host=c.imap_host, port=c.imap_port or 993, timeout=timeout, conn_lost_cb=lambda _: lost()
-            )
-        else:
-            client = aioimaplib.IMAP4(
-                host=c.imap_host, port=c.imap_port or 143, timeout=timeout, conn_lost_cb=lambda _: lost()
-            )
+        # IMAP4 itself takes an SSL context (IMAP4_SSL would drop conn_lost_cb).
+        client = aioimaplib.IMAP4(
+            host=c.imap_host,
+            port=c.imap_port or (993 if c.imap_security == "tls" else 143),
+            timeout=timeout,
+            conn_lost_cb=lambda _: lost(),
+            ssl_context=c.tls_context() if c.imap_security == "tls" else None,
+        )
         await asyncio.wait_for(client.wait_hello_from_server(), timeout)
         if c.imap_security == "starttls":
             await self._starttls(client)
@@ -145,17 +147,14 @@ class ImapWatcher:
 
     async def _starttls(self, client: aioimaplib.IMAP4) -> None:
         """aioimaplib has no STARTTLS: send the command, then upgrade the transport in place."""
-        response = await self._command(client.protocol.simple_command("STARTTLS"))
+        protocol = client.protocol
+        response = await self._command(protocol.execute(aioimaplib.Command("STARTTLS", protocol.new_tag())))
         if response.result != "OK":
             raise ImapError(f"STARTTLS refused: {_text(response)}")
         loop = asyncio.get_running_loop()
-        transport = await loop.start_tls(
-            client.protocol.transport,
-            client.protocol,
-            ssl.create_default_context(),
-            server_hostname=self._config.imap_host,
-        )
-        client.protocol.transport = transport
+        context, host = self._config.tls_context(), self._config.imap_host
+        protocol.transport = await loop.start_tls(protocol.transport, protocol, context, server_hostname=host)
+        await self._command(protocol.capability())  # capabilities may differ once encrypted
 
     async def _select(self, client: aioimaplib.IMAP4) -> int:
         response = await self._command(client.select(self._config.mailbox))

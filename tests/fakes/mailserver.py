@@ -19,6 +19,7 @@ import pwd
 import shutil
 import signal
 import smtplib
+import ssl
 import subprocess
 import tempfile
 import time
@@ -42,7 +43,7 @@ base_dir = {root}/run
 state_dir = {root}/state
 log_path = {root}/dovecot.log
 info_log_path = {root}/dovecot.log
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_username_format = %Ln
@@ -68,7 +69,8 @@ service imap-login {{
     port = {imap_port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {imaps_port}
   }}
 }}
 service anvil {{
@@ -106,7 +108,7 @@ class Relay:
 
 
 class MailServer:
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
         # Dovecot's unprivileged processes must reach their sockets: a world-traversable dir of our own.
         self.root = Path(tempfile.mkdtemp(prefix="agentd-mail-"))
         self.root.chmod(0o755)
@@ -114,6 +116,9 @@ class MailServer:
         self.smtp_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.relay = Relay(self.root / "run" / "lmtp")
+        self.tls = tls
+        self.imaps_port = free_port() if tls else 0
+        self.cert = self.root / "cert.pem"
         self._smtp: Controller | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -121,7 +126,9 @@ class MailServer:
     def start(self) -> None:
         self._write_config()
         self._start_dovecot()
-        self._smtp = Controller(self.relay, hostname="127.0.0.1", port=self.smtp_port, data_size_limit=64 << 20)
+        # With TLS the hop offers STARTTLS (not required, so the tests' own plain submissions still work).
+        tls = {"tls_context": self._server_context()} if self.tls else {}
+        self._smtp = Controller(self.relay, hostname="127.0.0.1", port=self.smtp_port, data_size_limit=64 << 20, **tls)
         self._smtp.start()
 
     def stop(self) -> None:
@@ -141,8 +148,45 @@ class MailServer:
         (self.root / "passwd").write_text("".join(f"{u}:{{PLAIN}}{PASSWORD}\n" for u in USERS))
         ids = _service_users()
         os.chown(self.root / "mail", int(ids["uid"]), int(ids["gid"]))
-        text = CONFIG.format(root=self.root, imap_port=self.imap_port, **ids)
+        ssl_settings = "ssl = no"
+        if self.tls:
+            self._make_certificate()
+            ssl_settings = f"ssl = yes\nssl_cert = <{self.cert}\nssl_key = <{self.root / 'key.pem'}"
+        text = CONFIG.format(
+            root=self.root, imap_port=self.imap_port, imaps_port=self.imaps_port, ssl=ssl_settings, **ids
+        )
         (self.root / "dovecot.conf").write_text(text)
+
+    def _make_certificate(self) -> None:
+        """A self-signed certificate for 127.0.0.1; tests trust it through ``email.tls_ca_file``."""
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                "-keyout",
+                str(self.root / "key.pem"),
+                "-out",
+                str(self.cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        (self.root / "key.pem").chmod(0o644)
+
+    def _server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.root / "key.pem")
+        return context
 
     def _start_dovecot(self) -> None:
         self.process = subprocess.Popen(
