@@ -329,28 +329,9 @@ class FakeSlack:
             ],
         }
 
-    def block_actions_form(
-        self,
-        *,
-        action_id: str,
-        value: str,
-        user: str,
-        channel: str,
-        message_ts: str,
-        thread_ts: str | None = None,
-        block_id: str = "b",
-    ) -> dict[str, str]:
-        """The form body Slack POSTs to an HTTP-mode app for a button click."""
-        payload = self.block_actions_payload(
-            action_id=action_id,
-            value=value,
-            user=user,
-            channel=channel,
-            message_ts=message_ts,
-            thread_ts=thread_ts,
-            block_id=block_id,
-        )
-        return {"payload": json.dumps(payload)}
+    def block_actions_form(self, **click: Any) -> dict[str, str]:
+        """The form body Slack POSTs to an HTTP-mode app for a button click (``block_actions_payload``'s args)."""
+        return {"payload": json.dumps(self.block_actions_payload(**click))}
 
     # ---- Socket Mode
 
@@ -381,26 +362,9 @@ class FakeSlack:
         await self.push(payload, retry_attempt=retry_attempt, retry_reason=reason)
         return str(payload["event_id"])
 
-    async def click(
-        self,
-        *,
-        action_id: str,
-        value: str,
-        user: str,
-        channel: str,
-        message_ts: str,
-        thread_ts: str | None = None,
-        block_id: str = "b",
-    ) -> str:
-        payload = self.block_actions_payload(
-            action_id=action_id,
-            value=value,
-            user=user,
-            channel=channel,
-            message_ts=message_ts,
-            thread_ts=thread_ts,
-            block_id=block_id,
-        )
+    async def click(self, **click: Any) -> str:
+        """Push a button click over Socket Mode (``block_actions_payload``'s args)."""
+        payload = self.block_actions_payload(**click)
         return await self.push(payload, type="interactive")
 
     async def disconnect(self, reason: str = "refresh_requested") -> None:
