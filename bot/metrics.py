@@ -17,3 +17,4 @@ STORE_ERRORS = Counter("agentd_store_errors_total", "Store operations that faile
 CHANNEL_MESSAGES = Counter(
     "agentd_channel_messages_total", "Inbound channel messages, by channel and fate", ["channel", "fate"]
 )
+CHANNEL_CONNECTED = Gauge("agentd_channel_connected", "1 while a channel's connection is up", ["channel"])

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.daemon_proc import DaemonProcess
@@ -33,6 +34,10 @@ async def test_mail_gets_a_threaded_reply(tmp_path: Path, fake_model: FakeModel,
         mail.deliver(sent)
         [reply] = await wait_replies(mail, 1)
         outcome = await daemon.outcome(str(sent["Message-ID"]))
+        async with aiohttp.ClientSession() as http, http.get(f"{daemon.url}/metrics") as response:
+            metrics = await response.text()
+    assert 'agentd_channel_connected{channel="email"} 1.0' in metrics
+    assert 'agentd_channel_messages_total{channel="email",fate="replied"}' in metrics
     assert outcome["status"] == "replied"
     assert reply["In-Reply-To"] == sent["Message-ID"]
     assert reply["References"] == sent["Message-ID"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import aioimaplib
 import structlog
 
-from bot import keys
+from bot import keys, metrics
 from bot.config import EmailConfig
 from bot.store import Store, StoreError
 
@@ -110,6 +110,7 @@ class ImapWatcher:
         try:
             uidvalidity = await self._select(client)
             self.connected.set()
+            metrics.CHANNEL_CONNECTED.labels(channel="email").set(1)
             if self._intake:
                 await self._catch_up(client, uidvalidity, full=True)
             while not self._stopping:
@@ -120,6 +121,7 @@ class ImapWatcher:
             await self._apply_marks(client, uidvalidity)
         finally:
             self.connected.clear()
+            metrics.CHANNEL_CONNECTED.labels(channel="email").set(0)
             await self._discard(client)
 
     async def _connect(self) -> aioimaplib.IMAP4:

@@ -120,6 +120,7 @@ class SlackChannel:
                 self._app, self._config.app_token.get_secret_value(), web_client=self._client
             )
             await self._socket.connect_async()  # type: ignore[no-untyped-call]
+        metrics.CHANNEL_CONNECTED.labels(channel="slack").set(1)
         log.info("slack_started", mode=self._config.mode, team=self._me.team_id, bot_user=self._me.user_id)
 
     async def _connect_until_up(self) -> None:
@@ -138,6 +139,7 @@ class SlackChannel:
 
     async def stop_intake(self) -> None:
         self._intake = False
+        metrics.CHANNEL_CONNECTED.labels(channel="slack").set(0)
         if self._connector is not None:
             self._connector.cancel()
             await asyncio.wait([self._connector])
