@@ -15,6 +15,8 @@ from bot.mail.policy import LOOP_HEADER
 
 OPEN, CLOSE = "<untrusted-email>", "</untrusted-email>"
 QUOTED_CHARS = 4000
+# Links keep only web and mail targets: a javascript: or data: URL in an answer is not clickable.
+_SAFE_HREF = re.compile(r'href="(?!https?:|mailto:)[^"]*"', re.IGNORECASE)
 _REPLY_PREFIX = re.compile(r"^\s*((re|aw|sv|antw|fwd?)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
 
 
@@ -69,7 +71,7 @@ def reply_subject(subject: str) -> str:
 
 
 def reply(mail: Mail, text: str, address: str, files: tuple[Path, ...] = ()) -> EmailMessage:
-    domain = address.rpartition("@")[2] or "agentd.invalid"
+    domain = (address.rpartition("@")[2] if "@" in address else "") or "agentd.invalid"
     msg = EmailMessage()
     msg["From"] = address
     msg["To"] = mail.sender
@@ -95,4 +97,5 @@ def to_html(text: str) -> str:
     renderer = markdown.Markdown(extensions=["fenced_code", "tables", "sane_lists"])
     renderer.preprocessors.deregister("html_block")
     renderer.inlinePatterns.deregister("html")
-    return "<!doctype html><html><body>" + renderer.convert(text) + "</body></html>"
+    body = _SAFE_HREF.sub('href="#"', renderer.convert(text))
+    return "<!doctype html><html><body>" + body + "</body></html>"

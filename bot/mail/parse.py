@@ -7,6 +7,8 @@ malformed mail: a broken part becomes a note in the text, not an exception.
 from __future__ import annotations
 
 import email
+import email.errors
+import email.parser
 import email.policy
 import email.utils
 import hashlib
@@ -20,6 +22,8 @@ from mailparser_reply import EmailReplyParser
 from bot.files import safe_filename
 
 FALLBACK_CHARSETS = ("utf-8", "cp1252", "latin-1")
+# What the stdlib's header registry and MIME accessors raise on malformed input.
+_BROKEN = (ValueError, LookupError, UnicodeError, TypeError, AttributeError, email.errors.MessageError)
 _INLINE_FORWARD = re.compile(
     r"^\s*(?:-+\s*(?:Forwarded message|Original Message)\s*-+|Begin forwarded message:)\s*$",
     re.IGNORECASE | re.MULTILINE,
@@ -68,10 +72,21 @@ class Mail:
 
 
 def parse(raw: bytes, max_attachments: int, max_attachment_bytes: int) -> Mail:
-    msg = email.message_from_bytes(raw, policy=email.policy.default)
-    assert isinstance(msg, EmailMessage)
+    msg: Message
+    try:
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(msg, EmailMessage)
+        text, html, attachments, forwarded = _walk(msg)
+        content_type = msg.get_content_type()
+    except (*_BROKEN, RecursionError):
+        # A MIME parameter the stdlib chokes on (a lone surrogate, a cut UTF-16 value), or absurd nesting:
+        # read the headers alone and keep the raw body as the text.
+        msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw, headersonly=True)
+        rest = re.split(rb"\r?\n\r?\n", raw, maxsplit=1)[1:]
+        text = _decode_bytes(rest[0]).replace("\r\n", "\n") if rest else ""
+        html, attachments, forwarded, content_type = "", [], [], ""
     headers = _headers(msg)
-    text, html, attachments, forwarded = _walk(msg)
+    content_type = content_type or _first(headers, "content-type").partition(";")[0].strip().lower() or "text/plain"
     body = text or _html_to_text(html)
     note, inline = split_inline_forward(body)
     new_text, quoted = strip_quotes(note)
@@ -91,7 +106,7 @@ def parse(raw: bytes, max_attachments: int, max_attachment_bytes: int) -> Mail:
         attachments=tuple(kept),
         skipped=tuple(skipped),
         headers=headers,
-        content_type=msg.get_content_type(),
+        content_type=content_type,
     )
 
 
@@ -104,15 +119,16 @@ def message_id(headers: dict[str, tuple[str, ...]], raw: bytes) -> str:
 def _headers(msg: Message) -> dict[str, tuple[str, ...]]:
     headers: dict[str, list[str]] = {}
     for name, value in msg.raw_items():
-        headers.setdefault(name.lower(), []).append(_clean(_header_text(value)))
+        headers.setdefault(name.lower(), []).append(_clean(_header_text(name, str(value))))
     return {k: tuple(v) for k, v in headers.items()}
 
 
-def _header_text(value: object) -> str:
+def _header_text(name: str, value: str) -> str:
+    """The header with RFC 2047 encoded words decoded; its raw text if the header registry chokes on it."""
     try:
-        return str(value)
-    except (ValueError, LookupError, UnicodeError):  # a header the registry cannot decode
-        return repr(value)
+        return str(email.policy.default.header_fetch_parse(name, value))
+    except _BROKEN:
+        return value
 
 
 def _clean(text: str) -> str:
@@ -141,7 +157,8 @@ def _walk(msg: EmailMessage) -> tuple[str, str, list[Attachment], list[Forwarded
             forwarded += [_forwarded(inner) for inner in _inner_messages(part)]
         elif part.get_filename() or part.get_content_disposition() == "attachment":
             attachments.append(_attachment(part))
-        elif kind == "text/plain":
+        elif kind == "text/plain" or part.get_content_maintype() == "multipart":
+            # A multipart leaf is one whose boundary is missing or wrong: its body is all the text there is.
             texts.append(decode_text(part))
         elif kind == "text/html":
             htmls.append(decode_text(part))
@@ -167,7 +184,10 @@ def decode_text(part: Message) -> str:
     data = part.get_payload(decode=True)
     if not isinstance(data, bytes):
         return ""
-    declared = part.get_content_charset()
+    return _decode_bytes(data, part.get_content_charset())
+
+
+def _decode_bytes(data: bytes, declared: str | None = None) -> str:
     for charset in (declared, *FALLBACK_CHARSETS) if declared else FALLBACK_CHARSETS:
         try:
             return data.decode(charset)

@@ -75,15 +75,16 @@ def authenticated(mail: Mail, trusted_id: str) -> bool:
         return False
     from_domain = mail.sender.rpartition("@")[2]
     for result in header.results:
-        if result.method == "dmarc" and result.result == "pass":
-            return True
-        if result.method == "dkim" and result.result == "pass" and _aligned(_dkim_domain(result), from_domain):
+        if result.method == "dmarc" and result.result == "pass" and _property(result, "from") in ("", from_domain):
+            return True  # a pass for another From domain (say a second From header) says nothing about this one
+        if result.method == "dkim" and result.result == "pass" and _aligned(_property(result, "d"), from_domain):
             return True
     return False
 
 
-def _dkim_domain(result: authres.core.AuthenticationResult) -> str:
-    return next((str(p.value).lower() for p in result.properties if p.type == "header" and p.name == "d"), "")
+def _property(result: authres.core.AuthenticationResult, name: str) -> str:
+    """A ``header.<name>`` property of one result, lower case; empty if absent."""
+    return next((str(p.value).lower() for p in result.properties if p.type == "header" and p.name == name), "")
 
 
 def _aligned(signer: str, from_domain: str) -> bool:
