@@ -62,6 +62,7 @@ class ImapWatcher:
         self._lost = asyncio.Event()
         self._intake = True
         self._stopping = False
+        self._news = False
         self.connected = asyncio.Event()
 
     # -- requests from the channel ------------------------------------------------
@@ -176,16 +177,25 @@ class ImapWatcher:
         if self._lost.is_set():
             raise ImapError("connection lost")
         try:
-            return await asyncio.wait_for(pending, self._config.command_timeout_s)
+            response = await asyncio.wait_for(pending, self._config.command_timeout_s)
         except TimeoutError as exc:
             raise ImapError(f"no answer within {self._config.command_timeout_s}s") from exc
+        # New mail is announced in whatever response comes next, not only during IDLE: note it, or mail
+        # arriving between a catch-up's SEARCH and the next IDLE would wait for the IDLE renewal.
+        lines = getattr(response, "lines", None) or []
+        if any(isinstance(line, bytes) and line.endswith(b" EXISTS") for line in lines):
+            self._news = True
+        return response
 
     # -- catch-up ------------------------------------------------------------------
 
     async def _catch_up(self, client: aioimaplib.IMAP4, uidvalidity: int, full: bool) -> None:
         """Fetch what is new since the checkpoint; ``full`` also rereads every message not yet marked."""
         last = await self._checkpoint(uidvalidity)
-        for uid in await self._search(client, last, full):
+        self._news = False
+        uids = await self._search(client, last, full)
+        log.debug("imap_catch_up", last_uid=last, full=full, found=uids[:50])
+        for uid in uids:
             raw = await self._fetch(client, uid)
             if raw is not None:
                 await self._deliver(Fetched(self._config.mailbox, uidvalidity, uid, raw))
@@ -234,7 +244,7 @@ class ImapWatcher:
     async def _idle(self, client: aioimaplib.IMAP4) -> None:
         """IDLE until the server reports mail, a mark is requested, or the renew period ends."""
         self._wake.clear()
-        if self._marks or self._stopping:
+        if self._marks or self._stopping or self._news:
             return
         idle = await self._command(client.idle_start(timeout=self._config.idle_renew_s + 60))
         try:
@@ -259,8 +269,10 @@ class ImapWatcher:
             if push not in done or push.exception() is not None:
                 return
             lines = push.result()
-            if any(b"EXISTS" in bytes(line) or b"BYE" in bytes(line) for line in lines):
-                return  # new mail (or the server is closing): catch up now
+            if not all(bytes(line).startswith(b"OK") for line in lines):
+                # Anything but a keepalive ("OK Still here"): EXISTS, RECENT, EXPUNGE, BYE. Catch up now;
+                # EXISTS and RECENT may come in separate pushes, and one of them may be missed.
+                return
 
     async def _apply_marks(self, client: aioimaplib.IMAP4, uidvalidity: int) -> None:
         while self._marks:

@@ -444,11 +444,12 @@ class SlackChannel:
             await thread.post(f":warning: I made {len(uploads)} file(s) but could not upload them ({exc}).")
 
     async def _finish(self, message: SlackMessage, thread: Thread, outcome: Outcome, mark: str | None) -> None:
-        if mark is not None:
-            await self._react(message, mark, remove=True)
-        await self._react(message, "white_check_mark" if outcome.ok else "x")
         if not outcome.ok:
             await thread.post(f":x: {outcome.error}")
+        if mark is not None:
+            await self._react(message, mark, remove=True)
+        # The finishing reaction comes last: it tells the thread that everything has been said.
+        await self._react(message, "white_check_mark" if outcome.ok else "x")
         if self._status_api:
             try:
                 await self._client.assistant_threads_setStatus(
