@@ -58,6 +58,9 @@ class AgentConfig(_Section):
     sandbox: bool | None = None
     turn_timeout_s: float = Field(default=600.0, gt=0)
     env_passthrough: list[str] = Field(default_factory=list)
+    # Extra paths Bash in the sandbox and the file tools may never read (on top of the config file,
+    # data_dir outside the own workdir and the daemon's home dotfiles, which are always denied).
+    deny_read: list[Path] = Field(default_factory=list)
     cli_path: Path | None = None
     api_key: SecretStr | None = None
     base_url: str | None = None
@@ -208,6 +211,10 @@ class EmailConfig(_Section):
     max_attachments: int = Field(default=10, ge=0)
     max_attachment_mb: float = Field(default=10.0, gt=0)
     max_body_chars: int = Field(default=50_000, ge=1000)
+    # Checked against RFC822.SIZE before the body is fetched: larger mail is answered "oversized".
+    max_message_mb: float = Field(default=25.0, gt=0)
+    # Parsing runs in a child process; one that takes longer is killed and the mail is "unreadable".
+    parse_timeout_s: float = Field(default=30.0, gt=0)
     # Tests only: kill the daemon (SIGKILL) at a named point of sending a reply.
     debug_crash_at: Literal["before_send", "after_send"] | None = None
 
@@ -244,7 +251,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="AGENTD_",
         env_nested_delimiter="__",
-        extra="ignore",
+        # An unknown section (a typo such as [slak]) is an error, like an unknown key in a section.
+        extra="forbid",
         frozen=True,
     )
 
@@ -315,5 +323,7 @@ def _describe(exc: ValidationError) -> str:
     for error in exc.errors():
         key = ".".join(str(p) for p in error["loc"]) or "config"
         message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown section" if len(error["loc"]) == 1 else "unknown key"
         parts.append(f"{key}: {message}")
     return "invalid config: " + "; ".join(parts)

@@ -39,7 +39,8 @@ def test_defaults_are_sensible() -> None:
     ("toml", "key"),
     [
         ("[pool]\nmax_sessions = -1\n", "pool.max_sessions"),
-        ("[pool]\nmax_sesions = 3\n", "pool.max_sesions"),
+        ("[pool]\nmax_sesions = 3\n", "pool.max_sesions: unknown key"),
+        ('[slak]\nbot_token = "xoxb-1"\n', "slak: unknown section"),
         ('[pool]\nbusy_policy = "drop"\n', "pool.busy_policy"),
         ('[http]\nlisten = "nowhere"\n', "http"),
         ("[pool]\nsession_max_rss_mb = 500\nhard_rss_mb = 400\n", "hard_rss_mb"),
