@@ -58,6 +58,8 @@ class SessionSpec:
     data_dir: Path
     session_id: str
     resume: bool
+    # The tools the model is offered (``--tools``); None: the launcher's default policy.
+    tools: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)

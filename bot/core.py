@@ -52,6 +52,11 @@ class ToolPolicy:
     ask: frozenset[str] = frozenset()
     approver: Approver | None = field(default=None, compare=False)
 
+    @property
+    def offered(self) -> frozenset[str]:
+        """The tools the model is shown at all; fixed when a CLI process starts."""
+        return self.allow | self.ask
+
 
 @dataclass(frozen=True)
 class Inbound:
