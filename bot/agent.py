@@ -34,10 +34,10 @@ from claude_agent_sdk.types import HookInput, HookJSONOutput, PermissionResult
 
 from bot.config import AgentConfig
 from bot.core import ToolPolicy, ToolRequest, Verdict
+from bot.reach import Reach
 
 log = structlog.get_logger(__name__)
 
-FILE_TOOLS = ("Read", "Write", "Edit", "MultiEdit", "NotebookEdit", "Glob", "Grep", "LS")
 _PATH_KEYS = ("file_path", "path", "notebook_path")
 
 
@@ -90,27 +90,30 @@ class Launcher(Protocol):
 
 
 class _ToolGate:
-    """Decides every tool call by the current turn's policy.
+    """Decides every tool call by the current turn's policy and the conversation's reach.
 
     A warm process serves turns from different policies (a spare is adopted by
     any channel), so the decision is made per call, not by CLI flags.  The
-    PreToolUse hook sees every call: it denies what the policy does not name and
-    forces a prompt for "ask" tools; the prompt then reaches ``can_use_tool``.
+    PreToolUse hook sees every call: it refuses any path outside the workdir,
+    denies what the policy does not name and forces a prompt for "ask" tools;
+    the prompt then reaches ``can_use_tool``.
     """
 
-    def __init__(self, spec: SessionSpec, default: ToolPolicy) -> None:
+    def __init__(self, reach: Reach, default: ToolPolicy) -> None:
         self.default = default
         self.policy = default
-        self._workdir, self._data_dir = spec.workdir.resolve(), spec.data_dir.resolve()
+        self._reach = reach
 
     async def hook(self, hook_input: HookInput, tool_use_id: str | None, context: HookContext) -> HookJSONOutput:
         tool = str(hook_input.get("tool_name", ""))
-        tool_input = hook_input.get("tool_input") or {}
-        if tool in FILE_TOOLS and isinstance(tool_input, dict):
-            for key in _PATH_KEYS:
-                raw = tool_input.get(key)
-                if isinstance(raw, str) and _forbidden(Path(raw), self._workdir, self._data_dir):
-                    return _decision("deny", f"{raw} belongs to another conversation")
+        tool_input = hook_input.get("tool_input")
+        if not isinstance(tool_input, dict):
+            return _decision("deny", "the tool input is not an object")
+        cwd = hook_input.get("cwd")
+        refusal = self._reach.refusal(tool, tool_input, cwd if isinstance(cwd, str) else None)
+        if refusal is not None:
+            log.warning("tool_refused", tool=tool, reason=refusal)
+            return _decision("deny", refusal)
         if tool in self.policy.ask:
             return _decision("ask", "this tool needs a person's approval")
         if tool not in self.policy.allow:
@@ -125,7 +128,7 @@ class _ToolGate:
             return PermissionResultAllow()
         if tool not in policy.ask or policy.approver is None:
             return PermissionResultDeny(message=f"the {tool} tool is not allowed in this conversation")
-        verdict = await policy.approver(ToolRequest(tool=tool, summary=_summary(tool_input)))
+        verdict = await policy.approver(ToolRequest(tool=tool, summary=_summary(tool_input), input=dict(tool_input)))
         if verdict is Verdict.APPROVED:
             return PermissionResultAllow()
         if verdict is Verdict.TIMED_OUT:
@@ -201,14 +204,20 @@ def _turn_done(result: ResultMessage, parts: list[str]) -> TurnDone:
 class ClaudeLauncher:
     """Spawns the bundled Claude Code CLI with an isolated, allowlisted setup."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, config_file: Path | None = None) -> None:
         self._config = config
+        # Never readable by any agent, on top of data_dir and the home dotfiles (~/.ssh, ~/.aws,
+        # ~/.config, ~/.netrc, ...): the config file and the operator's own list.
+        self._protected = [*([config_file] if config_file else []), *config.deny_read]
+
+    def reach(self, spec: SessionSpec) -> Reach:
+        return Reach.of(spec.workdir, spec.data_dir, Path.home(), self._protected)
 
     @asynccontextmanager
     async def open(self, spec: SessionSpec) -> AsyncIterator[AgentSession]:
         spec.workdir.mkdir(parents=True, exist_ok=True)
         spec.config_dir.mkdir(parents=True, exist_ok=True)
-        gate = _ToolGate(spec, self.default_policy())
+        gate = _ToolGate(self.reach(spec), self.default_policy())
         client = ClaudeSDKClient(self.options(spec, gate))
         try:
             await client.connect()
@@ -225,8 +234,13 @@ class ClaudeLauncher:
 
     def options(self, spec: SessionSpec, gate: _ToolGate) -> ClaudeAgentOptions:
         c = self._config
+        reach = self.reach(spec)
+        offered = spec.tools if spec.tools is not None else self.default_policy().offered
         return ClaudeAgentOptions(
             cwd=spec.workdir,
+            # The model sees only these tools; with the sandbox on the CLI would otherwise swap Glob and
+            # Grep for Bash and add agents, skills and the like that no policy names.
+            tools=sorted(offered),
             model=c.model,
             system_prompt=c.system_prompt,
             # Nothing is pre-approved: the gate decides every call per turn.
@@ -241,7 +255,7 @@ class ClaudeLauncher:
             include_partial_messages=True,
             resume=spec.session_id if spec.resume else None,
             session_id=None if spec.resume else spec.session_id,
-            settings=json.dumps(self._settings(spec)),
+            settings=json.dumps(self._settings(reach)),
             env=self.environment(spec),
             can_use_tool=gate.can_use_tool,
             hooks={"PreToolUse": [HookMatcher(matcher=None, hooks=[gate.hook])]},
@@ -269,25 +283,19 @@ class ClaudeLauncher:
             env["IS_SANDBOX"] = "1"
         return env
 
-    def _settings(self, spec: SessionSpec) -> dict[str, Any]:
-        if not self._config.sandbox_enabled:
-            return {}
-        return {
-            "sandbox": {
+    def _settings(self, reach: Reach) -> dict[str, Any]:
+        settings: dict[str, Any] = {"permissions": {"deny": reach.permission_rules()}}
+        if self._config.sandbox_enabled:
+            settings["sandbox"] = {
                 "enabled": True,
                 # Bash goes through the gate like every other tool.
                 "autoAllowBashIfSandboxed": False,
                 "allowUnsandboxedCommands": False,
-                # Writes are confined to cwd by default; reads are not, so every
-                # other conversation's files are hidden explicitly.
-                "filesystem": {"denyRead": [str(spec.data_dir)], "allowRead": [str(spec.workdir)]},
+                # Writes are confined to cwd by default; reads are denied everywhere but the
+                # system directories, and the workdir is re-allowed on top.
+                "filesystem": reach.sandbox_filesystem(),
             }
-        }
-
-
-def _forbidden(raw: Path, workdir: Path, data_dir: Path) -> bool:
-    target = (raw if raw.is_absolute() else workdir / raw).resolve()
-    return target.is_relative_to(data_dir) and not target.is_relative_to(workdir)
+        return settings
 
 
 def _decision(decision: Literal["deny", "ask"], reason: str) -> HookJSONOutput:

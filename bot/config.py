@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -263,6 +263,12 @@ class Settings(BaseSettings):
     slack: SlackConfig = Field(default_factory=SlackConfig)
     email: EmailConfig = Field(default_factory=EmailConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    _config_file: Path | None = PrivateAttr(default=None)
+
+    @property
+    def config_file(self) -> Path | None:
+        """The TOML file these settings were read from; the agent may never read it."""
+        return self._config_file
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data; secrets print as ``**********``."""
@@ -291,11 +297,13 @@ def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
         raise ConfigError(f"config file not found: {path}")
     loaded = _settings_class(path, environ)
     try:
-        return loaded()
+        settings: Settings = loaded()
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    settings._config_file = path.resolve() if path is not None else None
+    return settings
 
 
 def _settings_class(path: Path | None, environ: Mapping[str, str]) -> type[Settings]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +37,8 @@ class ToolRequest:
 
     tool: str
     summary: str
+    # The complete tool input, so an approver can show exactly what will run.
+    input: Mapping[str, object] = field(default_factory=dict, compare=False)
 
 
 class Approver(Protocol):
