@@ -33,6 +33,10 @@ STATUS = {
     Failure.TIMEOUT: 504,
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+DRAINING_BODY = {
+    "error": "the daemon is shutting down; send this message again once it is back",
+    "failure": str(Failure.SHUTDOWN),
+}
 
 
 class BadRequest(Exception):
@@ -130,6 +134,9 @@ class Api:
         return web.json_response({"sessions": rows})
 
     async def _message(self, request: web.Request) -> web.StreamResponse:
+        if self.draining:
+            # New work is refused at the door; turns already running finish within the drain grace.
+            return web.json_response(DRAINING_BODY, status=STATUS[Failure.SHUTDOWN])
         inbound = await self._parse_message(request)
         turn = await self._pool.submit(inbound)
         if "text/event-stream" not in request.headers.get("Accept", ""):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,40 @@ from bot.config import AgentConfig, HttpConfig, PoolConfig, Settings, StoreConfi
 from bot.pool import Pool
 from bot.store import SqliteStore, Store
 from bot.store_redis import RedisStore
+from tests import daemon_proc, leaks
 from tests.fakes.model import FakeModel
 from tests.fakes.redis_server import RedisServer
+
+RUN = pytest.StashKey[leaks.RunSnapshot]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _snapshot_processes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Before the first test: what runs already, so the session-end check blames only this run."""
+    request.config.stash[RUN] = leaks.RunSnapshot.take(tmp_path_factory.getbasetemp(), leaks.mark_environment())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a process it started outlives it; list and kill each one."""
+    snapshot = session.config.stash.get(RUN, None)
+    if snapshot is None:
+        return
+    leaked = leaks.settle(snapshot.leaks())
+    if not leaked:
+        return
+    print(f"\nprocesses left behind by this test run ({len(leaked)}), now killed:", file=sys.stderr)
+    for proc in leaked:
+        print(f"  {leaks.describe(proc)}", file=sys.stderr)
+    leaks.kill(leaked)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftover_daemons() -> Iterator[None]:
+    """A daemon subprocess a test left running, or that died by itself, goes with its CLI processes."""
+    yield
+    while daemon_proc.STARTED:
+        daemon_proc.STARTED.pop().kill()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 from tests.fakes.redis_server import free_port
 
@@ -23,12 +25,26 @@ SECRETS = {
 }
 
 
+# Every daemon a test started; conftest kills what is left of them after each test.
+STARTED: list[DaemonProcess] = []
+
+
 class DaemonProcess:
-    def __init__(self, tmp: Path, model_url: str, extra_env: dict[str, str] | None = None, toml: str = "") -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        model_url: str,
+        extra_env: dict[str, str] | None = None,
+        toml: str = "",
+        http_toml: str = "",
+        module: str = "bot.cli",
+    ) -> None:
         self.port = free_port()
         self.config = tmp / "agentd.toml"
+        self.data_dir = (tmp / "data").resolve()
+        self.module = module
         self.config.write_text(
-            f'[http]\nlisten = "127.0.0.1:{self.port}"\n[store]\ndata_dir = "{tmp / "data"}"\n'
+            f'[http]\nlisten = "127.0.0.1:{self.port}"\n{http_toml}\n[store]\ndata_dir = "{self.data_dir}"\n'
             f'[pool]\nprewarm = 0\n[agent]\nmodel = "claude-sonnet-4-5"\n{toml}'
         )
         self.env = {
@@ -56,12 +72,13 @@ class DaemonProcess:
     async def start(self, timeout: float = 30) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bot.cli", "--config", str(self.config), "run"],
+                [sys.executable, "-m", self.module, "--config", str(self.config), "run"],
                 env=self.env,
                 stdout=log,
                 stderr=log,
                 cwd=Path(__file__).parent.parent,
             )
+        STARTED.append(self)
         async with aiohttp.ClientSession() as http:
             for _ in range(int(timeout / 0.05)):
                 if self.process.poll() is not None:
@@ -88,6 +105,37 @@ class DaemonProcess:
         return await asyncio.to_thread(self.process.wait, timeout)
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        """SIGKILL the daemon and every process it started, as a container runtime does.
+
+        The tree is captured before the kill: afterwards the CLI processes are orphans of init.
+        Processes working in this daemon's data dir are included, so the CLI processes of a daemon
+        that already died (``email.debug_crash_at``) are caught too.
+        """
+        if self.process is None:
+            return
+        doomed = [*self._descendants(), *self.orphans()]
+        if self.process.poll() is None:
             self.process.kill()
-            self.process.wait(10)
+        for proc in doomed:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        self.process.wait(10)
+        psutil.wait_procs(doomed, timeout=10)
+
+    def _descendants(self) -> list[psutil.Process]:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            return []  # reaped: its pid may belong to someone else by now
+        try:
+            return list(psutil.Process(self.process.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            return []
+
+    def orphans(self) -> list[psutil.Process]:
+        """Live processes whose working directory is inside this daemon's data dir (its CLI processes)."""
+        found = []
+        for proc in psutil.process_iter(["cwd"]):
+            cwd = proc.info["cwd"]
+            if cwd is not None and Path(cwd).is_relative_to(self.data_dir) and proc.pid != os.getpid():
+                found.append(proc)
+        return found

@@ -42,7 +42,7 @@ class InProcessDaemon:
             self._task.result()
         assert self._started.is_set(), "daemon did not start"
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 60) -> None:
         self._stop.set()
         if self._task is not None:
-            await asyncio.wait_for(self._task, 60)
+            await asyncio.wait_for(self._task, timeout)

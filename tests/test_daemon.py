@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import psutil
 import pytest
 
 from tests.daemon_proc import SECRETS, DaemonProcess
 from tests.fakes.model import FakeModel, ToolUse
 from tests.fakes.redis_server import RedisServer
-from tests.helpers import wait_until
+from tests.helpers import wait_for, wait_until
 
 
 @pytest.fixture
@@ -36,6 +40,37 @@ def cli_descendants(pid: int) -> list[psutil.Process]:
         return [p for p in psutil.Process(pid).children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
     except psutil.NoSuchProcess:
         return []
+
+
+def gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def readyz_is(daemon: DaemonProcess, status: int) -> bool:
+    async with aiohttp.ClientSession() as http, http.get(f"{daemon.url}/readyz") as response:
+        return response.status == status
+
+
+async def slow_turn_running(
+    daemon: DaemonProcess, fake_model: FakeModel
+) -> tuple[asyncio.Task[object], list[psutil.Process]]:
+    """A turn the fake model holds for 30 s, and the daemon's process tree while it runs."""
+    fake_model.add("slow", text="never sent", delay_s=30)
+    in_flight: asyncio.Task[object] = asyncio.create_task(daemon.ask("slow", "slow"))
+    await wait_until(lambda: bool(fake_model.find("slow")), what="the slow turn to reach the model")
+    assert daemon.process is not None
+    children = cli_descendants(daemon.process.pid)
+    assert any(p.name() == "claude" for p in children)
+    return in_flight, children
+
+
+async def dropped(in_flight: asyncio.Task[object]) -> None:
+    """The in-flight request of a daemon that was killed: its connection just ends."""
+    with contextlib.suppress(aiohttp.ClientError):
+        await in_flight
 
 
 async def test_agent_environment_holds_no_daemon_secrets(
@@ -108,3 +143,45 @@ async def test_chat_command_streams_replies(daemon: DaemonProcess, fake_model: F
     assert "agent> here is the streamed story" in result.stdout
     assert "agent> echo: second line" in result.stdout
     assert "turn 2" in result.stdout
+
+
+async def test_second_sigterm_forces_exit_and_kills_the_cli_trees(daemon: DaemonProcess, fake_model: FakeModel) -> None:
+    await daemon.start()
+    in_flight, children = await slow_turn_running(daemon, fake_model)
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGTERM)
+    await wait_for(lambda: readyz_is(daemon, 503), what="the daemon to drain")
+    assert daemon.process.poll() is None, "the first signal drains, it does not exit"
+    forced_at = time.monotonic()
+    daemon.process.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(daemon.process.wait, 10)
+    assert code == 1 and time.monotonic() - forced_at < 3
+    await wait_until(lambda: all(gone(p) for p in children), 5, "the CLI process trees to die")
+    assert '"reason": "second_signal"' in daemon.log.read_text()
+    await dropped(in_flight)
+
+
+async def test_shutdown_deadline_kills_the_cli_trees_when_a_cleanup_hangs(
+    tmp_path: Path, fake_model: FakeModel
+) -> None:
+    # A pool close that never returns; drain grace 1 s + the stuck daemon's 2 s margin = a 3 s budget.
+    daemon = DaemonProcess(tmp_path, fake_model.url, http_toml="drain_grace_s = 1", module="tests.stuck_daemon")
+    await daemon.start()
+    in_flight, children = await slow_turn_running(daemon, fake_model)
+    assert daemon.process is not None
+    stopped_at = time.monotonic()
+    daemon.process.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(daemon.process.wait, 20)
+    elapsed = time.monotonic() - stopped_at
+    assert code == 1 and 2.5 < elapsed < 6, elapsed
+    await wait_until(lambda: all(gone(p) for p in children), 5, "the CLI process trees to die")
+    assert '"reason": "shutdown_deadline"' in daemon.log.read_text()
+    await dropped(in_flight)
+
+
+async def test_kill_takes_the_cli_processes_with_it(daemon: DaemonProcess, fake_model: FakeModel) -> None:
+    await daemon.start()
+    in_flight, children = await slow_turn_running(daemon, fake_model)
+    daemon.kill()
+    assert all(gone(p) for p in children)
+    await dropped(in_flight)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,17 +12,23 @@ from bot.config import ConfigError, HttpConfig
 from bot.http import Api
 from tests.conftest import PoolFactory
 from tests.fakes.model import FakeModel
+from tests.helpers import wait_until
 
 TOKEN = "test-api-token-123"
 
 
 @pytest.fixture
-async def api(make_pool: PoolFactory) -> AsyncIterator[str]:
+async def api_server(make_pool: PoolFactory) -> AsyncIterator[Api]:
     pool = await make_pool()
     server = Api(HttpConfig(listen="127.0.0.1:0", api_token=TOKEN, max_text_chars=1000), pool, pool.store)
     await server.start()
-    yield f"http://127.0.0.1:{server.port}"
+    yield server
     await server.stop()
+
+
+@pytest.fixture
+def api(api_server: Api) -> str:
+    return f"http://127.0.0.1:{api_server.port}"
 
 
 def auth(token: str = TOKEN) -> dict[str, str]:
@@ -111,3 +118,25 @@ async def test_refuses_non_loopback_without_token(make_pool: PoolFactory, tmp_pa
     with pytest.raises(ConfigError, match="api_token"):
         Api(HttpConfig(listen="0.0.0.0:0"), pool, pool.store)
     Api(HttpConfig(listen="127.0.0.1:0"), pool, pool.store)
+
+
+async def test_draining_refuses_new_messages_while_running_turns_finish(
+    api_server: Api, api: str, fake_model: FakeModel
+) -> None:
+    fake_model.add("slowish", text="finished anyway", delay_s=1.0)
+    async with aiohttp.ClientSession(headers=auth()) as http:
+
+        async def ask(conversation: str, text: str, **headers: str) -> tuple[int, dict[str, object]]:
+            url = f"{api}/v1/conversations/{conversation}/messages"
+            async with http.post(url, json={"text": text}, headers=headers) as response:
+                return response.status, await response.json()
+
+        running = asyncio.create_task(ask("d1", "slowish"))
+        await wait_until(lambda: bool(fake_model.find("slowish")), what="the running turn to reach the model")
+        api_server.draining = True
+        for headers in ({}, {"Accept": "text/event-stream"}):
+            status, body = await ask("d2", "too late", **headers)
+            assert status == 503 and body["failure"] == "shutdown" and "shutting down" in str(body["error"])
+        status, body = await running
+    assert status == 200 and body["reply"] == "finished anyway"
+    assert not fake_model.find("too late")
