@@ -8,12 +8,18 @@ from typing import TypeVar
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot import keys
 from bot.store import ConversationRecord, StoreError
 
 T = TypeVar("T")
+
+# Errors that mean the socket (or the server behind it) is gone.  Only these
+# justify dropping the pooled connections; a WRONGTYPE or script error does not.
+_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class RedisStore:
@@ -83,17 +89,20 @@ class RedisStore:
         await self._call(self._redis.delete(name))
 
     async def incr(self, name: str, window_s: int) -> int:
+        # SET NX EX opens the window (INCR keeps its TTL); EXPIRE NX would need Redis 7.
         async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(name, 0, ex=window_s, nx=True)
             pipe.incr(name)
-            pipe.expire(name, window_s, nx=True)
-            count, _ = await self._call(pipe.execute())
+            _, count = await self._call(pipe.execute())
         return int(count)
 
     async def _call(self, pending: Awaitable[T]) -> T:
         try:
             return await pending
-        except (RedisError, OSError) as exc:
+        except _CONNECTION_ERRORS as exc:
             # Close every pooled socket: after a server restart they are all dead,
             # and the next command should start from fresh connections.
             await self._redis.connection_pool.disconnect()
+            raise StoreError(f"redis: {exc}") from exc
+        except RedisError as exc:  # a command error: the connections are healthy
             raise StoreError(f"redis: {exc}") from exc

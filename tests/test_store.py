@@ -118,3 +118,29 @@ async def test_values_round_trip_and_delete(store: Store) -> None:
 async def test_counter_counts_within_its_window(store: Store) -> None:
     assert [await store.incr("agentd:test:n", window_s=60) for _ in range(3)] == [1, 2, 3]
     assert await store.incr("agentd:test:m", window_s=60) == 1
+
+
+async def test_command_error_raises_store_error_and_keeps_the_connection(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, ttl_days=1)
+    try:
+        await store._redis.delete("agentd:test:a-list")
+        await store._redis.rpush("agentd:test:a-list", "x")
+        connection_before = await store._redis.client_id()
+        with pytest.raises(StoreError, match="WRONGTYPE"):
+            await store.get_value("agentd:test:a-list")
+        assert await store._redis.client_id() == connection_before, "a command error must not drop the connections"
+    finally:
+        await store.close()
+
+
+async def test_counter_works_without_redis_7_commands(tmp_path: Path) -> None:
+    # EXPIRE ... NX needs Redis 7; with EXPIRE unavailable the counter must still count and expire.
+    server = RedisServer(tmp_path / "redis6", extra_args=("--rename-command", "EXPIRE", ""))
+    server.start()
+    store = RedisStore(server.url, ttl_days=1)
+    try:
+        assert [await store.incr("agentd:test:n", window_s=60) for _ in range(3)] == [1, 2, 3]
+        assert 0 < await store._redis.ttl("agentd:test:n") <= 60
+    finally:
+        await store.close()
+        server.stop()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncRateLimitErrorRetryHandler,
 )
 from slack_sdk.web.async_client import AsyncWebClient
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from bot import keys, metrics
 from bot.config import ConfigError, Settings
@@ -45,6 +45,28 @@ log = structlog.get_logger(__name__)
 
 SLACK_ERRORS = (SlackApiError, SlackClientError, aiohttp.ClientError, TimeoutError)
 SLACK_CONNECTION_ERRORS = (SlackClientError, aiohttp.ClientError, TimeoutError, OSError)
+
+CONNECT_BACKOFF_CAP_S = 60.0
+
+
+def connect_retrying() -> AsyncRetrying:
+    """Slack unreachable at start: retry until it answers, jittered exponential backoff capped at a minute.
+
+    Only connection errors are retried; anything else (a refused token is a ConfigError) ends the loop.
+    """
+    return AsyncRetrying(
+        retry=retry_if_exception_type(SLACK_CONNECTION_ERRORS),
+        wait=wait_random_exponential(multiplier=1.0, max=CONNECT_BACKOFF_CAP_S),
+        before_sleep=_log_retry,
+    )
+
+
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else 0.0
+    log.warning("slack_unreachable", error=str(error)[:200], retry_in_s=round(wait, 1))
+
+
 REFUSED_TEXT = "Sorry, I can't take requests from you here. An admin can give you access."
 DOWNLOAD_CHUNK = 64 * 1024
 
@@ -124,18 +146,12 @@ class SlackChannel:
         log.info("slack_started", mode=self._config.mode, team=self._me.team_id, bot_user=self._me.user_id)
 
     async def _connect_until_up(self) -> None:
-        delay = 1.0
-        while True:
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            try:
-                await self._connect()
-                return
-            except SLACK_CONNECTION_ERRORS as exc:
-                log.warning("slack_unreachable", error=str(exc)[:200], retry_in_s=round(delay))
-            except ConfigError as exc:
-                log.error("slack_refused_token", error=str(exc))
-                return
-            delay = min(delay * 2, 60.0)
+        try:
+            async for attempt in connect_retrying():
+                with attempt:
+                    await self._connect()
+        except ConfigError as exc:
+            log.error("slack_refused_token", error=str(exc))
 
     async def stop_intake(self) -> None:
         self._intake = False

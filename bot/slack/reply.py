@@ -6,11 +6,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import aiohttp
 import structlog
-from markdown_to_mrkdwn import SlackMarkdownConverter
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_chat_stream import AsyncChatStream
 from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.slack.mrkdwn import to_mrkdwn
 
 log = structlog.get_logger(__name__)
 
@@ -19,26 +21,33 @@ STREAM_MESSAGE_CHARS = 10_000
 # chat.update has rejected long text that chat.postMessage took; keep every posted part small.
 POST_MESSAGE_CHARS = 3_500
 UPDATE_INTERVAL_S = 1.0
-_converter = SlackMarkdownConverter()
-
-
-def to_mrkdwn(markdown: str) -> str:
-    return str(_converter.convert(markdown))
+# What a failed chat.update raises once slack-sdk's own retries are spent.
+UPDATE_ERRORS = (SlackApiError, SlackClientError, aiohttp.ClientError, TimeoutError)
 
 
 def split_text(text: str, limit: int) -> list[str]:
-    """Pieces of at most ``limit`` characters, cut at a paragraph, line or word boundary where one exists."""
+    """Pieces of at most ``limit`` characters, cut at a paragraph, line or word boundary where one exists.
+
+    Walks by offset (never re-slicing the rest), so the work is linear in the text.
+    """
     pieces: list[str] = []
-    rest = text
-    while len(rest) > limit:
-        window = rest[:limit]
-        cuts = (window.rfind(boundary) for boundary in ("\n\n", "\n", " "))
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        cuts = (text.rfind(boundary, start, end) - start for boundary in ("\n\n", "\n", " "))
         cut = next((c for c in cuts if c > limit // 2), limit)
-        pieces.append(rest[:cut].rstrip())
-        rest = rest[cut:].lstrip("\n ")
+        pieces.append(text[start : start + cut].rstrip())
+        start = _skip_blanks(text, start + cut)
+    rest = text[start:]
     if rest.strip() or not pieces:
         pieces.append(rest)
     return pieces
+
+
+def _skip_blanks(text: str, index: int) -> int:
+    while index < len(text) and text[index] in "\n ":
+        index += 1
+    return index
 
 
 class ReplyWriter(Protocol):
@@ -66,21 +75,30 @@ class Thread:
 
 
 class PostWriter:
-    """Fallback: post the first part, update it as text arrives, continue in new messages past the limit."""
+    """Fallback: post the first part, update it as text arrives, continue in new messages past the limit.
+
+    If an update fails (``msg_too_long``, a 500, rate limited after retries), updating stops and, at the
+    finish, whatever the messages do not yet show is posted as new messages: the whole answer arrives.
+    """
 
     def __init__(self, thread: Thread) -> None:
         self._thread = thread
         self._text = ""
         self._messages: list[tuple[str, str]] = []  # (ts, text shown)
         self._last_update = 0.0
+        self._broken = False
 
     async def write(self, text: str) -> None:
         self._text += text
-        if time.monotonic() - self._last_update >= UPDATE_INTERVAL_S:
+        if not self._broken and time.monotonic() - self._last_update >= UPDATE_INTERVAL_S:
             await self._show(self._text)
 
     async def finish(self, reply: str) -> None:
-        await self._show(reply or self._text)
+        final = reply or self._text
+        if not self._broken:
+            await self._show(final)
+        if self._broken:
+            await self._post_unshown(final)
 
     async def _show(self, markdown: str) -> None:
         self._last_update = time.monotonic()
@@ -88,10 +106,33 @@ class PostWriter:
         for index, piece in enumerate(pieces):
             if index >= len(self._messages):
                 self._messages.append((await self._thread.post(piece), piece))
-            elif self._messages[index][1] != piece:
-                ts = self._messages[index][0]
-                await self._thread.client.chat_update(channel=self._thread.channel, ts=ts, text=piece)
-                self._messages[index] = (ts, piece)
+            elif self._messages[index][1] != piece and not await self._update(index, piece):
+                return
+
+    async def _update(self, index: int, piece: str) -> bool:
+        ts = self._messages[index][0]
+        try:
+            await self._thread.client.chat_update(channel=self._thread.channel, ts=ts, text=piece)
+        except UPDATE_ERRORS as exc:
+            self._broken = True
+            log.warning("slack_update_failed", error=str(exc)[:200], message=index, fallback="post the rest")
+            return False
+        self._messages[index] = (ts, piece)
+        return True
+
+    async def _post_unshown(self, markdown: str) -> None:
+        """Post what the (no longer updatable) messages do not show, continuing where the last one stops."""
+        pieces = split_text(to_mrkdwn(markdown), POST_MESSAGE_CHARS)
+        shown = [text for _, text in self._messages]
+        done = 0
+        while done < min(len(shown), len(pieces)) and shown[done] == pieces[done]:
+            done += 1
+        rest = pieces[done:]
+        if rest and done < len(shown) and rest[0].startswith(shown[done]):
+            rest[0] = rest[0][len(shown[done]) :]
+        for piece in rest:
+            if piece.strip():
+                await self._thread.post(piece)
 
 
 class StreamingUnavailable(Exception):

@@ -17,10 +17,11 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, password: str = "s3cret-redis-pw") -> None:
+    def __init__(self, directory: Path, password: str = "s3cret-redis-pw", extra_args: tuple[str, ...] = ()) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.directory, self.password, self.port = directory, password, free_port()
+        self.extra_args = extra_args  # more redis-server options, e.g. ("--rename-command", "EXPIRE", "")
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -44,6 +45,7 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "yes",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
