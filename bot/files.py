@@ -13,17 +13,36 @@ import unicodedata
 import uuid
 from pathlib import Path
 
+from pathvalidate import sanitize_filename
+
 INBOX = "inbox"
 OUTBOX = "outbox"
 MAX_OUTBOX_FILES = 20
+# Below the usual 255-byte limit, leaving room for ``unique_path``'s ``-N`` suffix.
+MAX_NAME_BYTES = 200
+MAX_SUFFIX_BYTES = 16
 _UNSAFE = re.compile(r"[^\w.\- ]+")
 
 
 def safe_filename(name: str, fallback: str = "file") -> str:
-    """A basename with no path, control or shell-special characters; never empty, dot-only or hidden."""
+    """A basename with no path, control or shell-special characters; never empty, dot-only or hidden.
+
+    At most ``MAX_NAME_BYTES`` bytes of UTF-8 (file systems limit bytes, and NFKC can multiply them),
+    keeping a short extension.
+    """
     base = unicodedata.normalize("NFKC", name).replace("\\", "/").rsplit("/", 1)[-1]
-    cleaned = _UNSAFE.sub("_", base).strip(" ._")[:120]
-    return cleaned or fallback
+    cleaned = _UNSAFE.sub("_", base).strip(" ._")
+    return _cap_bytes(cleaned).strip(" ._") or fallback
+
+
+def _cap_bytes(name: str) -> str:
+    if len(name.encode()) <= MAX_NAME_BYTES:
+        return name
+    stem, suffix = Path(name).stem, Path(name).suffix
+    if len(suffix.encode()) > MAX_SUFFIX_BYTES:
+        stem, suffix = name, ""
+    # pathvalidate truncates by encoded bytes and never splits a character.
+    return sanitize_filename(stem, max_len=MAX_NAME_BYTES - len(suffix.encode())) + suffix
 
 
 def unique_path(directory: Path, name: str) -> Path:

@@ -2,21 +2,25 @@
 
 Routing (``submit``) is synchronous after at most one store read, so under
 asyncio it cannot interleave with eviction decisions.  A worker is retired only
-between turns; its queued turns, if any, move to its successor, which resumes
-the same Claude session.
+between turns; its queued turns, if any, move to the front of its successor's
+queue, in order, and the successor resumes the same Claude session once the old
+process has exited.  A process holds its room (``max_sessions``, memory budget)
+from admission until it has exited, retiring or not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import structlog
 
 from bot import files, metrics, procs
@@ -39,6 +43,8 @@ FAILURE_TEXT = {
     Failure.SHUTDOWN: "The daemon is shutting down; this message was not processed.",
     Failure.STORE: "The conversation store is unreachable; try again shortly.",
 }
+
+LOST_CONTEXT_NOTICE = "(The earlier context of this conversation is no longer available; I started a fresh session.)"
 
 
 @dataclass(eq=False)
@@ -76,7 +82,7 @@ class Turn:
 
 
 class Worker:
-    """Owns one CLI process for its whole life: connect, serve turns, disconnect."""
+    """Owns one CLI process for its whole life: connect, serve turns, disconnect, sweep its tree."""
 
     def __init__(
         self,
@@ -84,16 +90,23 @@ class Worker:
         record: ConversationRecord,
         resume: bool,
         spare: bool,
-        predecessor: asyncio.Task[None] | None = None,
+        offer: frozenset[str],
+        predecessor: Worker | None = None,
     ) -> None:
         self.pool, self.record, self.resume, self.spare = pool, record, resume, spare
+        # The tools this process is started with (``--tools``): fixed for its life.
+        self.offer = offer
         self.predecessor = predecessor
+        self.successor: Worker | None = None
         self.queue: deque[Turn] = deque()
         self.current: Turn | None = None
         self.state = "starting"
         self.retire_reason: str | None = None
         self.session: AgentSession | None = None
         self.pid: int | None = None
+        self.process: psutil.Process | None = None
+        self.tree = procs.ProcessTree()
+        self.connected = False
         self.rss_mb: float | None = None
         self.memory_kill_mb: float | None = None
         self.turns_served = 0
@@ -101,6 +114,7 @@ class Worker:
         self.last_used = time.monotonic()
         self.admitted = False
         self.fresh = False
+        self.notice: str | None = None
         self.last_turn_cost = 0.0
         self._wakeup = asyncio.Event()
         self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
@@ -112,6 +126,11 @@ class Worker:
 
     def enqueue(self, turn: Turn) -> None:
         self.queue.append(turn)
+        self._wakeup.set()
+
+    def take_over(self, turns: list[Turn]) -> None:
+        """Put a predecessor's unserved turns first, in their order, ahead of anything newer."""
+        self.queue.extendleft(reversed(turns))
         self._wakeup.set()
 
     def retire(self, reason: str) -> None:
@@ -128,11 +147,19 @@ class Worker:
         self.spare, self.record = False, record
         self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
 
+    def process_alive(self) -> bool:
+        if self.pid is None:  # not connected yet, or a launcher without a process
+            return True
+        return self.process is not None and procs.still_running(self.process)
+
     async def _run(self) -> None:
         try:
             if self.predecessor is not None:
-                await asyncio.wait([self.predecessor])
-            if not await self.pool.admit(self):
+                await asyncio.wait([self.predecessor.task])
+                self._inherit(self.predecessor.record)
+                self.predecessor = None
+            # Retired before it ever started (its conversation moved on): no process needed.
+            if self.retire_reason is not None or not await self.pool.admit(self):
                 return
             await self._serve_all()
         except AgentCrashed as exc:
@@ -145,19 +172,51 @@ class Worker:
             self._fail_queued(Failure.AGENT_ERROR, "internal error")
         finally:
             self.state = "closed"
+            await self._sweep_tree()
             await self.pool.worker_exited(self)
 
+    async def _sweep_tree(self) -> None:
+        """Whatever the CLI left running (a killed CLI's sandbox helper) dies with it."""
+        killed = await self.tree.sweep()
+        if killed:
+            self.log.warning("orphans_killed", pids=killed)
+
+    def _inherit(self, record: ConversationRecord) -> None:
+        """Continue from the predecessor's final record: resume its session unless it was reset."""
+        self.resume = record.session_id is not None and record.turns > 0
+        self.record = record if self.resume else record.replace(session_id=str(uuid.uuid4()), turns=0)
+        self.log = log.bind(conversation=self.record.conversation_id, session=self.record.session_id)
+
+    def _recover_lost_transcript(self) -> None:
+        """A resume needs the session's transcript; without it, start afresh instead of failing forever."""
+        if not self.resume or self.record.session_id is None:
+            return
+        if transcript_exists(Path(self.record.config_dir), self.record.session_id):
+            return
+        lost = self.record.session_id
+        self.record = self.record.replace(
+            session_id=str(uuid.uuid4()),
+            turns=0,
+            previous_session_ids=(*self.record.previous_session_ids, lost),
+        )
+        self.resume, self.notice = False, LOST_CONTEXT_NOTICE
+        self.log.warning("transcript_lost", lost_session=lost, session=self.record.session_id)
+
     async def _serve_all(self) -> None:
-        spec = self.pool.spec_for(self.record, self.resume)
+        self._recover_lost_transcript()
+        spec = self.pool.spec_for(self.record, self.resume, self.offer)
         started = time.monotonic()
         async with self.pool.launcher.open(spec) as session:
-            self.session, self.pid, self.state = session, session.pid, "warm"
+            self.session, self.pid, self.state, self.connected = session, session.pid, "warm", True
+            self.process = procs.handle(self.pid) if self.pid is not None else None
+            self.remember_tree()
             seconds = time.monotonic() - started
             metrics.SPAWNS.labels(kind="resume" if self.resume else "spare" if self.spare else "new").inc()
             metrics.SPAWN_SECONDS.observe(seconds)
             self.log.info(
                 "resume" if self.resume else "spawn", pid=self.pid, spare=self.spare, seconds=round(seconds, 3)
             )
+            self.pool.spawn_succeeded(self)
             if not self.spare:
                 self.record = self.record.replace(state="warm")
                 await self.pool.persist(self.record)
@@ -165,12 +224,16 @@ class Worker:
                 await self._serve(session, turn)
                 self._check_ceilings()
 
+    def remember_tree(self) -> None:
+        if self.pid is not None:
+            self.tree.remember(self.pid)
+
     async def _next_turn(self) -> Turn | None:
         while True:
             if self.retire_reason is not None:
                 return None
             if self.queue:
-                return self.queue.popleft()
+                return self.queue.popleft() if self._still_alive() else None
             if self.pool.stopping:
                 self.retire("shutdown")
                 continue
@@ -183,25 +246,57 @@ class Worker:
             except TimeoutError:
                 self.retire("idle")
 
+    def _still_alive(self) -> bool:
+        """A CLI that died while idle must not get the next turn: retire, and a successor resumes it."""
+        if self.process_alive():
+            return True
+        self.log.error("died_idle", pid=self.pid)
+        self.retire("died")
+        return False
+
     async def _serve(self, session: AgentSession, turn: Turn) -> None:
         self.state, self.current = "busy", turn
         turn.started.set()
         started = time.monotonic()
         self.log.info("turn_start", source=turn.inbound.source, chars=len(turn.inbound.text))
         try:
-            done = await self._run_turn(session, turn, self._prompt(turn))
+            await self._serve_turn(session, turn, started)
         except AgentCrashed as exc:
-            self._end_turn(turn, None, started)
+            self._close_turn(turn, started)
             turn.fail(*self._crash_failure(exc), record=self.record)
             raise
         except TimeoutError:
-            self._end_turn(turn, None, started)
+            self._close_turn(turn, started)
             turn.fail(Failure.TIMEOUT, record=self.record)
             self.retire("timeout")
-            return
+        except Exception:  # the turn's boundary: whatever broke, this message still gets its one outcome
+            self.log.exception("turn_failed")
+            self._close_turn(turn, started)
+            turn.fail(Failure.AGENT_ERROR, "internal error", record=self.record)
+            self.retire("error")
+        finally:
+            self._close_turn(turn, started)
+            if self.pool.stopping:
+                turn.fail(Failure.SHUTDOWN)
+            else:
+                turn.fail(Failure.AGENT_ERROR, "internal error")
+
+    async def _serve_turn(self, session: AgentSession, turn: Turn, started: float) -> None:
+        notice, self.notice = self.notice, None
+        if notice is not None:
+            turn.deltas.put_nowait(notice + "\n\n")
+        self.remember_tree()
+        done = await self._run_turn(session, turn, self._prompt(turn))
         self._end_turn(turn, done, started)
-        turn.finish(self._outcome(turn, done))
+        outcome = self._outcome(turn, done)
+        if notice is not None:
+            outcome = dataclasses.replace(outcome, reply=f"{notice}\n\n{outcome.reply}")
+        turn.finish(outcome)
         await self.pool.persist(self.record)
+
+    def _close_turn(self, turn: Turn, started: float) -> None:
+        if self.current is turn:
+            self._end_turn(turn, None, started)
 
     def _prompt(self, turn: Turn) -> str:
         if not turn.inbound.files:
@@ -265,6 +360,7 @@ class Worker:
         limits = self.pool.settings.pool
         if self.pid is not None:
             self.rss_mb = procs.tree_rss_mb(self.pid)
+            self.remember_tree()
         if self.rss_mb is not None and self.rss_mb > limits.session_max_rss_mb:
             self.retire("memory")
         elif self.turns_served >= limits.session_max_turns:
@@ -288,10 +384,36 @@ class Worker:
         )
 
 
+def transcript_exists(config_dir: Path, session_id: str) -> bool:
+    """The CLI keeps a session's transcript at ``<config>/projects/<encoded cwd>/<session>.jsonl``."""
+    return any(config_dir.glob(f"projects/*/{session_id}.jsonl"))
+
+
+@dataclass
+class SpareBackoff:
+    """Capped doubling delay between spare spawns after failures, so a broken CLI is not spawned in a loop."""
+
+    first_s: float = 0.5
+    max_s: float = 30.0
+    failures: int = 0
+    not_before: float = 0.0
+
+    def failed(self) -> None:
+        self.failures += 1
+        self.not_before = time.monotonic() + min(self.first_s * 2 ** (self.failures - 1), self.max_s)
+
+    def succeeded(self) -> None:
+        self.failures, self.not_before = 0, 0.0
+
+    def wait_s(self) -> float:
+        return max(self.not_before - time.monotonic(), 0.0)
+
+
 class Pool:
     def __init__(self, settings: Settings, launcher: Launcher, store: Store) -> None:
         self.settings, self.launcher, self.store = settings, launcher, store
         self.data_dir = settings.store.data_dir.resolve()
+        self.default_offer = frozenset(settings.agent.allowed_tools)
         self._workers: dict[str, Worker] = {}
         self._retiring: dict[str, Worker] = {}
         self._spares: list[Worker] = []
@@ -300,10 +422,15 @@ class Pool:
         self._stopping = False
         self._background: set[asyncio.Task[None]] = set()
         self._monitor: asyncio.Task[None] | None = None
+        self._spare_backoff = SpareBackoff()
+        self._spare_timer: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        # A CLI killed from outside leaves its sandbox helper behind; as subreaper we inherit and reap it.
+        if not procs.become_subreaper():
+            log.warning("subreaper_unavailable")
         self._monitor = asyncio.create_task(self._sample_forever(), name="pool:rss")
         self._fill_spares()
 
@@ -323,9 +450,10 @@ class Pool:
         for worker in self._all_workers():
             worker.task.cancel()
         tasks = [w.task for w in self._all_workers()] + list(self._background)
-        if self._monitor is not None:
-            self._monitor.cancel()
-            tasks.append(self._monitor)
+        for helper in (self._monitor, self._spare_timer):
+            if helper is not None:
+                helper.cancel()
+                tasks.append(helper)
         if tasks:
             await asyncio.wait(tasks, timeout=15)
         for worker in self._all_workers():
@@ -337,12 +465,17 @@ class Pool:
 
     # -- intake ------------------------------------------------------------------
 
+    def offer_for(self, inbound: Inbound) -> frozenset[str]:
+        """The tools a process for this message is started with: its policy's, else the agent's defaults."""
+        return inbound.policy.offered if inbound.policy is not None else self.default_offer
+
     async def submit(self, inbound: Inbound) -> Turn:
         turn = Turn(inbound)
         if self._stopping:
             turn.fail(Failure.SHUTDOWN)
             return turn
-        worker = self._live(inbound.conversation_id)
+        offer = self.offer_for(inbound)
+        worker = self._live(inbound.conversation_id, offer)
         if worker is None:
             try:
                 record = await self.store.get(inbound.conversation_id)
@@ -350,7 +483,9 @@ class Pool:
                 log.error("store_error", conversation=inbound.conversation_id, error=str(exc))
                 turn.fail(Failure.STORE)
                 return turn
-            worker = self._live(inbound.conversation_id) or self._start_conversation(inbound.conversation_id, record)
+            worker = self._live(inbound.conversation_id, offer) or self._start_conversation(
+                inbound.conversation_id, record, offer
+            )
         self._route(worker, turn)
         return turn
 
@@ -358,9 +493,15 @@ class Pool:
         turn = await self.submit(inbound)
         return await turn.outcome
 
-    def _live(self, conversation_id: str) -> Worker | None:
+    def _live(self, conversation_id: str, offer: frozenset[str] | None = None) -> Worker | None:
         worker = self._workers.get(conversation_id)
-        return worker if worker is not None and worker.retire_reason is None else None
+        if worker is None or worker.retire_reason is not None:
+            return None
+        if offer is not None and worker.offer != offer:
+            # Its tool set is fixed for the process's life: a successor is started with the new one.
+            worker.retire("policy")
+            return None
+        return worker
 
     def _route(self, worker: Worker, turn: Turn) -> None:
         policy = self.settings.pool.busy_policy
@@ -374,26 +515,33 @@ class Pool:
             if policy == "interrupt" and worker.current is not None:
                 self._spawn_background(worker.interrupt())
 
-    def _start_conversation(self, conversation_id: str, record: ConversationRecord | None) -> Worker:
+    def _start_conversation(
+        self, conversation_id: str, record: ConversationRecord | None, offer: frozenset[str]
+    ) -> Worker:
         previous = self._workers.pop(conversation_id, None)
         if previous is not None:
+            # The successor takes the predecessor's final record once it has exited.
             self._retiring[conversation_id] = previous
-            if previous.fresh and record is not None:
-                record = record.replace(session_id=None, turns=0)
-        resumable = record is not None and record.session_id is not None and record.turns > 0
-        if record is None:
-            spare = self._take_spare() if previous is None else None
+            worker = Worker(self, previous.record, resume=False, spare=False, offer=offer, predecessor=previous)
+            previous.successor = worker
+        elif record is None:
+            spare = self._take_spare(offer)
             if spare is not None:
                 return self._adopt(spare, conversation_id)
             record = self._new_record(conversation_id, safe_name(conversation_id))
-        elif not resumable:
-            record = record.replace(session_id=str(uuid.uuid4()))
-        predecessor = previous.task if previous is not None else None
-        worker = Worker(self, record, resume=resumable, spare=False, predecessor=predecessor)
+            worker = Worker(self, record, resume=False, spare=False, offer=offer)
+        else:
+            resumable = record.session_id is not None and record.turns > 0
+            if not resumable:
+                record = record.replace(session_id=str(uuid.uuid4()))
+            worker = Worker(self, record, resume=resumable, spare=False, offer=offer)
         self._workers[conversation_id] = worker
         return worker
 
-    def _take_spare(self) -> Worker | None:
+    def _take_spare(self, offer: frozenset[str]) -> Worker | None:
+        # Spares run with the default tools; a conversation offered anything else needs its own process.
+        if offer != self.default_offer:
+            return None
         conversations = sum(1 for w in self._admitted if not w.spare)
         if conversations >= self.settings.pool.max_sessions:
             return None
@@ -425,7 +573,7 @@ class Pool:
             updated_at=now,
         )
 
-    def spec_for(self, record: ConversationRecord, resume: bool) -> SessionSpec:
+    def spec_for(self, record: ConversationRecord, resume: bool, tools: frozenset[str] | None = None) -> SessionSpec:
         assert record.session_id is not None
         return SessionSpec(
             workdir=Path(record.workdir),
@@ -433,26 +581,47 @@ class Pool:
             data_dir=self.data_dir,
             session_id=record.session_id,
             resume=resume,
+            tools=tools,
         )
 
     # -- spares ------------------------------------------------------------------
 
     def _fill_spares(self) -> None:
+        wait_s = self._spare_backoff.wait_s()
+        if wait_s > 0:
+            if self._spare_timer is None or self._spare_timer.done():
+                self._spare_timer = asyncio.create_task(self._fill_spares_after(wait_s), name="pool:spares")
+            return
         while not self._stopping and len(self._spares) < self.settings.pool.prewarm and self._spare_fits():
             name = f"spare-{uuid.uuid4().hex[:12]}"
             record = self._new_record(f"spare:{name}", name)
-            self._spares.append(Worker(self, record, resume=False, spare=True))
+            self._spares.append(Worker(self, record, resume=False, spare=True, offer=self.default_offer))
+
+    async def _fill_spares_after(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        self._fill_spares()
+
+    def spawn_succeeded(self, worker: Worker) -> None:
+        if worker.spare:
+            self._spare_backoff.succeeded()
 
     # -- room --------------------------------------------------------------------
 
     async def admit(self, worker: Worker) -> bool:
-        """Wait until ``worker`` fits under max_sessions and the memory budget."""
+        """Wait until ``worker`` fits under max_sessions and the memory budget.
+
+        A process keeps its room until it has exited, so a retiring one still counts; eviction
+        retires only as many idle processes as the room still missing after those.
+        """
         async with self._room:
             while not self._fits(worker):
                 if worker.spare or self._stopping:
                     return False
-                if not self._evict_for_room():
+                victim = self._victim()
+                if victim is None:
                     await self._room.wait()
+                else:
+                    victim.retire("room")
             worker.admitted = True
             self._admitted.add(worker)
             return True
@@ -460,8 +629,14 @@ class Pool:
     def _fits(self, worker: Worker) -> bool:
         if worker.spare:
             return self._spare_fits(exclude=worker)
+        limits = self.settings.pool
         conversations = sum(1 for w in self._admitted if not w.spare)
-        return conversations < self.settings.pool.max_sessions and self._memory_fits()
+        processes = len(self._admitted)
+        return (
+            conversations < limits.max_sessions
+            and processes < limits.max_sessions + limits.prewarm
+            and self._memory_used(self._admitted) + limits.spawn_estimate_mb <= limits.memory_budget_mb
+        )
 
     def _spare_fits(self, exclude: Worker | None = None) -> bool:
         limits = self.settings.pool
@@ -470,21 +645,31 @@ class Pool:
         return processes < limits.max_sessions + limits.prewarm and self._memory_fits()
 
     def _memory_fits(self) -> bool:
+        limits = self.settings.pool
+        return self._memory_used(self._admitted) + limits.spawn_estimate_mb <= limits.memory_budget_mb
+
+    def _memory_used(self, workers: Iterable[Worker]) -> float:
         estimate = self.settings.pool.spawn_estimate_mb
-        used = sum(w.rss_mb or estimate for w in self._admitted)
-        return used + estimate <= self.settings.pool.memory_budget_mb
+        return sum(w.rss_mb or estimate for w in workers)
+
+    def _victim(self) -> Worker | None:
+        """The next idle process to retire for room, or None when the retiring ones already cover it."""
+        limits = self.settings.pool
+        staying = [w for w in self._admitted if w.retire_reason is None]
+        sessions_short = sum(1 for w in staying if not w.spare) >= limits.max_sessions
+        processes_short = len(staying) >= limits.max_sessions + limits.prewarm
+        memory_short = self._memory_used(staying) + limits.spawn_estimate_mb > limits.memory_budget_mb
+        idle = [w for w in staying if w.idle]
+        if sessions_short:
+            # Retiring a spare frees no conversation slot.
+            idle = [w for w in idle if not w.spare]
+        elif not (processes_short or memory_short):
+            return None
+        return min(idle, key=lambda w: (not w.spare, w.last_used), default=None)
 
     @property
     def stopping(self) -> bool:
         return self._stopping
-
-    def _evict_for_room(self) -> bool:
-        idle = [w for w in self._admitted if w.idle and w.retire_reason is None]
-        if not idle:
-            return False
-        victim = min(idle, key=lambda w: (not w.spare, w.last_used))
-        victim.retire("room")
-        return True
 
     async def notify_room(self) -> None:
         async with self._room:
@@ -498,7 +683,8 @@ class Pool:
     async def worker_exited(self, worker: Worker) -> None:
         cid = worker.record.conversation_id
         if not worker.spare:
-            await self.persist(self._exit_record(worker))
+            worker.record = self._exit_record(worker)
+            await self.persist(worker.record)
         self._admitted.discard(worker)
         if self._workers.get(cid) is worker:
             del self._workers[cid]
@@ -506,12 +692,14 @@ class Pool:
             del self._retiring[cid]
         if worker in self._spares:
             self._spares.remove(worker)
+        if worker.spare and worker.admitted and not worker.connected:
+            self._spare_backoff.failed()
         if worker.retire_reason is not None and worker.admitted:
             metrics.EVICTIONS.labels(reason=worker.retire_reason).inc()
             worker.log.info("evict", reason=worker.retire_reason, turns=worker.turns_served, rss_mb=worker.rss_mb)
         leftovers = list(worker.queue)
         worker.queue.clear()
-        self._hand_over(cid, leftovers)
+        self._hand_over(worker, leftovers)
         await self.notify_room()
         if worker.admitted:
             self._fill_spares()
@@ -520,21 +708,19 @@ class Pool:
         record = worker.record.replace(state="evicted", evict_reason=worker.retire_reason or "exit")
         return record.replace(session_id=None, turns=0) if worker.fresh else record
 
-    def _hand_over(self, conversation_id: str, turns: list[Turn]) -> None:
+    def _hand_over(self, worker: Worker, turns: list[Turn]) -> None:
+        """Unserved turns go, in order, to the front of the successor's queue (started here if none yet)."""
         if not turns:
             return
         if self._stopping:
             for turn in turns:
                 turn.fail(Failure.SHUTDOWN)
             return
-        for turn in turns:
-            self._spawn_background(self._resubmit(turn))
-
-    async def _resubmit(self, turn: Turn) -> None:
-        successor = await self.submit(turn.inbound)
-        async for text in successor.stream():
-            turn.deltas.put_nowait(text)
-        turn.finish(await successor.outcome)
+        successor = worker.successor
+        if successor is None or successor.state == "closed":
+            cid = worker.record.conversation_id
+            successor = self._live(cid) or self._start_conversation(cid, worker.record, worker.offer)
+        successor.take_over(turns)
 
     async def persist(self, record: ConversationRecord) -> None:
         try:
@@ -548,7 +734,7 @@ class Pool:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    # -- memory sampling -----------------------------------------------------------
+    # -- memory and liveness sampling ------------------------------------------------
 
     async def _sample_forever(self) -> None:
         while True:
@@ -556,21 +742,37 @@ class Pool:
             self.sample()
 
     def sample(self) -> None:
-        limits = self.settings.pool
         metrics.LIVE_SESSIONS.set(len(self._admitted))
         metrics.POOL_RSS_MB.set(sum(w.rss_mb or 0.0 for w in self._admitted))
         for worker in list(self._admitted):
-            if worker.pid is None:
-                continue
+            if worker.pid is not None and worker.state != "closed":
+                self._sample_worker(worker)
+
+    def _sample_worker(self, worker: Worker) -> None:
+        assert worker.pid is not None
+        limits = self.settings.pool
+        worker.remember_tree()
+        if worker.retire_reason is None or worker.current is not None:
+            # A retiring process keeps its last figure until it has exited: the budget must not count
+            # a tree that is halfway through shutting down as already freed.
             worker.rss_mb = procs.tree_rss_mb(worker.pid)
-            if worker.rss_mb is None:
-                continue
-            if worker.current is not None and worker.rss_mb > limits.hard_ceiling_mb:
-                worker.memory_kill_mb = worker.rss_mb
-                worker.log.error("memory_kill", rss_mb=round(worker.rss_mb), ceiling_mb=limits.hard_ceiling_mb)
-                procs.kill_tree(worker.pid)
-            elif worker.idle and worker.rss_mb > limits.session_max_rss_mb:
-                worker.retire("memory")
+        if not worker.process_alive():
+            self._process_gone(worker)
+        elif worker.rss_mb is None:
+            return
+        elif worker.current is not None and worker.rss_mb > limits.hard_ceiling_mb:
+            worker.memory_kill_mb = worker.rss_mb
+            worker.log.error("memory_kill", rss_mb=round(worker.rss_mb), ceiling_mb=limits.hard_ceiling_mb)
+            procs.kill_tree(worker.pid)
+        elif worker.idle and worker.rss_mb > limits.session_max_rss_mb:
+            worker.retire("memory")
+
+    def _process_gone(self, worker: Worker) -> None:
+        """The CLI died from outside: kill what it left (its helper may hold its output open), retire it if idle."""
+        worker.tree.kill_survivors()
+        if worker.current is None and worker.retire_reason is None:
+            worker.log.error("died_idle", pid=worker.pid)
+            worker.retire("died")
 
     # -- introspection -------------------------------------------------------------
 

@@ -1,12 +1,23 @@
-"""Process-tree inspection for the agent subprocesses (psutil)."""
+"""Process-tree inspection and cleanup for the agent subprocesses (psutil)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
+import fnmatch
+import os
+import time
+from pathlib import Path
 
 import psutil
 
 MIB = 1024 * 1024
+_PR_SET_CHILD_SUBREAPER = 36
+# The sandbox helper's listening socket: ``socat UNIX-LISTEN:<tmp>/claude-http-<id>.sock,... TCP:...``.
+_SOCKET_ARG = "UNIX-LISTEN:"
+_SOCKET_NAME = "claude-http-*.sock"
+REAP_DEADLINE_S = 5.0
 
 
 def tree_rss_mb(pid: int) -> float | None:
@@ -21,6 +32,22 @@ def tree_rss_mb(pid: int) -> float | None:
         with contextlib.suppress(psutil.Error):
             total += proc.memory_info().rss
     return total / MIB
+
+
+def handle(pid: int) -> psutil.Process | None:
+    """A handle that stays bound to this very process (start time), even after its pid is reused."""
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
+def still_running(proc: psutil.Process) -> bool:
+    """True while the process runs; gone, reaped or a zombie counts as dead."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def kill_tree(pid: int) -> None:
@@ -47,3 +74,101 @@ def live_descendants(pid: int) -> list[int]:
             if proc.status() != psutil.STATUS_ZOMBIE:
                 alive.append(proc.pid)
     return alive
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants re-parent to this process instead of init (Linux ``PR_SET_CHILD_SUBREAPER``)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class ProcessTree:
+    """The descendants seen below one CLI process while it lived, to clean up after it dies.
+
+    ``psutil.Process`` remembers each member's start time, so a kill never hits a recycled pid.
+    """
+
+    def __init__(self) -> None:
+        self._members: dict[int, psutil.Process] = {}
+        self._sockets: set[Path] = set()
+
+    @property
+    def pids(self) -> list[int]:
+        return sorted(self._members)
+
+    def remember(self, pid: int) -> None:
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            return
+        self._forget_finished()
+        for proc in children:
+            if proc.pid not in self._members:
+                self._members[proc.pid] = proc
+                self._sockets.update(_helper_sockets(proc))
+
+    def _forget_finished(self) -> None:
+        """Members gone for good (exited and reaped by their parent) need no cleanup; keep the set small."""
+        self._members = {pid: proc for pid, proc in self._members.items() if _running(proc)}
+        self._sockets = {socket for socket in self._sockets if socket.exists()}
+
+    def kill_survivors(self) -> list[int]:
+        killed = []
+        for proc in self._members.values():
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    proc.kill()
+                    killed.append(proc.pid)
+        return killed
+
+    async def sweep(self) -> list[int]:
+        """Kill the members still alive, reap those re-parented to us, remove helper sockets left behind."""
+        killed = self.kill_survivors()
+        deadline = time.monotonic() + REAP_DEADLINE_S
+        waiting = list(self._members.values())
+        while waiting and time.monotonic() < deadline:
+            waiting = [proc for proc in waiting if not _reaped(proc)]
+            if waiting:
+                await asyncio.sleep(0.02)
+        for socket in self._sockets:
+            with contextlib.suppress(OSError):
+                socket.unlink(missing_ok=True)
+        self._members.clear()
+        return killed
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Still there, zombies included: a zombie re-parented to us still needs reaping."""
+    try:
+        return proc.is_running()
+    except psutil.Error:
+        return False
+
+
+def _reaped(proc: psutil.Process) -> bool:
+    """True once ``proc`` is gone; reaps it if it is our (re-parented) zombie, by its own pid only."""
+    try:
+        if not proc.is_running():
+            return True
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.Error:
+        return True
+    try:
+        # Only this pid: waitpid(-1) would steal exit statuses from asyncio's child watcher.
+        reaped, _ = os.waitpid(proc.pid, os.WNOHANG)
+    except ChildProcessError:
+        return True  # a zombie of someone else's: its parent reaps it
+    return reaped != 0
+
+
+def _helper_sockets(proc: psutil.Process) -> list[Path]:
+    try:
+        args = proc.cmdline()
+    except psutil.Error:
+        return []
+    paths = [Path(arg.removeprefix(_SOCKET_ARG).split(",", 1)[0]) for arg in args if arg.startswith(_SOCKET_ARG)]
+    return [p for p in paths if fnmatch.fnmatch(p.name, _SOCKET_NAME)]

@@ -36,6 +36,8 @@ class ConversationRecord:
     created_at: float = 0.0
     updated_at: float = 0.0
     evict_reason: str | None = None
+    # Sessions this conversation had before its transcript was lost (oldest first); kept for the record.
+    previous_session_ids: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -44,7 +46,9 @@ class ConversationRecord:
     def from_json(cls, raw: str | bytes) -> ConversationRecord:
         data: dict[str, Any] = json.loads(raw)
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fields = {k: v for k, v in data.items() if k in known}
+        fields["previous_session_ids"] = tuple(fields.get("previous_session_ids", ()))
+        return cls(**fields)
 
     def replace(self, **changes: Any) -> ConversationRecord:
         return dataclasses.replace(self, updated_at=time.time(), **changes)

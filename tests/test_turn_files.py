@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from bot.core import Failure, Inbound
-from bot.files import safe_filename, take_outbox
+from bot.files import MAX_NAME_BYTES, safe_filename, take_outbox
 from tests.conftest import PoolFactory
 from tests.fakes.model import FakeModel, ToolUse
 from tests.helpers import wait_until
@@ -27,6 +28,40 @@ from tests.helpers import wait_until
 )
 def test_safe_filename(raw: str, expected: str) -> None:
     assert safe_filename(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "\u3042" * 250,  # 750 bytes of 3-byte characters
+        "\u337f" * 80 + ".txt",  # 244 bytes on disk, 964 after NFKC (each becomes four characters)
+        "\ufdfa" * 60 + ".pdf",  # one character becomes 18 under NFKC
+    ],
+)
+def test_safe_filename_caps_bytes(raw: str) -> None:
+    name = safe_filename(raw)
+    assert 0 < len(name.encode()) <= MAX_NAME_BYTES
+    assert "/" not in name and not name.startswith(".")
+    assert name.endswith(Path(raw).suffix)
+
+
+def test_outbox_delivers_a_name_too_long_after_nfkc(tmp_path: Path) -> None:
+    outbox = tmp_path / "work" / "outbox"
+    outbox.mkdir(parents=True)
+    (outbox / ("\u337f" * 80 + ".txt")).write_text("ok")
+    (taken,) = take_outbox(tmp_path / "work", tmp_path / "parking")
+    assert taken.read_text() == "ok" and taken.name.endswith(".txt")
+
+
+def test_safe_filename_is_linear_in_hostile_input() -> None:
+    def cost(n: int) -> float:
+        hostile = ("\ufdfa;. " * n) + "x" * n
+        started = time.perf_counter()
+        safe_filename(hostile)
+        return time.perf_counter() - started
+
+    small, large = min(cost(20_000) for _ in range(3)), min(cost(160_000) for _ in range(3))
+    assert large < small * 8 * 4, f"{small:.4f}s for N, {large:.4f}s for 8N"
 
 
 def test_outbox_skips_links_and_directories(tmp_path: Path) -> None:

@@ -1,0 +1,136 @@
+"""Warm-hit ratio of the pool's eviction against an ideal LRU cache, on a Zipf-distributed trace.
+
+Run: .venv/bin/python -m tests.bench.bench_lru [--conversations 200] [--pool 20] [--messages 2000]
+
+The real pool (routing, admission, eviction, successors, store) runs with a fake launcher whose
+"process" answers at once: the figure measures eviction decisions, not the CLI, so 2,000 messages
+take seconds instead of the ~10 minutes the real CLI's spawns would. Not a test: it prints a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import tempfile
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot import logs
+from bot.agent import AgentSession, SessionSpec, TextDelta, TurnDone
+from bot.config import AgentConfig, LogConfig, PoolConfig, Settings, StoreConfig
+from bot.core import Inbound, ToolPolicy
+from bot.pool import LOST_CONTEXT_NOTICE, Pool
+from bot.store import SqliteStore
+
+
+@dataclass(frozen=True)
+class HitRatios:
+    pool: float
+    ideal: float
+    resumed_fresh: int
+
+    @property
+    def of_ideal(self) -> float:
+        return self.pool / self.ideal if self.ideal else 1.0
+
+
+class InstantSession:
+    """Stands in for a CLI process: every turn answers at once."""
+
+    def __init__(self, spec: SessionSpec) -> None:
+        self._session_id = spec.session_id
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    async def turn(self, text: str, policy: ToolPolicy | None = None) -> AsyncIterator[TextDelta | TurnDone]:
+        yield TurnDone(reply=text, session_id=self._session_id, total_cost_usd=0.0, error=None, interrupted=False)
+
+    async def interrupt(self) -> None:
+        return None
+
+
+class InstantLauncher:
+    def __init__(self) -> None:
+        self.opened = 0
+
+    @asynccontextmanager
+    async def open(self, spec: SessionSpec) -> AsyncIterator[AgentSession]:
+        self.opened += 1
+        # Like the CLI, keep a transcript, so a successor finds its session to resume.
+        transcript = spec.config_dir / "projects" / "bench" / f"{spec.session_id}.jsonl"
+        transcript.parent.mkdir(parents=True, exist_ok=True)
+        transcript.touch()
+        yield InstantSession(spec)
+
+
+def zipf_trace(conversations: int, messages: int, seed: int = 7, exponent: float = 1.0) -> list[int]:
+    weights = [1 / rank**exponent for rank in range(1, conversations + 1)]
+    return random.Random(seed).choices(range(conversations), weights=weights, k=messages)
+
+
+def ideal_lru_hits(trace: list[int], capacity: int) -> int:
+    cache: OrderedDict[int, None] = OrderedDict()
+    hits = 0
+    for key in trace:
+        if key in cache:
+            hits += 1
+            cache.move_to_end(key)
+        else:
+            cache[key] = None
+            if len(cache) > capacity:
+                cache.popitem(last=False)
+    return hits
+
+
+async def pool_hits(trace: list[int], capacity: int, root: Path) -> tuple[int, int]:
+    """Warm hits of the real pool on ``trace``, and how many messages got a fresh session instead of a resume."""
+    settings = Settings(
+        agent=AgentConfig(api_key="sk-bench"),
+        pool=PoolConfig(max_sessions=capacity, prewarm=0, memory_budget_mb=1_000_000),
+        store=StoreConfig(data_dir=root / "data"),
+    )
+    pool = Pool(settings, InstantLauncher(), SqliteStore(root / "data" / "bench.db", ttl_days=1))
+    await pool.start()
+    hits = fresh = 0
+    try:
+        for key in trace:
+            conversation = f"api:z{key}"
+            hits += pool._live(conversation) is not None
+            outcome = await pool.ask(Inbound(conversation, "hi"))
+            assert outcome.ok, outcome.error
+            fresh += outcome.reply.startswith(LOST_CONTEXT_NOTICE)
+    finally:
+        await pool.close(grace_s=5)
+        await pool.store.close()
+    return hits, fresh
+
+
+async def measure(conversations: int, capacity: int, messages: int, root: Path) -> HitRatios:
+    trace = zipf_trace(conversations, messages)
+    hits, fresh = await pool_hits(trace, capacity, root)
+    return HitRatios(pool=hits / len(trace), ideal=ideal_lru_hits(trace, capacity) / len(trace), resumed_fresh=fresh)
+
+
+async def main(conversations: int, capacity: int, messages: int) -> None:
+    logs.configure(LogConfig(level="warning"))
+    ratios = await measure(conversations, capacity, messages, Path(tempfile.mkdtemp(prefix="agentd-lru-")))
+    print(
+        f"LRU: Zipf trace, {conversations} conversations, pool of {capacity}, {messages} messages:"
+        f" warm-hit ratio {ratios.pool:.3f} vs ideal LRU {ratios.ideal:.3f}"
+        f" -> {ratios.of_ideal:.3f} of ideal (goal >= 0.95)"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--conversations", type=int, default=200)
+    parser.add_argument("--pool", type=int, default=20)
+    parser.add_argument("--messages", type=int, default=2000)
+    args = parser.parse_args()
+    asyncio.run(main(args.conversations, args.pool, args.messages))
