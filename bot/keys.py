@@ -67,3 +67,9 @@ def mail_sender_rate(sender: str) -> str:
 
 def mail_thread_replies(conversation_id: str) -> str:
     return f"{PREFIX}:mail:replies:{conversation_id}"
+
+
+def mail_participants(conversation_id: str) -> str:
+    """JSON list of the addresses that may continue an email conversation: its root's From, To and Cc,
+    and whoever the agent answered in it.  Anyone else referencing the thread starts a conversation of their own."""
+    return f"{PREFIX}:mail:participants:{conversation_id}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ async def test_mail_gets_a_threaded_reply(tmp_path: Path, fake_model: FakeModel,
     html = reply.get_body(("html",)).get_content()
     assert "Try **turning it off** and on again." in text and "<strong>turning it off</strong>" in html
     said = fake_model.find("printer on floor 3")[0].last_said()
-    assert "<untrusted-email>" in said and "From: alice@example.test" in said
+    assert re.search(r"\n<untrusted-email-[0-9a-f]{16}>\nFrom: alice@example.test\n", said)
     assert any("$AgentdDone" in f for f in mail.flags()), "the inbound message is marked"
 
 
@@ -218,7 +219,8 @@ async def test_malformed_mail_is_survived_and_each_gets_an_outcome(
     tmp_path: Path, fake_model: FakeModel, mail: MailServer
 ) -> None:
     corpus = malformed_corpus()
-    async with running(tmp_path, fake_model, mail, email={"max_attachment_mb": 5}) as daemon:
+    limits = {"max_attachment_mb": 5, "max_message_mb": 40}  # the huge attachment is read, then skipped
+    async with running(tmp_path, fake_model, mail, email=limits) as daemon:
         for raw in corpus.values():
             mail.deliver(raw)
         statuses = {i: (await daemon.outcome(f"<m{i}@x>", timeout=60))["status"] for i in range(1, 8)}

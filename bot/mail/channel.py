@@ -30,9 +30,11 @@ from bot.core import Failure, Inbound, Outcome, ToolPolicy
 from bot.files import safe_filename, unique_path
 from bot.http import Api
 from bot.lanes import Lanes
-from bot.mail import compose, policy
+from bot.mail import compose, policy, smtp
 from bot.mail.imap import Fetched, ImapWatcher, Mark
-from bot.mail.parse import Mail, message_id, parse
+from bot.mail.parse import Mail, addresses, message_id, parse
+from bot.mail.smtp import SendError
+from bot.mail.worker import ParseWorker, WorkerFailed
 from bot.pool import Pool
 from bot.store import Store, StoreError
 
@@ -50,14 +52,18 @@ class Job:
 
 
 MAX_ATTEMPTS = 6
+# A conversation's participants are its root's From, To and Cc: a huge Cc list is cut here.
+MAX_PARTICIPANTS = 100
 
 
-class SendError(Exception):
-    """The SMTP server did not take the reply for every recipient."""
+@dataclass(frozen=True)
+class Answer:
+    """What to send back for one message, and the outcome to record once it is sent."""
 
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
+    text: str
+    status: str
+    reason: str | None = None
+    files: tuple[Path, ...] = ()
 
 
 class EmailChannel:
@@ -68,6 +74,7 @@ class EmailChannel:
         self._staging = pool.data_dir / "incoming"
         self._policy = ToolPolicy(allow=frozenset(self._config.allowed_tools))
         self._watcher = ImapWatcher(self._config, store, self._deliver)
+        self._parser = ParseWorker(self._config.parse_timeout_s)
         self._lanes: Lanes[Job] = Lanes("email", self._process)
         self._inflight: set[str] = set()
         self._runner: asyncio.Task[None] | None = None
@@ -90,6 +97,7 @@ class EmailChannel:
         self._watcher.stop()
         if self._runner is not None:
             await self._runner
+        await self._parser.close()
 
     @property
     def watcher(self) -> ImapWatcher:
@@ -98,13 +106,8 @@ class EmailChannel:
     # -- intake: called by the IMAP loop for each message; records or enqueues, never waits for the agent --
 
     async def _deliver(self, fetched: Fetched) -> None:
-        try:
-            mail = parse(fetched.raw, self._config.max_attachments, self._max_attachment_bytes)
-        except Exception:  # task boundary: malformed MIME must never stop the inbox
-            log.exception("email_unparseable", uid=fetched.uid)
-            await self._finish(fetched, _raw_id(fetched.raw), "unreadable", "the message could not be parsed")
-            return
-        if mail.message_id in self._inflight:
+        mail = await self._parse(fetched)
+        if mail is None or mail.message_id in self._inflight:
             return
         recorded = await self._store.get_value(keys.mail_outcome(mail.message_id))
         if recorded is not None:
@@ -112,10 +115,29 @@ class EmailChannel:
             return
         screened = await self._screen(mail)
         if screened is not None:
-            await self._finish(fetched, mail.message_id, *screened)
+            status, reason = screened
+            if not fetched.complete:
+                status, reason = "oversized", f"{self._too_large(fetched)}; not answered: {reason}"
+            await self._finish(fetched, mail.message_id, status, reason)
             return
         self._inflight.add(mail.message_id)
         self._lanes.put(await self._conversation(mail), Job(fetched, mail))
+
+    async def _parse(self, fetched: Fetched) -> Mail | None:
+        """The parsed mail; None (with the ``unreadable`` outcome recorded) if the parser failed or timed out."""
+        try:
+            return await self._parser.run(parse, fetched.raw, self._config.max_attachments, self._max_attachment_bytes)
+        except WorkerFailed as exc:
+            log.error("email_unparseable", uid=fetched.uid, error=str(exc))
+            reason = f"the message could not be parsed: {exc}"
+        except Exception:  # task boundary: malformed MIME must never stop the inbox
+            log.exception("email_unparseable", uid=fetched.uid)
+            reason = "the message could not be parsed"
+        await self._finish(fetched, _raw_id(fetched.raw), "unreadable", reason)
+        return None
+
+    def _too_large(self, fetched: Fetched) -> str:
+        return f"{fetched.size / 1e6:.1f} MB, over the limit of {self._config.max_message_mb:g} MB"
 
     @property
     def _max_attachment_bytes(self) -> int:
@@ -137,9 +159,36 @@ class EmailChannel:
         if self._config.conversation == "mailbox":
             conversation = f"email:mailbox:{self._config.mailbox}"
         else:
-            conversation = await self._known_thread(mail) or f"email:{_root(mail)}"
+            conversation = await self._thread_conversation(mail)
         await self._remember(mail.message_id, conversation)
         return conversation
+
+    async def _thread_conversation(self, mail: Mail) -> str:
+        """The thread's conversation if the sender takes part in it; else one of the sender's own.
+
+        Every recipient of a thread (and whoever they forward it to) knows its Message-IDs: knowing
+        one must not be enough to continue someone else's conversation and read its context.
+        """
+        conversation = await self._known_thread(mail) or f"email:{_root(mail)}"
+        participants = await self._participants(conversation)
+        if participants and mail.sender not in participants:
+            log.info("email_thread_outsider", conversation=conversation, message_id=mail.message_id)
+            conversation = f"email:{mail.message_id}"
+            participants = await self._participants(conversation)
+        if not participants:
+            await self._add_participants(conversation, _participants_of(mail))
+        return conversation
+
+    async def _participants(self, conversation: str) -> frozenset[str]:
+        raw = await self._store.get_value(keys.mail_participants(conversation))
+        return frozenset(json.loads(raw)) if raw else frozenset()
+
+    async def _add_participants(self, conversation: str, added: frozenset[str]) -> None:
+        known = await self._participants(conversation)
+        if added <= known:
+            return
+        value = json.dumps([*sorted(known), *sorted(added - known)][:MAX_PARTICIPANTS])
+        await self._store.put_value(keys.mail_participants(conversation), value, keys.MAIL_RECORD_TTL_S)
 
     async def _known_thread(self, mail: Mail) -> str | None:
         for known_id in [*reversed(mail.references), mail.in_reply_to]:
@@ -156,13 +205,11 @@ class EmailChannel:
         retrying = False
         try:
             await self._reply(conversation, job)
-        except (SendError, aiosmtplib.SMTPResponseException) as exc:
-            if _permanent(exc):
+        except (SendError, StoreError, aiosmtplib.SMTPException, OSError) as exc:
+            if smtp.permanent(exc):
                 await self._finish(job.fetched, job.mail.message_id, "undeliverable", str(exc)[:300], conversation)
             else:
                 retrying = self._defer(conversation, job, exc)
-        except (StoreError, aiosmtplib.SMTPException, OSError) as exc:
-            retrying = self._defer(conversation, job, exc)
         finally:
             if not retrying:
                 self._inflight.discard(job.mail.message_id)
@@ -210,25 +257,49 @@ class EmailChannel:
             reason = f"the thread reached its cap of {self._config.thread_reply_cap} replies"
             await self._finish(job.fetched, mail.message_id, "reply_cap", reason, conversation)
             return None
-        outcome = await self._pool.ask(self._inbound(conversation, mail))
-        if outcome.failure in RETRY_LATER:
-            log.warning("email_retry_later", message_id=mail.message_id, failure=str(outcome.failure))
+        answer = await self._turn(conversation, job) if job.fetched.complete else self._refusal_of_size(job)
+        if answer is None:
             return None
-        if not outcome.ok and not self._config.error_reply:
-            await self._finish(job.fetched, mail.message_id, "failed", outcome.error, conversation)
-            return None
-        message = compose.reply(mail, _reply_text(outcome), self._address, outcome.files)
+        message = compose.reply(mail, answer.text, self._address, answer.files, await self._html(answer.text))
         await self._remember(str(message["Message-ID"]).strip(), conversation)
-        status = "replied" if outcome.ok else "failed_replied"
+        await self._add_participants(conversation, frozenset({mail.sender}))
         outbox = {
             "state": "sending",
-            "status": status,
-            "reason": outcome.error,
+            "status": answer.status,
+            "reason": answer.reason,
             "to": mail.sender,
             "raw": _encode(message),
         }
         await self._store.put_value(keys.mail_outbox(mail.message_id), json.dumps(outbox), keys.MAIL_RECORD_TTL_S)
         return outbox
+
+    async def _turn(self, conversation: str, job: Job) -> Answer | None:
+        """The agent's answer; None when the message ended without one (recorded, or to be retried)."""
+        outcome = await self._pool.ask(self._inbound(conversation, job.mail))
+        if outcome.failure in RETRY_LATER:
+            log.warning("email_retry_later", message_id=job.mail.message_id, failure=str(outcome.failure))
+            return None
+        if not outcome.ok and not self._config.error_reply:
+            await self._finish(job.fetched, job.mail.message_id, "failed", outcome.error, conversation)
+            return None
+        status = "replied" if outcome.ok else "failed_replied"
+        return Answer(_reply_text(outcome), status, outcome.error, outcome.files)
+
+    async def _html(self, text: str) -> str | None:
+        """The answer rendered as HTML in the worker; None (a text-only reply) if rendering fails or is too slow."""
+        try:
+            return await self._parser.run(compose.to_html, text)
+        except WorkerFailed as exc:
+            log.warning("email_html_skipped", error=str(exc))
+        except RecursionError:  # lists nested past the recursion limit: the text part is enough
+            log.warning("email_html_skipped", error="RecursionError")
+        except Exception:  # task boundary: the reply goes out as text, whatever the renderer did
+            log.exception("email_html_skipped")
+        return None
+
+    def _refusal_of_size(self, job: Job) -> Answer:
+        """Only the headers of an oversized mail were fetched: say so, without the agent."""
+        return Answer(compose.too_large_text(self._config.max_message_mb), "oversized", self._too_large(job.fetched))
 
     def _inbound(self, conversation: str, mail: Mail) -> Inbound:
         files = self._stage(mail)
@@ -263,34 +334,7 @@ class EmailChannel:
         self._crash_point("after_send")
 
     async def _send(self, raw: bytes, to: str) -> None:
-        c = self._config
-        errors, _ = await aiosmtplib.send(
-            raw,
-            sender=self._address,
-            recipients=[to],
-            hostname=c.smtp_host or c.imap_host,
-            port=c.smtp_port or {"tls": 465, "starttls": 587, "plain": 25}[c.smtp_security],
-            username=self._smtp_user,
-            password=self._smtp_password if self._smtp_user else None,
-            use_tls=c.smtp_security == "tls",
-            start_tls=c.smtp_security == "starttls",
-            tls_context=c.tls_context() if c.smtp_security != "plain" else None,
-            timeout=c.command_timeout_s,
-        )
-        if errors:
-            code = min(response.code for response in errors.values())
-            raise SendError(f"recipients refused: {errors}", code)
-
-    @property
-    def _smtp_user(self) -> str | None:
-        """``smtp_user`` unset: the IMAP login; set to "": no SMTP authentication."""
-        user = self._config.imap_user if self._config.smtp_user is None else self._config.smtp_user
-        return user or None
-
-    @property
-    def _smtp_password(self) -> str | None:
-        secret = self._config.smtp_password or self._config.imap_password
-        return secret.get_secret_value() if secret else None
+        await smtp.send(self._config, raw, self._address, to)
 
     @property
     def _address(self) -> str:
@@ -317,15 +361,20 @@ class EmailChannel:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _permanent(exc: SendError | aiosmtplib.SMTPResponseException) -> bool:
-    """A 5xx answer will not change on retry (an unknown recipient): record it instead of retrying."""
-    return 500 <= exc.code < 600
-
-
 def _root(mail: Mail) -> str:
     if mail.references:
         return mail.references[0]
     return mail.in_reply_to or mail.message_id
+
+
+def _participants_of(mail: Mail) -> frozenset[str]:
+    """The sender and everyone the mail was addressed to (From, To, Cc), lower case."""
+    found: set[str] = set()
+    for name in ("from", "to", "cc"):
+        for value in mail.header(name):
+            found.update(address.lower() for _, address in addresses(value) if "@" in address)
+    sender = {mail.sender} if mail.sender else set()
+    return frozenset(sender | set(sorted(found - sender)[: MAX_PARTICIPANTS - 1]))
 
 
 def _reply_text(outcome: Outcome) -> str:

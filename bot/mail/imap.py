@@ -10,13 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aioimaplib
 import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential,
+    wait_random_exponential,
+)
 
 from bot import keys, metrics
 from bot.config import EmailConfig
@@ -26,20 +32,31 @@ log = structlog.get_logger(__name__)
 
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _FETCH_UID = re.compile(rb"UID (\d+)")
+_FETCH_SIZE = re.compile(rb"RFC822\.SIZE (\d+)")
 
 
 class ImapError(Exception):
     """The server refused a command, or the connection broke."""
 
 
+class _Reconnect(Exception):
+    """A session ended by a failure (already logged): connect again after a pause."""
+
+
+# What a lost or refused connection raises: the client is rebuilt.
+_CONNECTION_ERRORS = (ImapError, aioimaplib.AioImapException, StoreError, OSError, TimeoutError)
+
+
 @dataclass(frozen=True)
 class Fetched:
-    """One message as the server holds it."""
+    """One message as the server holds it: all of it, or only its header section if it is over the size cap."""
 
     mailbox: str
     uidvalidity: int
     uid: int
     raw: bytes
+    size: int = 0  # RFC822.SIZE
+    complete: bool = True
 
 
 @dataclass(frozen=True)
@@ -86,20 +103,33 @@ class ImapWatcher:
     # -- the connection loop ---------------------------------------------------------
 
     async def run(self) -> None:
-        """Connect, serve, and on any failure discard the client and reconnect with capped backoff."""
-        delay = 1.0
-        while not self._stopping:
-            try:
-                await self._session()
-                delay = 1.0
-            except (ImapError, aioimaplib.AioImapException, StoreError, OSError, TimeoutError) as exc:
-                log.warning("imap_reconnect", error=str(exc)[:200] or type(exc).__name__, retry_in_s=round(delay, 1))
-            except Exception:  # task boundary: a bug must not end the inbox for good
-                log.exception("imap_failed", retry_in_s=round(delay, 1))
-            else:
-                continue
-            await self._pause(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, self._config.reconnect_max_s)
+        """Connect, serve, and on any failure discard the client and reconnect with capped, jittered backoff."""
+        half = self._config.reconnect_max_s / 2
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_Reconnect),
+            # Half fixed, half random: 0.5-1 s, then 1-2 s, ... up to reconnect_max_s, as many clients never sync up.
+            wait=wait_exponential(multiplier=0.5, max=half) + wait_random_exponential(multiplier=0.5, max=half),
+            sleep=self._pause,
+            before_sleep=_log_retry,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._attempt()
+
+    async def _attempt(self) -> None:
+        """One session; a failure is logged and, unless stopping, asks for another."""
+        if self._stopping:
+            return
+        try:
+            await self._session()
+        except _CONNECTION_ERRORS as exc:
+            log.warning("imap_reconnect", error=str(exc)[:200] or type(exc).__name__)
+        except Exception:  # task boundary: a bug must not end the inbox for good
+            log.exception("imap_failed")
+        else:
+            return
+        if not self._stopping:
+            raise _Reconnect
 
     async def _pause(self, seconds: float) -> None:
         self._wake.clear()
@@ -196,18 +226,17 @@ class ImapWatcher:
         uids = await self._search(client, last, full)
         log.debug("imap_catch_up", last_uid=last, full=full, found=uids[:50])
         for uid in uids:
-            raw = await self._fetch(client, uid)
-            if raw is not None:
-                await self._deliver(Fetched(self._config.mailbox, uidvalidity, uid, raw))
+            fetched = await self._take(client, uidvalidity, uid)
+            if fetched is not None:
+                await self._deliver(fetched)
             if uid > last:
                 last = uid
                 await self._save_checkpoint(uidvalidity, last)
 
     async def _search(self, client: aioimaplib.IMAP4, last: int, full: bool) -> list[int]:
-        if full:
-            criteria = ["ALL"] if self._config.processed_folder else ["UNKEYWORD", self._config.processed_keyword]
-        else:
-            criteria = ["UID", f"{last + 1}:*"]
+        # Marked mail is never taken again, even when the checkpoint is lost (a new Redis, an expired key).
+        unmarked = [] if self._config.processed_folder else ["UNKEYWORD", self._config.processed_keyword]
+        criteria = (unmarked or ["ALL"]) if full else ["UID", f"{last + 1}:*", *unmarked]
         response = await self._command(client.uid_search(*criteria))
         if response.result != "OK":
             raise ImapError(f"search failed: {_text(response)}")
@@ -215,8 +244,28 @@ class ImapWatcher:
         # "UID n:*" names the highest UID even when it is below n.
         return uids if full else [u for u in uids if u > last]
 
-    async def _fetch(self, client: aioimaplib.IMAP4, uid: int) -> bytes | None:
-        response = await self._command(client.uid("fetch", str(uid), "BODY.PEEK[]"))
+    async def _take(self, client: aioimaplib.IMAP4, uidvalidity: int, uid: int) -> Fetched | None:
+        """The whole message, or only its headers when RFC822.SIZE is over ``max_message_mb``; None if expunged."""
+        size = await self._size(client, uid)
+        if size is None:
+            return None
+        complete = size <= self._config.max_message_mb * 1_000_000
+        raw = await self._fetch(client, uid, "BODY.PEEK[]" if complete else "BODY.PEEK[HEADER]")
+        if raw is None:
+            return None
+        return Fetched(self._config.mailbox, uidvalidity, uid, raw, size, complete)
+
+    async def _size(self, client: aioimaplib.IMAP4, uid: int) -> int | None:
+        response = await self._command(client.uid("fetch", str(uid), "(RFC822.SIZE)"))
+        if response.result != "OK":
+            raise ImapError(f"fetch {uid} failed: {_text(response)}")
+        for line in response.lines[:-1]:
+            if match := _FETCH_SIZE.search(bytes(line)):
+                return int(match.group(1))
+        return None  # expunged meanwhile
+
+    async def _fetch(self, client: aioimaplib.IMAP4, uid: int, section: str) -> bytes | None:
+        response = await self._command(client.uid("fetch", str(uid), section))
         if response.result != "OK":
             raise ImapError(f"fetch {uid} failed: {_text(response)}")
         bodies = [bytes(line) for line in response.lines if isinstance(line, bytearray)]
@@ -295,3 +344,8 @@ class ImapWatcher:
 
 def _text(response: aioimaplib.Response) -> str:
     return b" ".join(bytes(line) for line in response.lines[-1:]).decode(errors="replace")[:200]
+
+
+def _log_retry(state: RetryCallState) -> None:
+    pause = state.next_action.sleep if state.next_action else 0.0
+    log.info("imap_retry", attempt=state.attempt_number, retry_in_s=round(pause, 1))

@@ -24,11 +24,26 @@ from bot.files import safe_filename
 FALLBACK_CHARSETS = ("utf-8", "cp1252", "latin-1")
 # What the stdlib's header registry and MIME accessors raise on malformed input.
 _BROKEN = (ValueError, LookupError, UnicodeError, TypeError, AttributeError, email.errors.MessageError)
+# Every pattern below is matched against one line (or one header) at a time, never searched across a
+# whole body: a ``\s*`` that may span newlines restarts a long scan at every blank line (quadratic).
 _INLINE_FORWARD = re.compile(
-    r"^\s*(?:-+\s*(?:Forwarded message|Original Message)\s*-+|Begin forwarded message:)\s*$",
-    re.IGNORECASE | re.MULTILINE,
+    r"-+[ \t]*(?:Forwarded message|Original Message)[ \t]*-+|Begin forwarded message:", re.IGNORECASE
 )
-_FORWARD_HEADER = re.compile(r"^\s*\**(From|Date|Sent|Subject|To|Cc)\**:\s*(.*)$", re.IGNORECASE)
+_FORWARD_HEADER = re.compile(r"\**(From|Date|Sent|Subject|To|Cc)\**:[ \t]*(.*)", re.IGNORECASE)
+_MESSAGE_ID = re.compile(r"<[^<>\s]+>")
+# mail-parser-reply's own patterns are quadratic on some text (blank lines, runs of spaces, "On On On"):
+# it only sees the head of the body, where a reply ends and its quote starts in practice.
+QUOTE_SCAN_CHARS = 3000
+QUOTE_SCAN_LINES = 200
+# The stdlib's header registry is quadratic on some values (runs of quotes, thousands of encoded words):
+# only the first of the headers we show or read addresses from, and only a short one, goes through it.
+# The others keep their raw text, flattened.
+_DECODED_HEADERS = frozenset({"from", "to", "cc", "subject", "reply-to", "date"})
+HEADER_DECODE_CHARS = 1000
+# html2text indents each list item by its nesting depth: deeply nested lists give quadratic output.
+# Lists past this many keep their items, as plain blocks.
+MAX_HTML_LISTS = 100
+_HTML_LIST_TAG = re.compile(r"<(/?)(?:ul|ol)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -82,8 +97,8 @@ def parse(raw: bytes, max_attachments: int, max_attachment_bytes: int) -> Mail:
         # A MIME parameter the stdlib chokes on (a lone surrogate, a cut UTF-16 value), or absurd nesting:
         # read the headers alone and keep the raw body as the text.
         msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw, headersonly=True)
-        rest = re.split(rb"\r?\n\r?\n", raw, maxsplit=1)[1:]
-        text = _decode_bytes(rest[0]).replace("\r\n", "\n") if rest else ""
+        rest = raw_body(raw)
+        text = _decode_bytes(rest).replace("\r\n", "\n") if rest is not None else ""
         html, attachments, forwarded, content_type = "", [], [], ""
     headers = _headers(msg)
     content_type = content_type or _first(headers, "content-type").partition(";")[0].strip().lower() or "text/plain"
@@ -91,7 +106,7 @@ def parse(raw: bytes, max_attachments: int, max_attachment_bytes: int) -> Mail:
     note, inline = split_inline_forward(body)
     new_text, quoted = strip_quotes(note)
     kept, skipped = _cap(attachments, max_attachments, max_attachment_bytes)
-    sender_display, sender = email.utils.parseaddr(_first(headers, "from"))
+    sender_display, sender = next(iter(addresses(_first(headers, "from"))), ("", ""))
     return Mail(
         message_id=message_id(headers, raw),
         sender=sender.lower(),
@@ -110,6 +125,23 @@ def parse(raw: bytes, max_attachments: int, max_attachment_bytes: int) -> Mail:
     )
 
 
+def addresses(value: str) -> list[tuple[str, str]]:
+    """(display name, address) pairs of an address header; none if the stdlib's parser gives up on it."""
+    try:
+        return [pair for pair in email.utils.getaddresses([value]) if pair != ("", "")]
+    except RecursionError:  # comments nested thousands deep
+        return []
+
+
+def raw_body(raw: bytes) -> bytes | None:
+    """What follows the first empty line (the end of the header section); None if there is none."""
+    ends = [(found, len(sep)) for sep in (b"\n\n", b"\n\r\n") if (found := raw.find(sep)) >= 0]
+    if not ends:
+        return None
+    start, length = min(ends)
+    return raw[start + length :]
+
+
 def message_id(headers: dict[str, tuple[str, ...]], raw: bytes) -> str:
     """The Message-ID, or a hash of the raw bytes for mail that has none (so a rescan still dedupes)."""
     found = _ids(_first(headers, "message-id"))
@@ -119,7 +151,9 @@ def message_id(headers: dict[str, tuple[str, ...]], raw: bytes) -> str:
 def _headers(msg: Message) -> dict[str, tuple[str, ...]]:
     headers: dict[str, list[str]] = {}
     for name, value in msg.raw_items():
-        headers.setdefault(name.lower(), []).append(_clean(_header_text(name, str(value))))
+        seen = headers.setdefault(name.lower(), [])
+        decode = name.lower() in _DECODED_HEADERS and not seen and len(str(value)) <= HEADER_DECODE_CHARS
+        seen.append(_clean(_header_text(name, str(value)) if decode else str(value)))
     return {k: tuple(v) for k, v in headers.items()}
 
 
@@ -127,7 +161,7 @@ def _header_text(name: str, value: str) -> str:
     """The header with RFC 2047 encoded words decoded; its raw text if the header registry chokes on it."""
     try:
         return str(email.policy.default.header_fetch_parse(name, value))
-    except _BROKEN:
+    except (*_BROKEN, RecursionError):
         return value
 
 
@@ -143,7 +177,7 @@ def _first(headers: dict[str, tuple[str, ...]], name: str) -> str:
 
 
 def _ids(value: str) -> list[str]:
-    return re.findall(r"<[^<>\s]+>", value)
+    return _MESSAGE_ID.findall(value)
 
 
 def _walk(msg: EmailMessage) -> tuple[str, str, list[Attachment], list[Forwarded]]:
@@ -202,7 +236,19 @@ def _html_to_text(html: str) -> str:
     converter = html2text.HTML2Text()
     converter.ignore_images = True
     converter.body_width = 0
-    return converter.handle(html).strip()
+    return converter.handle(_flatten_deep_lists(html)).strip()
+
+
+def _flatten_deep_lists(html: str) -> str:
+    """Past MAX_HTML_LISTS lists, list tags become divs (their text stays)."""
+    opened = 0
+
+    def swap(tag: re.Match[str]) -> str:
+        nonlocal opened
+        opened += not tag.group(1)
+        return tag.group(0) if opened <= MAX_HTML_LISTS else f"<{tag.group(1)}div"
+
+    return _HTML_LIST_TAG.sub(swap, html)
 
 
 def _forwarded(inner: Message) -> Forwarded:
@@ -218,28 +264,62 @@ def _forwarded(inner: Message) -> Forwarded:
 
 def split_inline_forward(text: str) -> tuple[str, tuple[Forwarded, ...]]:
     """The forwarder's note, and the message forwarded inline below a "Forwarded message" line."""
-    match = _INLINE_FORWARD.search(text)
-    if match is None:
+    lines = text.splitlines(keepends=True)
+    marker = next((i for i, line in enumerate(lines) if _INLINE_FORWARD.fullmatch(line.strip())), None)
+    if marker is None:
         return text, ()
-    note, rest = text[: match.start()].strip(), text[match.end() :].lstrip("\n")
+    note = "".join(lines[:marker]).strip()
+    rest = [line.rstrip("\r\n") for line in lines[marker + 1 :]]
+    while rest and not rest[0]:
+        rest.pop(0)
     fields: dict[str, str] = {}
-    lines = rest.splitlines()
     index = 0
-    while index < len(lines) and (header := _FORWARD_HEADER.match(lines[index])):
+    while index < len(rest) and (header := _FORWARD_HEADER.fullmatch(rest[index].strip())):
         fields[header.group(1).lower()] = header.group(2).strip()
         index += 1
-    body = "\n".join(lines[index:]).strip()
     original = Forwarded(
         sender=fields.get("from", ""),
         date=fields.get("date") or fields.get("sent", ""),
         subject=fields.get("subject", ""),
-        body=body,
+        body="\n".join(rest[index:]).strip(),
     )
     return note, (original,)
 
 
 def strip_quotes(text: str) -> tuple[str, str]:
-    """(the new text, the quoted reply below it) using mail-parser-reply."""
+    """(the new text, the quoted reply below it) using mail-parser-reply on the head of the text.
+
+    When no quote starts within the head, the whole text is the new text, unchanged: a long message
+    then keeps its quote, but never loses a word.
+    """
+    if not text.strip():
+        return "", ""
+    head, tail = _head(text)
+    latest, quoted = _strip_quotes(head)
+    if not tail.strip():
+        return latest, quoted
+    if not quoted:
+        return text.strip(), ""
+    return latest, (quoted + "\n" + tail).strip()
+
+
+def _head(text: str) -> tuple[str, str]:
+    """At most QUOTE_SCAN_LINES lines and QUOTE_SCAN_CHARS characters, cut at a line end if there is one."""
+    cut = min(len(text), QUOTE_SCAN_CHARS)
+    newlines = 0
+    position = text.find("\n")
+    while 0 <= position < cut:
+        newlines += 1
+        if newlines >= QUOTE_SCAN_LINES:
+            cut = position + 1
+            break
+        position = text.find("\n", position + 1)
+    if cut < len(text) and (line_end := text.rfind("\n", 0, cut)) > 0:
+        cut = line_end + 1
+    return text[:cut], text[cut:]
+
+
+def _strip_quotes(text: str) -> tuple[str, str]:
     if not text.strip():
         return "", ""
     replies = EmailReplyParser(languages=["en", "de", "fr", "es", "nl"]).read(text=text).replies

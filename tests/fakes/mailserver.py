@@ -1,6 +1,6 @@
 """A real mail server for tests: Dovecot (IMAP + LMTP) in a temp dir, and an aiosmtpd hop that delivers over LMTP.
 
-Users ``agent`` (the inbox agentd watches), ``alice`` and ``bob`` (people) exist, both with
+Users ``agent`` (the inbox agentd watches), ``alice``, ``bob`` and ``eve`` (people) exist, all with
 password ``secret``.  Whatever is sent through the SMTP hop is delivered to the
 recipients' mailboxes and also kept in ``sent`` for inspection.
 """
@@ -34,7 +34,7 @@ from tests.fakes.redis_server import free_port
 
 DOMAIN = "example.test"
 PASSWORD = "secret"
-USERS = ("agent", "alice", "bob")
+USERS = ("agent", "alice", "bob", "eve")
 
 CONFIG = """
 protocols = imap lmtp
@@ -90,6 +90,15 @@ class Relay:
     def __init__(self, lmtp_socket: Path) -> None:
         self.lmtp_socket = lmtp_socket
         self.sent: list[tuple[list[str], bytes]] = []
+        self.refused: set[str] = set()  # recipients refused at RCPT TO with 550, as an MTA refuses unknown users
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if address.lower() in self.refused:
+            return "550 5.1.1 no such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = bytes(envelope.original_content or b"")
@@ -222,7 +231,8 @@ class MailServer:
 
     def deliver(self, raw: bytes | EmailMessage, to: str = f"agent@{DOMAIN}", sender: str = f"alice@{DOMAIN}") -> None:
         """Send through the SMTP hop, as a person's mail client would."""
-        data = raw.as_bytes() if isinstance(raw, EmailMessage) else raw
+        # CRLF line ends: the SMTP hop reads lines up to CRLF, and a bare LF body is one over-long line.
+        data = raw.as_bytes(policy=email.policy.SMTP) if isinstance(raw, EmailMessage) else raw
         with smtplib.SMTP("127.0.0.1", self.smtp_port) as smtp:
             smtp.sendmail(sender, [to], data)
 

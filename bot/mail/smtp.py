@@ -1,0 +1,66 @@
+"""Sending one reply over SMTP, and telling a refusal that will never change from one worth retrying."""
+
+from __future__ import annotations
+
+import aiosmtplib
+
+from bot.config import EmailConfig
+
+_DEFAULT_PORTS = {"tls": 465, "starttls": 587, "plain": 25}
+
+
+class SendError(Exception):
+    """The SMTP server did not take the reply for every recipient."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def send(config: EmailConfig, raw: bytes, sender: str, to: str) -> None:
+    """Hand ``raw`` to the SMTP server for ``to``; raises SendError or an aiosmtplib error if it is not taken."""
+    user = _user(config)
+    errors, _ = await aiosmtplib.send(
+        raw,
+        sender=sender,
+        recipients=[to],
+        hostname=config.smtp_host or config.imap_host,
+        port=config.smtp_port or _DEFAULT_PORTS[config.smtp_security],
+        username=user,
+        password=_password(config) if user else None,
+        use_tls=config.smtp_security == "tls",
+        start_tls=config.smtp_security == "starttls",
+        tls_context=config.tls_context() if config.smtp_security != "plain" else None,
+        timeout=config.command_timeout_s,
+    )
+    if errors:
+        code = min(response.code for response in errors.values())
+        raise SendError(f"recipients refused: {errors}", code)
+
+
+def permanent(exc: Exception) -> bool:
+    """A 5xx answer will not change on retry (an unknown recipient): record it instead of retrying.
+
+    When every recipient is refused, aiosmtplib raises one error per recipient, wrapped: permanent
+    only if each of them is.
+    """
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return bool(exc.recipients) and all(_permanent_code(refused.code) for refused in exc.recipients)
+    if isinstance(exc, SendError | aiosmtplib.SMTPResponseException):
+        return _permanent_code(exc.code)
+    return False
+
+
+def _permanent_code(code: int) -> bool:
+    return 500 <= code < 600
+
+
+def _user(config: EmailConfig) -> str | None:
+    """``smtp_user`` unset: the IMAP login; set to "": no SMTP authentication."""
+    user = config.imap_user if config.smtp_user is None else config.smtp_user
+    return user or None
+
+
+def _password(config: EmailConfig) -> str | None:
+    secret = config.smtp_password or config.imap_password
+    return secret.get_secret_value() if secret else None
