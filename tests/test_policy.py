@@ -34,17 +34,19 @@ async def workdir(store: Store, conversation_id: str) -> Path:
     return Path(record.workdir)
 
 
-async def test_restricted_turn_cannot_use_bash_on_warm_process(make_pool: PoolFactory, fake_model: FakeModel) -> None:
+async def test_a_narrower_policy_cannot_use_bash(make_pool: PoolFactory, fake_model: FakeModel) -> None:
     pool = await make_pool()
     fake_model.add("first", tool=touch("allowed.txt"))
     fake_model.add("second", tool=touch("denied.txt"))
     assert (await pool.ask(Inbound("api:p", "first"))).ok
     pid = pool.live_pids()
     outcome = await pool.ask(Inbound("api:p", "second", policy=READ_ONLY))
-    assert outcome.ok and pool.live_pids() == pid
+    # The tool set is fixed when a CLI starts: a narrower one gets a resumed successor process.
+    assert outcome.ok and pool.live_pids() != pid
+    (request,) = fake_model.find("second")
+    assert {tool["name"] for tool in request.body["tools"]} == {"Read", "Glob", "Grep"}
     work = await workdir(pool.store, "api:p")
     assert (work / "allowed.txt").exists() and not (work / "denied.txt").exists()
-    assert "the Bash tool is not allowed in this conversation" in fake_model.tool_results()
 
 
 async def test_ask_tools_wait_for_the_approver(make_pool: PoolFactory, fake_model: FakeModel) -> None:
