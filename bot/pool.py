@@ -747,6 +747,7 @@ class Pool:
         for worker in list(self._admitted):
             if worker.pid is not None and worker.state != "closed":
                 self._sample_worker(worker)
+        procs.reap_orphans({w.pid for w in self._all_workers() if w.pid is not None})
 
     def _sample_worker(self, worker: Worker) -> None:
         assert worker.pid is not None

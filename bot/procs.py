@@ -85,6 +85,26 @@ def become_subreaper() -> bool:
         return False
 
 
+def reap_orphans(own: set[int], names: frozenset[str] = frozenset({"claude", "socat"})) -> list[int]:
+    """Reap zombies re-parented to us (we are a subreaper) that no tree remembered: a CLI's short-lived helpers.
+
+    Only direct children named in ``names`` that are not one of our own CLI processes (``own``, which
+    asyncio's child watcher reaps), and each by its own pid.
+    """
+    reaped: list[int] = []
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return reaped
+    for proc in children:
+        with contextlib.suppress(psutil.Error, ChildProcessError):
+            if proc.pid in own or proc.status() != psutil.STATUS_ZOMBIE or proc.name() not in names:
+                continue
+            if os.waitpid(proc.pid, os.WNOHANG)[0] != 0:
+                reaped.append(proc.pid)
+    return reaped
+
+
 class ProcessTree:
     """The descendants seen below one CLI process while it lived, to clean up after it dies.
 

@@ -90,6 +90,7 @@ def cli_processes() -> list[psutil.Process]:
     found = []
     for process in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if process.name() == "claude" or process.cmdline()[:1] == ["claude"]:
+            serving = process.status() != psutil.STATUS_ZOMBIE
+            if serving and (process.name() == "claude" or process.cmdline()[:1] == ["claude"]):
                 found.append(process)
     return found
