@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Failure(enum.StrEnum):
@@ -62,18 +63,47 @@ class ToolPolicy:
 
 
 @dataclass(frozen=True)
+class Profile:
+    """What one kind of conversation may do; fixed for a CLI process's life (tools, MCP servers, prompt)."""
+
+    name: str
+    tools: frozenset[str]
+    ask_tools: frozenset[str] = frozenset()
+    mcp: tuple[str, ...] = ()
+    system_prompt: str | None = None
+    model: str | None = None
+    max_turns: int | None = None
+    max_budget_usd: float | None = None
+    sandbox: bool = True
+    deny_read: tuple[Path, ...] = ()
+
+    @property
+    def offered(self) -> frozenset[str]:
+        """Built-in tools the model is shown (MCP tools come on top)."""
+        return self.tools | self.ask_tools
+
+    def policy(self, approver: Approver | None = None) -> ToolPolicy:
+        return ToolPolicy(allow=self.tools - self.ask_tools, ask=self.ask_tools, approver=approver)
+
+
+@dataclass(frozen=True)
 class Inbound:
     """One message for a conversation, from any channel.
 
     ``files`` are moved into the conversation's workdir (``inbox/``) before the
-    turn and named in the prompt.  ``policy`` None means the agent's defaults.
+    turn and named in the prompt.  ``profile`` is the kind of conversation a new
+    one becomes (a known conversation keeps the profile it was created with);
+    ``approver`` asks a person for the profile's ``ask_tools``.
     """
 
     conversation_id: str
     text: str
     source: str = "api"
     files: tuple[Path, ...] = ()
-    policy: ToolPolicy | None = None
+    profile: str = "chat"
+    approver: Approver | None = field(default=None, compare=False)
+    # A scheduled run waits behind a busy conversation, whatever busy_policy says for people.
+    waits: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,3 +153,89 @@ class Channel(Protocol):
     async def stop_intake(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+# -- the agent: what the pool needs from it (implemented in ``bot.agent``) ------------------
+
+
+class AgentError(Exception):
+    """The agent subprocess could not start or serve a turn."""
+
+
+class AgentCrashed(AgentError):
+    """The CLI died or its stream broke mid-turn."""
+
+
+class TranscriptMissing(AgentError):
+    """A resume found no transcript for the session (a new volume, a wiped disk)."""
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """Where and as what one CLI process runs."""
+
+    conversation_id: str
+    workdir: Path
+    config_dir: Path
+    data_dir: Path
+    session_id: str
+    resume: bool
+    profile: Profile
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    reply: str
+    session_id: str
+    total_cost_usd: float
+    error: str | None
+    interrupted: bool
+
+
+class AgentSession(Protocol):
+    @property
+    def pid(self) -> int | None: ...
+
+    def turn(self, text: str, approver: Approver | None = None) -> AsyncIterator[TextDelta | TurnDone]: ...
+
+    async def interrupt(self) -> None: ...
+
+
+class Launcher(Protocol):
+    def open(self, spec: SessionSpec) -> AbstractAsyncContextManager[AgentSession]: ...
+
+
+# -- in-process tools (MCP) a profile may name: implemented by the channels, served by the agent --
+
+
+ToolHandler = Callable[[str, Mapping[str, Any]], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """One in-process tool.  ``handler(conversation_id, arguments)`` returns the text the model sees."""
+
+    name: str
+    description: str
+    input_schema: Mapping[str, Any]
+    handler: ToolHandler = field(compare=False)
+
+
+class ToolRefused(Exception):
+    """A tool call outside its allowlist; the message is shown to the model as the tool's error."""
+
+
+class DeliveryError(Exception):
+    """A job's result could not be delivered to its target; the message says why."""
+
+
+class Courier(Protocol):
+    """A channel that can deliver a scheduled job's result to a target it understands."""
+
+    async def deliver(self, target: str, subject: str, text: str) -> None:
+        """Post or send ``text``; raise DeliveryError when the target cannot be reached."""

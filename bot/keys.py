@@ -73,3 +73,32 @@ def mail_participants(conversation_id: str) -> str:
     """JSON list of the addresses that may continue an email conversation: its root's From, To and Cc,
     and whoever the agent answered in it.  Anyone else referencing the thread starts a conversation of their own."""
     return f"{PREFIX}:mail:participants:{conversation_id}"
+
+
+# -- Schedules ---------------------------------------------------------------
+# One claim per (job, scheduled time): two replicas on one Redis run each occurrence once.
+JOB_FIRE_TTL_S = 7 * DAY_S
+JOB_STATE_TTL_S = 365 * DAY_S
+
+
+def job_fire(job_id: str, fire_time: str) -> str:
+    return f"{PREFIX}:job:fire:{job_id}:{fire_time}"
+
+
+def job_running(job_id: str) -> str:
+    """Set while a run of the job is in progress on any replica (``overlap = "skip"``)."""
+    return f"{PREFIX}:job:running:{job_id}"
+
+
+def job_paused(job_id: str) -> str:
+    return f"{PREFIX}:job:paused:{job_id}"
+
+
+def job_failures(job_id: str) -> str:
+    """Consecutive failed runs; cleared by a good run or a resume."""
+    return f"{PREFIX}:job:failures:{job_id}"
+
+
+def job_runs(job_id: str) -> str:
+    """JSON list of the newest runs, newest first, at most ``keep_runs``."""
+    return f"{PREFIX}:job:runs:{job_id}"

@@ -1,19 +1,18 @@
-"""The only module that speaks claude-agent-sdk.
+"""``ClaudeLauncher.open(spec)`` connects one ``ClaudeSDKClient`` and yields an ``AgentSession``.
 
-``ClaudeLauncher.open(spec)`` connects one ``ClaudeSDKClient`` and yields an
-``AgentSession``; leaving the context disconnects it.  The caller must enter
-and leave that context in one task and be the only one reading turns: the SDK
-requires both.
+Leaving the context disconnects it.  The caller must enter and leave that
+context in one task and be the only one reading turns: the SDK requires both.
+Everything a process is started with comes from its ``SessionSpec``: the
+conversation's reach and the profile's tools, MCP servers, prompt and limits.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import structlog
 from claude_agent_sdk import (
@@ -32,61 +31,26 @@ from claude_agent_sdk import (
 )
 from claude_agent_sdk.types import HookInput, HookJSONOutput, PermissionResult
 
+from bot.agent.tools import Servers, mcp_servers
 from bot.config import AgentConfig
-from bot.core import ToolPolicy, ToolRequest, Verdict
+from bot.core import (
+    AgentCrashed,
+    AgentError,
+    AgentSession,
+    Approver,
+    SessionSpec,
+    TextDelta,
+    ToolPolicy,
+    ToolRequest,
+    ToolSpec,
+    TurnDone,
+    Verdict,
+)
 from bot.reach import Reach
 
 log = structlog.get_logger(__name__)
 
 _PATH_KEYS = ("file_path", "path", "notebook_path")
-
-
-class AgentError(Exception):
-    """The agent subprocess could not start or serve a turn."""
-
-
-class AgentCrashed(AgentError):
-    """The CLI died or its stream broke mid-turn."""
-
-
-@dataclass(frozen=True)
-class SessionSpec:
-    """Where and as what one CLI process runs."""
-
-    workdir: Path
-    config_dir: Path
-    data_dir: Path
-    session_id: str
-    resume: bool
-    # The tools the model is offered (``--tools``); None: the launcher's default policy.
-    tools: frozenset[str] | None = None
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class TurnDone:
-    reply: str
-    session_id: str
-    total_cost_usd: float
-    error: str | None
-    interrupted: bool
-
-
-class AgentSession(Protocol):
-    @property
-    def pid(self) -> int | None: ...
-
-    def turn(self, text: str, policy: ToolPolicy | None = None) -> AsyncIterator[TextDelta | TurnDone]: ...
-
-    async def interrupt(self) -> None: ...
-
-
-class Launcher(Protocol):
-    def open(self, spec: SessionSpec) -> AbstractAsyncContextManager[AgentSession]: ...
 
 
 class _ToolGate:
@@ -99,10 +63,16 @@ class _ToolGate:
     the prompt then reaches ``can_use_tool``.
     """
 
-    def __init__(self, reach: Reach, default: ToolPolicy) -> None:
-        self.default = default
-        self.policy = default
+    def __init__(self, reach: Reach, spec: SessionSpec, mcp_tools: frozenset[str]) -> None:
+        self._profile = spec.profile
+        self._mcp_tools = mcp_tools
         self._reach = reach
+        self.policy = self.for_turn(None)
+
+    def for_turn(self, approver: Approver | None) -> ToolPolicy:
+        """The profile's tools (and its in-process ones), with this turn's approver for ``ask_tools``."""
+        profile = self._profile.policy(approver)
+        return ToolPolicy(allow=profile.allow | self._mcp_tools, ask=profile.ask, approver=approver)
 
     async def hook(self, hook_input: HookInput, tool_use_id: str | None, context: HookContext) -> HookJSONOutput:
         tool = str(hook_input.get("tool_name", ""))
@@ -157,8 +127,8 @@ class _ClaudeSession:
     async def interrupt(self) -> None:
         await self._client.interrupt()
 
-    async def turn(self, text: str, policy: ToolPolicy | None = None) -> AsyncIterator[TextDelta | TurnDone]:
-        self._gate.policy = policy or self._gate.default
+    async def turn(self, text: str, approver: Approver | None = None) -> AsyncIterator[TextDelta | TurnDone]:
+        self._gate.policy = self._gate.for_turn(approver)
         parts: list[str] = []
         try:
             await self._client.query(text)
@@ -204,21 +174,38 @@ def _turn_done(result: ResultMessage, parts: list[str]) -> TurnDone:
 class ClaudeLauncher:
     """Spawns the bundled Claude Code CLI with an isolated, allowlisted setup."""
 
-    def __init__(self, config: AgentConfig, config_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        config_file: Path | None = None,
+        toolsets: Mapping[str, Sequence[ToolSpec]] | None = None,
+    ) -> None:
         self._config = config
-        # Never readable by any agent, on top of data_dir and the home dotfiles (~/.ssh, ~/.aws,
-        # ~/.config, ~/.netrc, ...): the config file and the operator's own list.
-        self._protected = [*([config_file] if config_file else []), *config.deny_read]
+        # Never readable by any agent, on top of data_dir, the home dotfiles (~/.ssh, ~/.aws,
+        # ~/.config, ~/.netrc, ...) and the profile's deny_read: the config file.
+        self._config_file = config_file
+        # In-process tool sets by name (``mail``, ``slack``), offered to the profiles that name them.
+        self._toolsets = dict(toolsets or {})
+
+    def add_toolset(self, name: str, tools: Sequence[ToolSpec]) -> None:
+        """A channel offers its in-process tools; processes started from now on may get them."""
+        self._toolsets[name] = tools
 
     def reach(self, spec: SessionSpec) -> Reach:
-        return Reach.of(spec.workdir, spec.data_dir, Path.home(), self._protected)
+        protected = [*([self._config_file] if self._config_file else []), *spec.profile.deny_read]
+        return Reach.of(spec.workdir, spec.data_dir, Path.home(), protected)
+
+    def _servers(self, spec: SessionSpec) -> Servers:
+        named = {name: self._toolsets[name] for name in spec.profile.mcp if name in self._toolsets}
+        return mcp_servers(named, spec.conversation_id)
 
     @asynccontextmanager
     async def open(self, spec: SessionSpec) -> AsyncIterator[AgentSession]:
         spec.workdir.mkdir(parents=True, exist_ok=True)
         spec.config_dir.mkdir(parents=True, exist_ok=True)
-        gate = _ToolGate(self.reach(spec), self.default_policy())
-        client = ClaudeSDKClient(self.options(spec, gate))
+        servers = self._servers(spec)
+        gate = _ToolGate(self.reach(spec), spec, servers.tool_names)
+        client = ClaudeSDKClient(self.options(spec, gate, servers))
         try:
             await client.connect()
         except ClaudeSDKError as exc:
@@ -229,33 +216,30 @@ class ClaudeLauncher:
         finally:
             await client.disconnect()
 
-    def default_policy(self) -> ToolPolicy:
-        return ToolPolicy(allow=frozenset(self._config.allowed_tools))
-
-    def options(self, spec: SessionSpec, gate: _ToolGate) -> ClaudeAgentOptions:
-        c = self._config
+    def options(self, spec: SessionSpec, gate: _ToolGate, servers: Servers) -> ClaudeAgentOptions:
+        c, profile = self._config, spec.profile
         reach = self.reach(spec)
-        offered = spec.tools if spec.tools is not None else self.default_policy().offered
         return ClaudeAgentOptions(
             cwd=spec.workdir,
-            # The model sees only these tools; with the sandbox on the CLI would otherwise swap Glob and
-            # Grep for Bash and add agents, skills and the like that no policy names.
-            tools=sorted(offered),
-            model=c.model,
-            system_prompt=c.system_prompt,
+            # The model sees only the profile's tools; with the sandbox on the CLI would otherwise swap
+            # Glob and Grep for Bash and add agents, skills and the like that no profile names.
+            tools=sorted(profile.offered),
+            mcp_servers=dict(servers.configs),
+            model=profile.model,
+            system_prompt=profile.system_prompt,
             # Nothing is pre-approved: the gate decides every call per turn.
             allowed_tools=[],
             disallowed_tools=list(c.disallowed_tools),
             permission_mode=c.permission_mode,
-            max_turns=c.max_turns,
-            max_budget_usd=c.max_budget_usd,
+            max_turns=profile.max_turns,
+            max_budget_usd=profile.max_budget_usd,
             cli_path=c.cli_path,
             setting_sources=[],
             verbatim_prompts=True,
             include_partial_messages=True,
             resume=spec.session_id if spec.resume else None,
             session_id=None if spec.resume else spec.session_id,
-            settings=json.dumps(self._settings(reach)),
+            settings=json.dumps(self._settings(reach, profile.sandbox)),
             env=self.environment(spec),
             can_use_tool=gate.can_use_tool,
             hooks={"PreToolUse": [HookMatcher(matcher=None, hooks=[gate.hook])]},
@@ -276,16 +260,16 @@ class ClaudeLauncher:
             env["ANTHROPIC_API_KEY"] = c.api_key.get_secret_value()
         if c.base_url:
             env["ANTHROPIC_BASE_URL"] = c.base_url
-        if c.sandbox_enabled:
+        if spec.profile.sandbox:
             # Lets the CLI strip its own API credentials from what Bash sees.
             env["CLAUDE_CODE_SUBPROCESS_ENV_SCRUB"] = "1"
         if c.permission_mode == "bypassPermissions":
             env["IS_SANDBOX"] = "1"
         return env
 
-    def _settings(self, reach: Reach) -> dict[str, Any]:
+    def _settings(self, reach: Reach, sandbox: bool) -> dict[str, Any]:
         settings: dict[str, Any] = {"permissions": {"deny": reach.permission_rules()}}
-        if self._config.sandbox_enabled:
+        if sandbox:
             settings["sandbox"] = {
                 "enabled": True,
                 # Bash goes through the gate like every other tool.
