@@ -57,9 +57,20 @@ def _parser() -> argparse.ArgumentParser:
     sessions.set_defaults(func=_sessions)
     config = commands.add_parser("config", help="print the effective config, secrets redacted")
     config.set_defaults(func=_config)
-    for sub in (run, chat, sessions, config):
+    jobs = _jobs_parser(commands)
+    for sub in (run, chat, sessions, config, jobs):
         sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config file")
     return parser
+
+
+def _jobs_parser(commands: Any) -> argparse.ArgumentParser:
+    jobs = commands.add_parser("jobs", help="scheduled jobs: list, or run / pause / resume / history ID")
+    jobs.add_argument("action", nargs="?", choices=["list", "run", "pause", "resume", "history"], default="list")
+    jobs.add_argument("job_id", nargs="?", help="the job's id (all but list)")
+    jobs.add_argument("--url", help="daemon base URL (default: from http.listen)")
+    jobs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    jobs.set_defaults(func=_jobs)
+    return jobs  # type: ignore[no-any-return]
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -102,10 +113,80 @@ async def _get_sessions(base: str, headers: dict[str, str]) -> list[dict[str, An
         return list(body["sessions"])
 
 
+SESSION_COLUMNS = {
+    "conversation_id": "CONVERSATION",
+    "session_id": "SESSION",
+    "state": "STATE",
+    "pid": "PID",
+    "rss_mb": "RSS MiB",
+    "turns": "TURNS",
+    "idle_s": "IDLE s",
+    "cost_usd": "COST $",
+}
+
+
 def format_sessions(rows: list[dict[str, Any]]) -> str:
-    columns = ["conversation_id", "session_id", "state", "pid", "rss_mb", "turns", "idle_s", "cost_usd"]
-    titles = ["CONVERSATION", "SESSION", "STATE", "PID", "RSS MiB", "TURNS", "IDLE s", "COST $"]
-    table = [titles] + [["-" if r.get(c) is None else str(r[c]) for c in columns] for r in rows]
+    return format_table(rows, SESSION_COLUMNS)
+
+
+def _jobs(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action != "list" and not args.job_id:
+        raise ConfigError(f"jobs {args.action} needs a job id")
+    base, headers = _base_url(settings, args), _headers(settings)
+    if args.action == "list":
+        body = asyncio.run(_call(base, headers, "GET", "/v1/jobs"))
+        print(json.dumps(body, indent=2) if args.json else format_table(body["jobs"], JOB_COLUMNS))
+    elif args.action == "history":
+        body = asyncio.run(_call(base, headers, "GET", f"/v1/jobs/{args.job_id}/runs"))
+        print(json.dumps(body, indent=2) if args.json else format_table(body["runs"], RUN_COLUMNS))
+    else:
+        body = asyncio.run(_call(base, headers, "POST", f"/v1/jobs/{args.job_id}/{args.action}"))
+        print(json.dumps(body, indent=2) if args.json else _job_line(args.action, args.job_id, body))
+        if args.action == "run" and body["run"]["status"] != "ok":
+            return 1
+    return 0
+
+
+JOB_COLUMNS = {
+    "id": "ID",
+    "schedule": "SCHEDULE",
+    "timezone": "TZ",
+    "next_fire_time": "NEXT",
+    "last_status": "LAST",
+    "paused": "PAUSED",
+    "deliver_to": "DELIVER TO",
+}
+RUN_COLUMNS = {
+    "fire_time": "FIRE TIME",
+    "status": "STATUS",
+    "cost_usd": "COST $",
+    "delivered_to": "DELIVERED TO",
+    "error": "ERROR",
+}
+
+
+def _job_line(action: str, job_id: str, body: dict[str, Any]) -> str:
+    if action != "run":
+        return f"{job_id}: {'paused' if body['paused'] else 'resumed'}"
+    run = body["run"]
+    detail = f" ({run['error']})" if run.get("error") else ""
+    return f"{job_id}: {run['status']}{detail} · ${run['cost_usd']:.4f}"
+
+
+async def _call(base: str, headers: dict[str, str], method: str, path: str) -> dict[str, Any]:
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)  # a manual run lasts as long as its turn
+    async with (
+        aiohttp.ClientSession(headers=headers, timeout=timeout) as http,
+        http.request(method, f"{base}{path}") as response,
+    ):
+        body = await response.json()
+        if response.status != 200:
+            raise ConfigError(f"daemon answered {response.status}: {body.get('error')}")
+        return dict(body)
+
+
+def format_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
+    table = [list(columns.values())] + [["-" if r.get(c) is None else str(r[c]) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in table)
 

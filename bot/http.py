@@ -7,7 +7,7 @@ import hmac
 import json
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bot.config import ConfigError, HttpConfig
 from bot.core import Failure, Inbound, Outcome
+from bot.jobs import JobError, Scheduler
 from bot.pool import Pool
 from bot.store import Store, StoreError
 
@@ -33,6 +34,7 @@ STATUS = {
     Failure.TIMEOUT: 504,
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 DRAINING_BODY = {
     "error": "the daemon is shutting down; send this message again once it is back",
     "failure": str(Failure.SHUTDOWN),
@@ -41,6 +43,10 @@ DRAINING_BODY = {
 
 class BadRequest(Exception):
     """A client error, answered as 400 with this message."""
+
+
+class NotFound(Exception):
+    """No such job (or no jobs at all), answered as 404 with this message."""
 
 
 def outcome_body(outcome: Outcome) -> dict[str, Any]:
@@ -66,6 +72,7 @@ class Api:
         self._extra: list[tuple[str, str, Handler]] = []
         self.port: int | None = None
         self.draining = False
+        self.scheduler: Scheduler | None = None
 
     def add_route(self, method: str, path: str, handler: Handler) -> None:
         """A channel's own endpoint (Slack HTTP Events); it does its own authentication."""
@@ -78,6 +85,9 @@ class Api:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/conversations/{conversation_id}/messages", self._message)
         app.router.add_get("/v1/sessions", self._sessions)
+        app.router.add_get("/v1/jobs", self._jobs)
+        app.router.add_get("/v1/jobs/{job_id}/runs", self._job_runs)
+        app.router.add_post("/v1/jobs/{job_id}/{action}", self._job_action)
         for method, path, handler in self._extra:
             app.router.add_route(method, path, handler)
         return app
@@ -105,6 +115,10 @@ class Api:
             return await handler(request)
         except BadRequest as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        except NotFound as exc:
+            return web.json_response({"error": str(exc)}, status=404)
+        except StoreError as exc:
+            return web.json_response({"error": f"the store is unreachable: {exc}"}, status=503)
 
     def _authorized(self, request: web.Request) -> bool:
         token = self._config.api_token
@@ -132,6 +146,44 @@ class Api:
     async def _sessions(self, request: web.Request) -> web.Response:
         rows = [dataclasses.asdict(r) for r in await self._pool.sessions()]
         return web.json_response({"sessions": rows})
+
+    async def _jobs(self, request: web.Request) -> web.Response:
+        infos = await self.scheduler.jobs() if self.scheduler is not None else []
+        return web.json_response({"jobs": [dataclasses.asdict(info) for info in infos]})
+
+    async def _job_runs(self, request: web.Request) -> web.Response:
+        runs = await self._job_call(request, lambda scheduler, job_id: scheduler.history(job_id))
+        return web.json_response({"runs": [run.to_json() for run in runs]})
+
+    async def _job_action(self, request: web.Request) -> web.Response:
+        action = request.match_info["action"]
+        if action == "run":
+            if self.draining:
+                return web.json_response(DRAINING_BODY, status=STATUS[Failure.SHUTDOWN])
+            run = await self._job_call(request, lambda scheduler, job_id: scheduler.run_now(job_id))
+            return web.json_response({"run": run.to_json()})
+        if action not in ("pause", "resume"):
+            return web.json_response({"error": f"unknown action {action!r}: run, pause or resume"}, status=404)
+        control = self._pause if action == "pause" else self._resume
+        await self._job_call(request, control)
+        return web.json_response({"job": request.match_info["job_id"], "paused": action == "pause"})
+
+    @staticmethod
+    async def _pause(scheduler: Scheduler, job_id: str) -> None:
+        await scheduler.pause(job_id)
+
+    @staticmethod
+    async def _resume(scheduler: Scheduler, job_id: str) -> None:
+        await scheduler.resume(job_id)
+
+    async def _job_call(self, request: web.Request, call: Callable[[Scheduler, str], Awaitable[T]]) -> T:
+        job_id = request.match_info["job_id"]
+        if self.scheduler is None:
+            raise NotFound("no jobs are scheduled (no [[schedule]] entries)")
+        try:
+            return await call(self.scheduler, job_id)
+        except JobError as exc:
+            raise NotFound(str(exc)) from None
 
     async def _message(self, request: web.Request) -> web.StreamResponse:
         if self.draining:
