@@ -14,7 +14,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +32,7 @@ from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
 
-Fire = Callable[[str, datetime], Awaitable[None]]
+Fire = Callable[[str, datetime], Coroutine[Any, Any, None]]
 
 
 class JobError(Exception):
@@ -71,7 +71,7 @@ class JobInfo:
     profile: str
 
 
-class _FiringExecutor(BaseExecutor):  # type: ignore[misc]
+class _FiringExecutor(BaseExecutor):  # type: ignore[misc]  # untyped library base
     """Hands each due occurrence, with its scheduled time, to ``fire``; APScheduler's own executors drop it."""
 
     def __init__(self, fire: Fire) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,7 +31,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from bot import keys, metrics
 from bot.config import ConfigError, Settings
-from bot.core import Inbound, Outcome, SessionInfo, ToolPolicy
+from bot.core import Approver, DeliveryError, Inbound, Outcome, SessionInfo, ToolRefused, ToolSpec
 from bot.files import safe_filename, unique_path
 from bot.http import Api
 from bot.lanes import Lanes
@@ -80,7 +81,8 @@ class SlackChannel:
 
     def __init__(self, settings: Settings, pool: Pool, store: Store, api: Api) -> None:
         self._config, self._pool, self._store = settings.slack, pool, store
-        self._agent_tools = frozenset(settings.agent.allowed_tools)
+        self._profile = settings.profile(self._config.profile)
+        self._post_allowlist = frozenset(c.removeprefix("#") for c in settings.triage.slack_channels)
         self._thread_ttl_s = keys.conversation_ttl_s(settings.store.conversation_ttl_days)
         self._staging = pool.data_dir / "incoming"
         assert self._config.bot_token is not None
@@ -283,7 +285,9 @@ class SlackChannel:
         queued = info is not None and info.state == "busy"
         mark = await self._show_status(message, queued)
         prompt = await self._prompt(message)
-        inbound = Inbound(message.conversation_id, prompt, "slack", staged, self._policy(message, thread))
+        inbound = Inbound(
+            message.conversation_id, prompt, "slack", staged, self._profile.name, self._approver(message, thread)
+        )
         turn = await self._pool.submit(inbound)
         metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="accepted").inc()
         await self._remember_thread(message)
@@ -296,12 +300,11 @@ class SlackChannel:
         except StoreError as exc:
             log.error("store_error", error=str(exc), conversation=message.conversation_id)
 
-    def _policy(self, message: SlackMessage, thread: Thread) -> ToolPolicy | None:
-        ask = frozenset(self._config.ask_tools)
-        if not ask:
+    def _approver(self, message: SlackMessage, thread: Thread) -> Approver | None:
+        if not self._profile.ask_tools:
             return None
         approvers = frozenset(self._config.approvers) or frozenset({message.user})
-        return ToolPolicy(self._agent_tools - ask, ask, self._approvals.approver(thread, approvers))
+        return self._approvals.approver(thread, approvers)
 
     async def _prompt(self, message: SlackMessage) -> str:
         text = message.text or "(The message has no text.)"
@@ -473,6 +476,61 @@ class SlackChannel:
                 )
             except SLACK_ERRORS as exc:
                 log.debug("slack_status_clear_failed", error=str(exc)[:200])
+
+    # -- scheduled jobs: delivery and the slack_post tool ---------------------------------
+
+    async def deliver(self, target: str, subject: str, text: str) -> None:
+        """A job's result into ``C123``, ``#name`` or ``C123:<thread ts>`` (the Courier for ``slack:``)."""
+        channel, _, thread_ts = target.partition(":")
+        try:
+            await self._post_markdown(channel, thread_ts or None, text)
+        except SLACK_ERRORS as exc:
+            raise DeliveryError(_slack_reason(exc)) from exc
+
+    def toolset(self) -> list[ToolSpec]:
+        """``slack_post``: scheduled runs may post to the channels in ``triage.slack_channels``, nowhere else."""
+        return [
+            ToolSpec(
+                name="slack_post",
+                description="Post a message (Markdown) to one of the allowed Slack channels, "
+                "optionally as a reply in a thread.",
+                input_schema={
+                    "type": "object",
+                    "properties": {
+                        "channel": {"type": "string", "description": "channel id (C…) or #name"},
+                        "text": {"type": "string"},
+                        "thread_ts": {"type": "string", "description": "reply in this thread (optional)"},
+                    },
+                    "required": ["channel", "text"],
+                },
+                handler=self._slack_post,
+            )
+        ]
+
+    async def _slack_post(self, conversation_id: str, arguments: Mapping[str, Any]) -> str:
+        channel, text = str(arguments.get("channel") or ""), str(arguments.get("text") or "")
+        if channel.removeprefix("#") not in self._post_allowlist:
+            allowed = ", ".join(sorted(self._post_allowlist)) or "none"
+            raise ToolRefused(f"posting to {channel!r} is not allowed (allowed: {allowed})")
+        if not text.strip():
+            raise ToolRefused("the text is empty")
+        thread_ts = str(arguments.get("thread_ts") or "") or None
+        log.info("slack_post_tool", conversation=conversation_id, channel=channel)
+        try:
+            await self._post_markdown(channel, thread_ts, text)
+        except SLACK_ERRORS as exc:
+            return f"Slack refused the post: {_slack_reason(exc)}"
+        return f"Posted to {channel}."
+
+    async def _post_markdown(self, channel: str, thread_ts: str | None, text: str) -> None:
+        thread = Thread(self._client, channel, thread_ts, self._me.team_id, "", dm=False)
+        await thread.post_all(text)
+
+
+def _slack_reason(exc: Exception) -> str:
+    if isinstance(exc, SlackApiError):
+        return str(exc.response.get("error") or exc)
+    return str(exc)[:200] or type(exc).__name__
 
 
 def stats_text(info: SessionInfo | None) -> str:

@@ -59,9 +59,11 @@ class ReplyWriter(Protocol):
 
 
 class Thread:
-    """Where replies go, and who they answer."""
+    """Where replies go, and who they answer (``thread_ts`` None: a new top-level message)."""
 
-    def __init__(self, client: AsyncWebClient, channel: str, thread_ts: str, team: str, user: str, dm: bool) -> None:
+    def __init__(
+        self, client: AsyncWebClient, channel: str, thread_ts: str | None, team: str, user: str, dm: bool
+    ) -> None:
         self.client, self.channel, self.thread_ts = client, channel, thread_ts
         self.team, self.user, self.dm = team, user, dm
 
@@ -190,6 +192,8 @@ class StreamWriter:
             recipient = {} if self._thread.dm else {"recipient_team_id": self._thread.team}
             if not self._thread.dm:
                 recipient["recipient_user_id"] = self._thread.user
+            # Slack streams only into threads; a top-level post (a job's delivery) is never streamed.
+            assert self._thread.thread_ts is not None
             self._stream = await self._thread.client.chat_stream(
                 channel=self._thread.channel, thread_ts=self._thread.thread_ts, buffer_size=1, **recipient
             )
