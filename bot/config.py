@@ -85,15 +85,30 @@ class PoolConfig(_Section):
     hard_rss_mb: int | None = Field(default=None, ge=64)
     session_max_turns: int = Field(default=200, ge=1)
     idle_timeout_s: float = Field(default=900.0, gt=0)
-    prewarm: int = Field(default=1, ge=0)
+    # Spares connected ahead of demand: a number (for the chat profile) or a table per profile.
+    prewarm: int | dict[str, int] = Field(default=1)
     busy_policy: Literal["queue", "interrupt", "reject"] = "queue"
     queue_limit: int = Field(default=20, ge=1)
     rss_sample_s: float = Field(default=2.0, gt=0)
     spawn_estimate_mb: int = Field(default=256, ge=1)
 
     @property
+    def prewarm_by_profile(self) -> dict[str, int]:
+        return {"chat": self.prewarm} if isinstance(self.prewarm, int) else dict(self.prewarm)
+
+    @property
+    def spares_total(self) -> int:
+        return sum(self.prewarm_by_profile.values())
+
+    @property
     def hard_ceiling_mb(self) -> int:
         return self.hard_rss_mb or 2 * self.session_max_rss_mb
+
+    @model_validator(mode="after")
+    def _prewarm_counts(self) -> PoolConfig:
+        if any(count < 0 for count in self.prewarm_by_profile.values()):
+            raise ValueError("prewarm counts must be 0 or more")
+        return self
 
     @model_validator(mode="after")
     def _hard_above_soft(self) -> PoolConfig:
@@ -364,6 +379,7 @@ class Settings(BaseSettings):
         known = {*BUILTIN_PROFILES, *self.profiles}
         uses = [("slack.profile", self.slack.profile), ("email.profile", self.email.profile)]
         uses += [(f"schedule.{job.id}.profile", job.profile) for job in self.schedule]
+        uses += [(f"pool.prewarm.{name}", name) for name in self.pool.prewarm_by_profile]
         for key, name in uses:
             if name not in known:
                 raise ValueError(f"{key}: no profile named {name!r} (known: {', '.join(sorted(known))})")

@@ -24,9 +24,21 @@ import psutil
 import structlog
 
 from bot import files, metrics, procs
-from bot.agent import AgentCrashed, AgentError, AgentSession, Launcher, SessionSpec, TextDelta, TurnDone
 from bot.config import Settings
-from bot.core import Failure, Inbound, Outcome, SessionInfo
+from bot.core import (
+    AgentCrashed,
+    AgentError,
+    AgentSession,
+    Failure,
+    Inbound,
+    Launcher,
+    Outcome,
+    Profile,
+    SessionInfo,
+    SessionSpec,
+    TextDelta,
+    TurnDone,
+)
 from bot.security import safe_name
 from bot.store import ConversationRecord, Store, StoreError
 
@@ -90,12 +102,12 @@ class Worker:
         record: ConversationRecord,
         resume: bool,
         spare: bool,
-        offer: frozenset[str],
+        profile: Profile,
         predecessor: Worker | None = None,
     ) -> None:
         self.pool, self.record, self.resume, self.spare = pool, record, resume, spare
-        # The tools this process is started with (``--tools``): fixed for its life.
-        self.offer = offer
+        # What this process is started with (tools, MCP servers, prompt): fixed for its life.
+        self.profile = profile
         self.predecessor = predecessor
         self.successor: Worker | None = None
         self.queue: deque[Turn] = deque()
@@ -204,7 +216,7 @@ class Worker:
 
     async def _serve_all(self) -> None:
         self._recover_lost_transcript()
-        spec = self.pool.spec_for(self.record, self.resume, self.offer)
+        spec = self.pool.spec_for(self.record, self.resume, self.profile)
         started = time.monotonic()
         async with self.pool.launcher.open(spec) as session:
             self.session, self.pid, self.state, self.connected = session, session.pid, "warm", True
@@ -306,7 +318,7 @@ class Worker:
 
     async def _run_turn(self, session: AgentSession, turn: Turn, prompt: str) -> TurnDone:
         async with asyncio.timeout(self.pool.settings.agent.turn_timeout_s):
-            async for event in session.turn(prompt, turn.inbound.policy):
+            async for event in session.turn(prompt, turn.inbound.approver):
                 if isinstance(event, TextDelta):
                     turn.deltas.put_nowait(event.text)
                 else:
@@ -413,7 +425,7 @@ class Pool:
     def __init__(self, settings: Settings, launcher: Launcher, store: Store) -> None:
         self.settings, self.launcher, self.store = settings, launcher, store
         self.data_dir = settings.store.data_dir.resolve()
-        self.default_offer = frozenset(settings.agent.allowed_tools)
+        self._profiles: dict[str, Profile] = {}
         self._workers: dict[str, Worker] = {}
         self._retiring: dict[str, Worker] = {}
         self._spares: list[Worker] = []
@@ -465,17 +477,22 @@ class Pool:
 
     # -- intake ------------------------------------------------------------------
 
-    def offer_for(self, inbound: Inbound) -> frozenset[str]:
-        """The tools a process for this message is started with: its policy's, else the agent's defaults."""
-        return inbound.policy.offered if inbound.policy is not None else self.default_offer
+    def profile(self, name: str) -> Profile:
+        """The named profile, resolved once; a name the config no longer has falls back to ``chat``."""
+        if name not in self._profiles:
+            try:
+                self._profiles[name] = self.settings.profile(name)
+            except KeyError:
+                log.error("profile_missing", profile=name, fallback="chat")
+                self._profiles[name] = dataclasses.replace(self.settings.profile("chat"), name=name)
+        return self._profiles[name]
 
     async def submit(self, inbound: Inbound) -> Turn:
         turn = Turn(inbound)
         if self._stopping:
             turn.fail(Failure.SHUTDOWN)
             return turn
-        offer = self.offer_for(inbound)
-        worker = self._live(inbound.conversation_id, offer)
+        worker = self._live(inbound.conversation_id)
         if worker is None:
             try:
                 record = await self.store.get(inbound.conversation_id)
@@ -483,8 +500,10 @@ class Pool:
                 log.error("store_error", conversation=inbound.conversation_id, error=str(exc))
                 turn.fail(Failure.STORE)
                 return turn
-            worker = self._live(inbound.conversation_id, offer) or self._start_conversation(
-                inbound.conversation_id, record, offer
+            # A conversation keeps the profile it was created with; a new one takes the message's.
+            profile = self.profile(record.profile if record is not None else inbound.profile)
+            worker = self._live(inbound.conversation_id) or self._start_conversation(
+                inbound.conversation_id, record, profile
             )
         self._route(worker, turn)
         return turn
@@ -493,18 +512,12 @@ class Pool:
         turn = await self.submit(inbound)
         return await turn.outcome
 
-    def _live(self, conversation_id: str, offer: frozenset[str] | None = None) -> Worker | None:
+    def _live(self, conversation_id: str) -> Worker | None:
         worker = self._workers.get(conversation_id)
-        if worker is None or worker.retire_reason is not None:
-            return None
-        if offer is not None and worker.offer != offer:
-            # Its tool set is fixed for the process's life: a successor is started with the new one.
-            worker.retire("policy")
-            return None
-        return worker
+        return worker if worker is not None and worker.retire_reason is None else None
 
     def _route(self, worker: Worker, turn: Turn) -> None:
-        policy = self.settings.pool.busy_policy
+        policy = "queue" if turn.inbound.waits else self.settings.pool.busy_policy
         waiting = len(worker.queue) + (worker.current is not None)
         if policy == "reject" and waiting:
             turn.fail(Failure.BUSY, record=worker.record)
@@ -515,45 +528,41 @@ class Pool:
             if policy == "interrupt" and worker.current is not None:
                 self._spawn_background(worker.interrupt())
 
-    def _start_conversation(
-        self, conversation_id: str, record: ConversationRecord | None, offer: frozenset[str]
-    ) -> Worker:
+    def _start_conversation(self, conversation_id: str, record: ConversationRecord | None, profile: Profile) -> Worker:
         previous = self._workers.pop(conversation_id, None)
         if previous is not None:
             # The successor takes the predecessor's final record once it has exited.
             self._retiring[conversation_id] = previous
-            worker = Worker(self, previous.record, resume=False, spare=False, offer=offer, predecessor=previous)
+            worker = Worker(self, previous.record, resume=False, spare=False, profile=profile, predecessor=previous)
             previous.successor = worker
         elif record is None:
-            spare = self._take_spare(offer)
+            spare = self._take_spare(profile)
             if spare is not None:
                 return self._adopt(spare, conversation_id)
-            record = self._new_record(conversation_id, safe_name(conversation_id))
-            worker = Worker(self, record, resume=False, spare=False, offer=offer)
+            record = self._new_record(conversation_id, safe_name(conversation_id), profile.name)
+            worker = Worker(self, record, resume=False, spare=False, profile=profile)
         else:
             resumable = record.session_id is not None and record.turns > 0
             if not resumable:
                 record = record.replace(session_id=str(uuid.uuid4()))
-            worker = Worker(self, record, resume=resumable, spare=False, offer=offer)
+            worker = Worker(self, record, resume=resumable, spare=False, profile=profile)
         self._workers[conversation_id] = worker
         return worker
 
-    def _take_spare(self, offer: frozenset[str]) -> Worker | None:
-        # Spares run with the default tools; a conversation offered anything else needs its own process.
-        if offer != self.default_offer:
-            return None
+    def _take_spare(self, profile: Profile) -> Worker | None:
         conversations = sum(1 for w in self._admitted if not w.spare)
         if conversations >= self.settings.pool.max_sessions:
             return None
         for spare in self._spares:
-            if spare.retire_reason is None and spare.state in ("starting", "warm"):
+            # Spares are per profile: tools and MCP servers are fixed when a process starts.
+            if spare.profile == profile and spare.retire_reason is None and spare.state in ("starting", "warm"):
                 self._spares.remove(spare)
                 return spare
         return None
 
     def _adopt(self, spare: Worker, conversation_id: str) -> Worker:
         workdir_name = Path(spare.record.workdir).name
-        record = self._new_record(conversation_id, workdir_name, session_id=spare.record.session_id)
+        record = self._new_record(conversation_id, workdir_name, spare.profile.name, spare.record.session_id)
         spare.adopt(record)
         self._workers[conversation_id] = spare
         spare.log.info("adopt_spare", workdir=workdir_name)
@@ -561,27 +570,31 @@ class Pool:
         self._fill_spares()
         return spare
 
-    def _new_record(self, conversation_id: str, name: str, session_id: str | None = None) -> ConversationRecord:
+    def _new_record(
+        self, conversation_id: str, name: str, profile: str, session_id: str | None = None
+    ) -> ConversationRecord:
         now = time.time()
         return ConversationRecord(
             conversation_id=conversation_id,
             workdir=str(self.data_dir / "work" / name),
             config_dir=str(self.data_dir / "state" / name / "claude"),
             session_id=session_id or str(uuid.uuid4()),
+            profile=profile,
             state="starting",
             created_at=now,
             updated_at=now,
         )
 
-    def spec_for(self, record: ConversationRecord, resume: bool, tools: frozenset[str] | None = None) -> SessionSpec:
+    def spec_for(self, record: ConversationRecord, resume: bool, profile: Profile) -> SessionSpec:
         assert record.session_id is not None
         return SessionSpec(
+            conversation_id=record.conversation_id,
             workdir=Path(record.workdir),
             config_dir=Path(record.config_dir),
             data_dir=self.data_dir,
             session_id=record.session_id,
             resume=resume,
-            tools=tools,
+            profile=profile,
         )
 
     # -- spares ------------------------------------------------------------------
@@ -592,10 +605,15 @@ class Pool:
             if self._spare_timer is None or self._spare_timer.done():
                 self._spare_timer = asyncio.create_task(self._fill_spares_after(wait_s), name="pool:spares")
             return
-        while not self._stopping and len(self._spares) < self.settings.pool.prewarm and self._spare_fits():
-            name = f"spare-{uuid.uuid4().hex[:12]}"
-            record = self._new_record(f"spare:{name}", name)
-            self._spares.append(Worker(self, record, resume=False, spare=True, offer=self.default_offer))
+        for profile_name, wanted in self.settings.pool.prewarm_by_profile.items():
+            profile = self.profile(profile_name)
+            while not self._stopping and self._spare_count(profile) < wanted and self._spare_fits():
+                name = f"spare-{uuid.uuid4().hex[:12]}"
+                record = self._new_record(f"spare:{name}", name, profile.name)
+                self._spares.append(Worker(self, record, resume=False, spare=True, profile=profile))
+
+    def _spare_count(self, profile: Profile) -> int:
+        return sum(1 for spare in self._spares if spare.profile == profile)
 
     async def _fill_spares_after(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
@@ -634,7 +652,7 @@ class Pool:
         processes = len(self._admitted)
         return (
             conversations < limits.max_sessions
-            and processes < limits.max_sessions + limits.prewarm
+            and processes < limits.max_sessions + limits.spares_total
             and self._memory_used(self._admitted) + limits.spawn_estimate_mb <= limits.memory_budget_mb
         )
 
@@ -642,7 +660,7 @@ class Pool:
         limits = self.settings.pool
         pending = sum(1 for s in self._spares if not s.admitted and s is not exclude)
         processes = len(self._admitted) + pending
-        return processes < limits.max_sessions + limits.prewarm and self._memory_fits()
+        return processes < limits.max_sessions + limits.spares_total and self._memory_fits()
 
     def _memory_fits(self) -> bool:
         limits = self.settings.pool
@@ -657,7 +675,7 @@ class Pool:
         limits = self.settings.pool
         staying = [w for w in self._admitted if w.retire_reason is None]
         sessions_short = sum(1 for w in staying if not w.spare) >= limits.max_sessions
-        processes_short = len(staying) >= limits.max_sessions + limits.prewarm
+        processes_short = len(staying) >= limits.max_sessions + limits.spares_total
         memory_short = self._memory_used(staying) + limits.spawn_estimate_mb > limits.memory_budget_mb
         idle = [w for w in staying if w.idle]
         if sessions_short:
@@ -719,7 +737,7 @@ class Pool:
         successor = worker.successor
         if successor is None or successor.state == "closed":
             cid = worker.record.conversation_id
-            successor = self._live(cid) or self._start_conversation(cid, worker.record, worker.offer)
+            successor = self._live(cid) or self._start_conversation(cid, worker.record, worker.profile)
         successor.take_over(turns)
 
     async def persist(self, record: ConversationRecord) -> None:

@@ -30,6 +30,7 @@ class ConversationRecord:
     workdir: str
     config_dir: str
     session_id: str | None = None
+    profile: str = "chat"
     state: str = "evicted"
     turns: int = 0
     cost_usd: float = 0.0

@@ -86,6 +86,7 @@ def make_settings(tmp_path: Path, model: FakeModel, **sections: dict[str, Any]) 
         pool=PoolConfig(**pool),
         store=StoreConfig(**store),
         http=HttpConfig(**sections.get("http", {})),
+        **{key: sections[key] for key in ("profiles", "triage", "schedule") if key in sections},
     )
 
 

@@ -1,16 +1,16 @@
-"""Tool policies are decided per turn on a warm process: allow, deny, and ask a person."""
+"""Profiles decide the tools: what is offered, what is denied, and what waits for a person's approval."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
-from bot.core import Inbound, ToolPolicy, ToolRequest, Verdict
+from bot.core import Inbound, ToolRequest, Verdict
 from bot.store import Store
 from tests.conftest import PoolFactory
 from tests.fakes.model import FakeModel, ToolUse
 
-READ_ONLY = ToolPolicy(allow=frozenset({"Read", "Glob", "Grep"}))
+PROFILES = {"readonly": {"tools": ["Read", "Glob", "Grep"]}, "asker": {"tools": ["Read"], "ask_tools": ["Bash"]}}
 
 
 class ScriptedApprover:
@@ -34,28 +34,32 @@ async def workdir(store: Store, conversation_id: str) -> Path:
     return Path(record.workdir)
 
 
-async def test_a_narrower_policy_cannot_use_bash(make_pool: PoolFactory, fake_model: FakeModel) -> None:
-    pool = await make_pool()
+async def test_a_conversation_keeps_its_profile_for_life(make_pool: PoolFactory, fake_model: FakeModel) -> None:
+    pool = await make_pool(profiles=PROFILES, pool={"session_max_turns": 1})
     fake_model.add("first", tool=touch("allowed.txt"))
     fake_model.add("second", tool=touch("denied.txt"))
-    assert (await pool.ask(Inbound("api:p", "first"))).ok
-    pid = pool.live_pids()
-    outcome = await pool.ask(Inbound("api:p", "second", policy=READ_ONLY))
-    # The tool set is fixed when a CLI starts: a narrower one gets a resumed successor process.
-    assert outcome.ok and pool.live_pids() != pid
+    assert (await pool.ask(Inbound("api:chat", "first"))).ok
+    assert (await pool.ask(Inbound("api:p", "second", profile="readonly"))).ok
     (request,) = fake_model.find("second")
     assert {tool["name"] for tool in request.body["tools"]} == {"Read", "Glob", "Grep"}
+    # Later messages name the chat profile, and the process was replaced in between: still read-only.
+    fake_model.add("third", tool=touch("denied-too.txt"))
+    assert (await pool.ask(Inbound("api:p", "third"))).ok
+    (request,) = fake_model.find("third")
+    assert {tool["name"] for tool in request.body["tools"]} == {"Read", "Glob", "Grep"}
+    assert (await workdir(pool.store, "api:chat") / "allowed.txt").exists()
     work = await workdir(pool.store, "api:p")
-    assert (work / "allowed.txt").exists() and not (work / "denied.txt").exists()
+    assert not (work / "denied.txt").exists() and not (work / "denied-too.txt").exists()
+    record = await pool.store.get("api:p")
+    assert record is not None and record.profile == "readonly"
 
 
 async def test_ask_tools_wait_for_the_approver(make_pool: PoolFactory, fake_model: FakeModel) -> None:
-    pool = await make_pool()
+    pool = await make_pool(profiles=PROFILES)
     for verdict in Verdict:
         approver = ScriptedApprover(verdict)
-        policy = ToolPolicy(allow=frozenset({"Read"}), ask=frozenset({"Bash"}), approver=approver)
         fake_model.add(f"try {verdict}", tool=touch(f"{verdict}.txt"))
-        assert (await pool.ask(Inbound("api:q", f"try {verdict}", policy=policy))).ok
+        assert (await pool.ask(Inbound("api:q", f"try {verdict}", profile="asker", approver=approver))).ok
         assert [r.tool for r in approver.requests] == ["Bash"]
         assert approver.requests[0].summary == f"echo made > {verdict}.txt"
     work = await workdir(pool.store, "api:q")
@@ -66,8 +70,7 @@ async def test_ask_tools_wait_for_the_approver(make_pool: PoolFactory, fake_mode
 
 
 async def test_ask_without_an_approver_is_a_denial(make_pool: PoolFactory, fake_model: FakeModel) -> None:
-    pool = await make_pool()
+    pool = await make_pool(profiles=PROFILES)
     fake_model.add("go", tool=touch("x.txt"))
-    policy = ToolPolicy(allow=frozenset(), ask=frozenset({"Bash"}))
-    assert (await pool.ask(Inbound("api:r", "go", policy=policy))).ok
+    assert (await pool.ask(Inbound("api:r", "go", profile="asker"))).ok
     assert not (await workdir(pool.store, "api:r") / "x.txt").exists()

@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from bot import files, procs
-from bot.agent import AgentSession, ClaudeLauncher, SessionSpec
-from bot.core import Failure, Inbound, Outcome, ToolPolicy
+from bot.agent import ClaudeLauncher
+from bot.core import AgentSession, Failure, Inbound, Outcome, SessionSpec
 from bot.pool import LOST_CONTEXT_NOTICE, Pool
 from bot.store import SqliteStore
 from tests.conftest import PoolFactory, make_settings
@@ -53,42 +53,38 @@ def worker_pid(pool: Pool, conversation_id: str) -> int:
 # -- 1. the policy's tools ------------------------------------------------------------------
 
 
-async def test_policy_offer_reaches_the_cli_and_skips_the_spare(make_pool: PoolFactory, fake_model: FakeModel) -> None:
+async def test_profile_tools_reach_the_cli_and_skip_the_spare(make_pool: PoolFactory, fake_model: FakeModel) -> None:
     pool = await make_pool(pool={"prewarm": 1})
     await wait_until(lambda: bool(pool._spares) and pool._spares[0].state == "warm", what="the spare")
     spare = pool._spares[0]
-    read_only = ToolPolicy(allow=frozenset({"Read"}))
-    outcome = await pool.ask(Inbound("email:r", "read only please", source="email", policy=read_only))
+    outcome = await pool.ask(Inbound("email:r", "read only please", source="email", profile="email"))
     assert outcome.ok, outcome.error
     (request,) = fake_model.find("read only please")
-    assert {tool["name"] for tool in request.body["tools"]} == {"Read"}
+    assert {tool["name"] for tool in request.body["tools"]} == {"Read", "Glob", "Grep"}
     assert pool._workers["email:r"] is not spare and spare in pool._spares
     record = await pool.store.get("email:r")
     assert record is not None and not Path(record.workdir).name.startswith("spare-")
 
 
-async def test_successor_keeps_the_offer(make_pool: PoolFactory, fake_model: FakeModel) -> None:
+async def test_spares_are_per_profile(make_pool: PoolFactory, fake_model: FakeModel) -> None:
+    pool = await make_pool(pool={"prewarm": {"email": 1}})
+    await wait_until(lambda: bool(pool._spares) and pool._spares[0].state == "warm", what="the email spare")
+    spare = pool._spares[0]
+    assert (await pool.ask(Inbound("api:chat", "chat first"))).ok
+    assert pool._workers["api:chat"] is not spare, "a chat conversation cannot take an email spare"
+    assert (await pool.ask(Inbound("email:t", "mail first", profile="email"))).ok
+    assert pool._workers["email:t"] is spare
+
+
+async def test_successor_keeps_the_profile(make_pool: PoolFactory, fake_model: FakeModel) -> None:
     pool = await make_pool(pool={"session_max_turns": 1})
-    read_only = ToolPolicy(allow=frozenset({"Read"}))
-    await pool.ask(Inbound("email:s", "first", policy=read_only))
+    await pool.ask(Inbound("email:s", "first", profile="email"))
     await wait_until(lambda: "email:s" not in pool._workers, what="turn-ceiling eviction")
-    again = await pool.ask(Inbound("email:s", "second", policy=read_only))
+    again = await pool.ask(Inbound("email:s", "second", profile="email"))
     assert again.ok, again.error
     (request,) = fake_model.find("second")
-    assert {tool["name"] for tool in request.body["tools"]} == {"Read"}
+    assert {tool["name"] for tool in request.body["tools"]} == {"Read", "Glob", "Grep"}
     assert "first" in request.all_text()
-
-
-async def test_a_different_offer_gets_a_resumed_successor(make_pool: PoolFactory, fake_model: FakeModel) -> None:
-    pool = await make_pool()
-    assert (await pool.ask(Inbound("api:w", "with defaults"))).ok
-    first = pool._workers["api:w"]
-    narrowed = await pool.ask(Inbound("api:w", "now read only", policy=ToolPolicy(allow=frozenset({"Read"}))))
-    assert narrowed.ok, narrowed.error
-    assert first.retire_reason == "policy" and pool._workers["api:w"] is not first
-    (request,) = fake_model.find("now read only")
-    assert {tool["name"] for tool in request.body["tools"]} == {"Read"}
-    assert "with defaults" in request.all_text()
 
 
 # -- 2. one new conversation at the cap evicts one --------------------------------------------
