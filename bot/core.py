@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class Failure(enum.StrEnum):
@@ -155,6 +155,13 @@ class Channel(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class ToolProvider(Protocol):
+    """A channel that offers in-process tools (by tool-set name: ``mail``, ``slack``) to profiles naming them."""
+
+    def toolsets(self) -> dict[str, list[ToolSpec]]: ...
+
+
 # -- the agent: what the pool needs from it (implemented in ``bot.agent``) ------------------
 
 
@@ -234,6 +241,7 @@ class DeliveryError(Exception):
     """A job's result could not be delivered to its target; the message says why."""
 
 
+@runtime_checkable
 class Courier(Protocol):
     """A channel that can deliver a scheduled job's result to a target it understands."""
 

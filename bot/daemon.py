@@ -23,8 +23,9 @@ import structlog
 from bot import procs
 from bot.agent import ClaudeLauncher
 from bot.config import HttpConfig, Settings
-from bot.core import Channel
+from bot.core import Channel, Courier, ToolProvider
 from bot.http import Api
+from bot.jobs import Scheduler
 from bot.pool import Pool
 from bot.security import scrub_environ
 from bot.store import SqliteStore, Store, StoreError
@@ -103,11 +104,23 @@ async def serve(settings: Settings, stop: asyncio.Event, started: asyncio.Event 
         store = open_store(settings)
         stack.push_async_callback(bounded("store", store.close, deadline))
         await _check_store(store)
-        pool = Pool(settings, ClaudeLauncher(settings.agent, settings.config_file), store)
-        await pool.start()
-        stack.push_async_callback(bounded("pool", lambda: pool.close(NO_GRACE_S), deadline, _tree_killer(pool)))
+        launcher = ClaudeLauncher(settings.agent, settings.config_file)
+        pool = Pool(settings, launcher, store)
         api = Api(settings.http, pool, store)
         channels = build_channels(settings, pool, store, api)
+        # Tool sets first: a process (a spare too) gets the in-process tools that exist when it starts.
+        for channel in channels:
+            if isinstance(channel, ToolProvider):
+                for name, tools in channel.toolsets().items():
+                    launcher.add_toolset(name, tools)
+        if settings.schedule:
+            api.scheduler = scheduler = Scheduler(settings, pool.ask, store)
+            for channel in channels:
+                if isinstance(channel, Courier):
+                    scheduler.add_courier(channel.name, channel)
+            channels.append(scheduler)  # last: jobs fire once the channels they deliver to are up
+        await pool.start()
+        stack.push_async_callback(bounded("pool", lambda: pool.close(NO_GRACE_S), deadline, _tree_killer(pool)))
         for channel in channels:
             await channel.start()
             stack.push_async_callback(bounded(channel.name, channel.close, deadline))

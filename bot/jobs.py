@@ -26,7 +26,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from bot import keys, metrics
 from bot.config import ScheduleConfig, Settings
-from bot.core import Courier, DeliveryError, Inbound, Outcome
+from bot.core import Courier, DeliveryError, Failure, Inbound, Outcome
 from bot.cron import trigger_for
 from bot.store import Store, StoreError
 
@@ -47,7 +47,7 @@ class JobRun:
     fire_time: str
     started_at: float
     ended_at: float | None = None
-    status: str = "running"  # running | ok | failed | skipped
+    status: str = "running"  # running | ok | failed | skipped | cancelled
     cost_usd: float = 0.0
     delivered_to: str = ""
     conversation_id: str = ""
@@ -237,6 +237,9 @@ class Scheduler:
         log.info("job_run_start", job=job.id, fire_time=run.fire_time, conversation=conversation, manual=manual)
         outcome = await self._ask(Inbound(conversation, job.prompt, source="job", profile=job.profile, waits=True))
         run = dataclasses.replace(run, cost_usd=outcome.cost_usd)
+        if outcome.failure is Failure.SHUTDOWN:
+            # Cut short by a restart, not the job's fault: recorded, never counted towards a pause.
+            return await self._record(dataclasses.replace(run, ended_at=time.time(), status="cancelled"))
         error = None if outcome.ok else outcome.error or str(outcome.failure)
         if error is None:
             error = await self._deliver(job, f"{job.id}: scheduled run", outcome.reply)

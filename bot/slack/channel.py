@@ -487,25 +487,27 @@ class SlackChannel:
         except SLACK_ERRORS as exc:
             raise DeliveryError(_slack_reason(exc)) from exc
 
-    def toolset(self) -> list[ToolSpec]:
+    def toolsets(self) -> dict[str, list[ToolSpec]]:
         """``slack_post``: scheduled runs may post to the channels in ``triage.slack_channels``, nowhere else."""
-        return [
-            ToolSpec(
-                name="slack_post",
-                description="Post a message (Markdown) to one of the allowed Slack channels, "
-                "optionally as a reply in a thread.",
-                input_schema={
-                    "type": "object",
-                    "properties": {
-                        "channel": {"type": "string", "description": "channel id (C…) or #name"},
-                        "text": {"type": "string"},
-                        "thread_ts": {"type": "string", "description": "reply in this thread (optional)"},
+        return {
+            "slack": [
+                ToolSpec(
+                    name="slack_post",
+                    description="Post a message (Markdown) to one of the allowed Slack channels, "
+                    "optionally as a reply in a thread.",
+                    input_schema={
+                        "type": "object",
+                        "properties": {
+                            "channel": {"type": "string", "description": "channel id (C…) or #name"},
+                            "text": {"type": "string"},
+                            "thread_ts": {"type": "string", "description": "reply in this thread (optional)"},
+                        },
+                        "required": ["channel", "text"],
                     },
-                    "required": ["channel", "text"],
-                },
-                handler=self._slack_post,
-            )
-        ]
+                    handler=self._slack_post,
+                )
+            ]
+        }
 
     async def _slack_post(self, conversation_id: str, arguments: Mapping[str, Any]) -> str:
         channel, text = str(arguments.get("channel") or ""), str(arguments.get("text") or "")
