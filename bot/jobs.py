@@ -187,7 +187,8 @@ class Scheduler:
             schedule=job.cron or f"every {job.every:g}s",
             timezone=job.timezone,
             next_fire_time=next_time.isoformat() if next_time else None,
-            last_status=runs[0].status if runs else None,
+            # A skipped tick did no work: the last status is that of the last run that did.
+            last_status=next((run.status for run in runs if run.status != "skipped"), None),
             paused=await self._paused(job.id),
             deliver_to=job.deliver_to,
             profile=job.profile,

@@ -77,7 +77,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await made.close()
 
 
-def make_settings(tmp_path: Path, model: FakeModel, **sections: dict[str, Any]) -> Settings:
+def make_settings(tmp_path: Path, model: FakeModel, **sections: Any) -> Settings:
     agent = {"base_url": model.url, "api_key": "sk-test-key", "model": "claude-sonnet-4-5", **sections.get("agent", {})}
     pool = {"prewarm": 0, **sections.get("pool", {})}
     store = {"data_dir": tmp_path / "data", **sections.get("store", {})}
@@ -86,7 +86,7 @@ def make_settings(tmp_path: Path, model: FakeModel, **sections: dict[str, Any]) 
         pool=PoolConfig(**pool),
         store=StoreConfig(**store),
         http=HttpConfig(**sections.get("http", {})),
-        **{key: sections[key] for key in ("profiles", "triage", "schedule") if key in sections},
+        **{key: sections[key] for key in ("profiles", "triage", "schedule", "slack", "email") if key in sections},
     )
 
 

@@ -19,7 +19,8 @@ class InProcessDaemon:
     def __init__(self, tmp: Path, model: FakeModel, channels: dict[str, BaseModel], **sections: dict[str, Any]) -> None:
         self.port = free_port()
         sections.setdefault("http", {})["listen"] = f"127.0.0.1:{self.port}"
-        self.settings = make_settings(tmp, model, **sections).model_copy(update=channels)
+        # Channels go in at construction: the config's cross-checks (a job delivering to Slack) see them.
+        self.settings = make_settings(tmp, model, **sections, **channels)
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
