@@ -13,7 +13,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bot.store_redis import RedisStore
+from tests.daemon_proc import DaemonProcess
 from tests.fakes.model import FakeModel, RecordedRequest
+from tests.fakes.redis_server import RedisServer
 from tests.fakes.slack import FakeSlack
 from tests.helpers import wait_until
 from tests.slack_harness import SlackDaemon, running
@@ -182,3 +185,32 @@ async def test_a_triage_run_gets_the_slack_tool_and_a_slack_turn_does_not(
     assert "mcp__slack__slack_post" in tool_names(run_request)
     assert not any(name.startswith("mcp__") for name in tool_names(fake_model.find("hello there")[0]))
     assert thread
+
+
+async def test_two_daemons_on_one_redis_run_each_occurrence_once(
+    tmp_path: Path, fake_model: FakeModel, redis_server: RedisServer
+) -> None:
+    store = RedisStore(redis_server.url, ttl_days=1)
+    await store._redis.flushdb()
+    fake_model.add("tick now", text="tock")
+    schedule = '[[schedule]]\nid = "tick"\nevery = 2\nprompt = "tick now"\nprofile = "chat"\n'
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    daemons = [
+        DaemonProcess(tmp_path / name, fake_model.url, extra_env={"REDIS_URL": redis_server.url}, toml=schedule)
+        for name in ("a", "b")
+    ]
+    try:
+        for daemon in daemons:
+            await daemon.start()
+        await wait_until(lambda: len(fake_model.find("tick now")) >= 3, timeout=30, what="three occurrences")
+    finally:
+        for daemon in daemons:
+            assert await daemon.stop() == 0
+    claims = [key async for key in store._redis.scan_iter("agentd:job:fire:tick:*")]
+    raw = await store.get_value("agentd:job:runs:tick")
+    await store.close()
+    runs = json.loads(raw or "[]")
+    fire_times = [run["fire_time"] for run in runs if run["status"] == "ok"]
+    assert len(fire_times) == len(set(fire_times)), "an occurrence ran twice"
+    assert len(fake_model.find("tick now")) == len(claims), "every claimed occurrence ran once, and only those"
