@@ -1,0 +1,135 @@
+"""A small IMAP client (aioimaplib): connect with TLS, STARTTLS or plain, log in, and run commands with deadlines.
+
+The IDLE watcher and the triage tools each own one: the tools never share the
+watcher's connection, so a tool call cannot disturb IDLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+import aioimaplib
+
+from bot.config import EmailConfig
+
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
+
+
+class ImapError(Exception):
+    """The server refused a command, or the connection broke."""
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One message as a listing shows it (nothing of its body)."""
+
+    uid: int
+    sender: str
+    subject: str
+    date: str
+    flags: tuple[str, ...]
+    size: int
+
+
+class Mailbox:
+    """One IMAP connection.  ``lost`` is set when the server hangs up; every command then fails at once."""
+
+    def __init__(self, config: EmailConfig) -> None:
+        self._config = config
+        self._client: aioimaplib.IMAP4 | None = None
+        self.lost = asyncio.Event()
+        self.exists_seen = False  # an untagged EXISTS came with some response: new mail
+
+    @property
+    def client(self) -> aioimaplib.IMAP4:
+        if self._client is None:
+            raise ImapError("not connected")
+        return self._client
+
+    async def connect(self) -> None:
+        c = self._config
+        self.lost.clear()
+        # IMAP4 itself takes an SSL context (IMAP4_SSL would drop conn_lost_cb).
+        client = aioimaplib.IMAP4(
+            host=c.imap_host,
+            port=c.imap_port or (993 if c.imap_security == "tls" else 143),
+            timeout=c.command_timeout_s,
+            conn_lost_cb=lambda _: self.lost.set(),
+            ssl_context=c.tls_context() if c.imap_security == "tls" else None,
+        )
+        self._client = client
+        await asyncio.wait_for(client.wait_hello_from_server(), c.command_timeout_s)
+        if c.imap_security == "starttls":
+            await self._starttls(client)
+        assert c.imap_user is not None
+        assert c.imap_password is not None
+        response = await self.command(client.login(c.imap_user, c.imap_password.get_secret_value()))
+        if response.result != "OK":
+            raise ImapError(f"login refused: {text_of(response)}")
+
+    async def _starttls(self, client: aioimaplib.IMAP4) -> None:
+        """aioimaplib has no STARTTLS: send the command, then upgrade the transport in place."""
+        protocol = client.protocol
+        response = await self.command(protocol.execute(aioimaplib.Command("STARTTLS", protocol.new_tag())))
+        if response.result != "OK":
+            raise ImapError(f"STARTTLS refused: {text_of(response)}")
+        loop = asyncio.get_running_loop()
+        context, host = self._config.tls_context(), self._config.imap_host
+        protocol.transport = await loop.start_tls(protocol.transport, protocol, context, server_hostname=host)
+        await self.command(protocol.capability())  # capabilities may differ once encrypted
+
+    async def select(self, folder: str) -> int:
+        """Select ``folder``; its UIDVALIDITY."""
+        response = await self.command(self.client.select(quote(folder)))
+        if response.result != "OK":
+            raise ImapError(f"cannot select {folder}: {text_of(response)}")
+        for line in response.lines:
+            if match := _UIDVALIDITY.search(bytes(line)):
+                return int(match.group(1))
+        raise ImapError("the server sent no UIDVALIDITY")
+
+    async def command(self, pending: Awaitable[aioimaplib.Response]) -> aioimaplib.Response:
+        """Every command gets a deadline; a lost connection ends it at once."""
+        if self.lost.is_set():
+            raise ImapError("connection lost")
+        try:
+            response = await asyncio.wait_for(pending, self._config.command_timeout_s)
+        except TimeoutError as exc:
+            raise ImapError(f"no answer within {self._config.command_timeout_s}s") from exc
+        # New mail is announced in whatever response comes next, not only during IDLE.
+        lines = getattr(response, "lines", None) or []
+        if any(isinstance(line, bytes) and line.endswith(b" EXISTS") for line in lines):
+            self.exists_seen = True
+        return response
+
+    async def uid(self, *args: str) -> aioimaplib.Response:
+        """A UID command that must succeed."""
+        response = await self.command(self.client.uid(*args))
+        if response.result != "OK":
+            raise ImapError(f"UID {args[0].upper()} failed: {text_of(response)}")
+        return response
+
+    async def search(self, *criteria: str) -> list[int]:
+        response = await self.command(self.client.uid_search(*criteria))
+        if response.result != "OK":
+            raise ImapError(f"search failed: {text_of(response)}")
+        return sorted({int(n) for line in response.lines[:-1] for n in bytes(line).split() if n.isdigit()})
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(aioimaplib.AioImapException, OSError, TimeoutError, ImapError):
+                await asyncio.wait_for(client.logout(), 5)
+
+
+def text_of(response: aioimaplib.Response) -> str:
+    return b" ".join(bytes(line) for line in response.lines[-1:]).decode(errors="replace")[:200]
+
+
+def quote(name: str) -> str:
+    """An IMAP quoted string (folder names may hold spaces)."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
