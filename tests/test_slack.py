@@ -306,12 +306,16 @@ async def press(slack: FakeSlack, action_id: str, approval: str, user: str, mess
     )
 
 
+# The chat profile with Bash behind an Approve click.
+ASK_BASH = {"chat": {"ask_tools": ["Bash"]}}
+
+
 async def test_approvals_approve_deny_and_time_out(tmp_path: Path, fake_model: FakeModel, slack: FakeSlack) -> None:
-    config = {"ask_tools": ["Bash"], "approvers": ["U0BOSS"], "approval_timeout_s": 2}
+    config = {"approvers": ["U0BOSS"], "approval_timeout_s": 2}
     fake_model.add("approve me", tool=touch("approved.txt"))
     fake_model.add("deny me", tool=touch("denied.txt"))
     fake_model.add("ignore me", tool=touch("ignored.txt"))
-    async with running(tmp_path, fake_model, slack, slack=config):
+    async with running(tmp_path, fake_model, slack, slack=config, profiles=ASK_BASH):
         root = await mention(slack, "approve me")
         message_ts, approval = await approval_request(slack, root)
         await press(slack, "agentd_approve", approval, "U0ALICE", message_ts, root)
@@ -353,7 +357,7 @@ async def test_approval_shows_every_field_of_a_short_input_inline(
 ) -> None:
     tool_input = {"command": "echo 'a & b' > short.txt", "description": "Write <short> notes"}
     fake_model.add("short approval", tool=ToolUse("Bash", tool_input))
-    async with running(tmp_path, fake_model, slack, slack={"ask_tools": ["Bash"]}):
+    async with running(tmp_path, fake_model, slack, profiles=ASK_BASH):
         root = await mention(slack, "short approval")
         message_ts, approval = await approval_request(slack, root)
         shown = shown_input(message_at(slack, root, message_ts))
@@ -372,7 +376,7 @@ async def test_approval_of_a_long_input_attaches_the_whole_input_before_the_butt
     command = "echo " + " ".join(f"part{i:04d}" for i in range(600)) + " > long.txt"  # 5,000+ characters
     tool_input = {"command": command, "description": "a very long echo"}
     fake_model.add("long approval", tool=ToolUse("Bash", tool_input))
-    async with running(tmp_path, fake_model, slack, slack={"ask_tools": ["Bash"]}):
+    async with running(tmp_path, fake_model, slack, profiles=ASK_BASH):
         root = await mention(slack, "long approval")
         message_ts, approval = await approval_request(slack, root)
         [(title, content)] = slack.shared_files(CHANNEL, root)

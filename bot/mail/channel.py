@@ -26,7 +26,7 @@ import structlog
 
 from bot import keys, metrics
 from bot.config import Settings
-from bot.core import Failure, Inbound, Outcome, ToolPolicy
+from bot.core import Failure, Inbound, Outcome
 from bot.files import safe_filename, unique_path
 from bot.http import Api
 from bot.lanes import Lanes
@@ -72,7 +72,6 @@ class EmailChannel:
     def __init__(self, settings: Settings, pool: Pool, store: Store, api: Api) -> None:
         self._config, self._pool, self._store = settings.email, pool, store
         self._staging = pool.data_dir / "incoming"
-        self._policy = ToolPolicy(allow=frozenset(self._config.allowed_tools))
         self._watcher = ImapWatcher(self._config, store, self._deliver)
         self._parser = ParseWorker(self._config.parse_timeout_s)
         self._lanes: Lanes[Job] = Lanes("email", self._process)
@@ -304,7 +303,7 @@ class EmailChannel:
     def _inbound(self, conversation: str, mail: Mail) -> Inbound:
         files = self._stage(mail)
         text = compose.prompt(mail, self._config.max_body_chars)
-        return Inbound(conversation, text, "email", files, self._policy)
+        return Inbound(conversation, text, "email", files, profile=self._config.profile)
 
     def _stage(self, mail: Mail) -> tuple[Path, ...]:
         if not mail.attachments:
