@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -26,17 +25,10 @@ from tenacity import (
 
 from bot import keys, metrics
 from bot.config import EmailConfig
+from bot.mail.mailbox import ImapError, Mailbox, text_of
 from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
-
-_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
-_FETCH_UID = re.compile(rb"UID (\d+)")
-_FETCH_SIZE = re.compile(rb"RFC822\.SIZE (\d+)")
-
-
-class ImapError(Exception):
-    """The server refused a command, or the connection broke."""
 
 
 class _Reconnect(Exception):
@@ -76,10 +68,9 @@ class ImapWatcher:
         self._config, self._store, self._deliver = config, store, deliver
         self._marks: list[Mark] = []
         self._wake = asyncio.Event()
-        self._lost = asyncio.Event()
+        self._box = Mailbox(config)
         self._intake = True
         self._stopping = False
-        self._news = False
         self.connected = asyncio.Event()
 
     # -- requests from the channel ------------------------------------------------
@@ -137,9 +128,11 @@ class ImapWatcher:
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def _session(self) -> None:
-        client = await self._connect()
+        self._box = box = Mailbox(self._config)  # a fresh client per session: aioimaplib's state is not reusable
         try:
-            uidvalidity = await self._select(client)
+            await box.connect()
+            client = box.client
+            uidvalidity = await box.select(self._config.mailbox)
             self.connected.set()
             metrics.CHANNEL_CONNECTED.labels(channel="email").set(1)
             if self._intake:
@@ -153,76 +146,17 @@ class ImapWatcher:
         finally:
             self.connected.clear()
             metrics.CHANNEL_CONNECTED.labels(channel="email").set(0)
-            await self._discard(client)
-
-    async def _connect(self) -> aioimaplib.IMAP4:
-        c = self._config
-        self._lost.clear()
-        timeout = c.command_timeout_s
-        lost = self._lost.set
-        # IMAP4 itself takes an SSL context (IMAP4_SSL would drop conn_lost_cb).
-        client = aioimaplib.IMAP4(
-            host=c.imap_host,
-            port=c.imap_port or (993 if c.imap_security == "tls" else 143),
-            timeout=timeout,
-            conn_lost_cb=lambda _: lost(),
-            ssl_context=c.tls_context() if c.imap_security == "tls" else None,
-        )
-        await asyncio.wait_for(client.wait_hello_from_server(), timeout)
-        if c.imap_security == "starttls":
-            await self._starttls(client)
-        assert c.imap_user is not None
-        assert c.imap_password is not None
-        response = await self._command(client.login(c.imap_user, c.imap_password.get_secret_value()))
-        if response.result != "OK":
-            raise ImapError(f"login refused: {_text(response)}")
-        return client
-
-    async def _starttls(self, client: aioimaplib.IMAP4) -> None:
-        """aioimaplib has no STARTTLS: send the command, then upgrade the transport in place."""
-        protocol = client.protocol
-        response = await self._command(protocol.execute(aioimaplib.Command("STARTTLS", protocol.new_tag())))
-        if response.result != "OK":
-            raise ImapError(f"STARTTLS refused: {_text(response)}")
-        loop = asyncio.get_running_loop()
-        context, host = self._config.tls_context(), self._config.imap_host
-        protocol.transport = await loop.start_tls(protocol.transport, protocol, context, server_hostname=host)
-        await self._command(protocol.capability())  # capabilities may differ once encrypted
-
-    async def _select(self, client: aioimaplib.IMAP4) -> int:
-        response = await self._command(client.select(self._config.mailbox))
-        if response.result != "OK":
-            raise ImapError(f"cannot select {self._config.mailbox}: {_text(response)}")
-        for line in response.lines:
-            if match := _UIDVALIDITY.search(bytes(line)):
-                return int(match.group(1))
-        raise ImapError("the server sent no UIDVALIDITY")
-
-    async def _discard(self, client: aioimaplib.IMAP4) -> None:
-        with contextlib.suppress(aioimaplib.AioImapException, OSError, TimeoutError, ImapError):
-            await asyncio.wait_for(client.logout(), 5)
+            await box.close()
 
     async def _command(self, pending: Awaitable[aioimaplib.Response]) -> aioimaplib.Response:
-        """Every command gets a deadline; a lost connection ends it at once."""
-        if self._lost.is_set():
-            raise ImapError("connection lost")
-        try:
-            response = await asyncio.wait_for(pending, self._config.command_timeout_s)
-        except TimeoutError as exc:
-            raise ImapError(f"no answer within {self._config.command_timeout_s}s") from exc
-        # New mail is announced in whatever response comes next, not only during IDLE: note it, or mail
-        # arriving between a catch-up's SEARCH and the next IDLE would wait for the IDLE renewal.
-        lines = getattr(response, "lines", None) or []
-        if any(isinstance(line, bytes) and line.endswith(b" EXISTS") for line in lines):
-            self._news = True
-        return response
+        return await self._box.command(pending)
 
     # -- catch-up ------------------------------------------------------------------
 
     async def _catch_up(self, client: aioimaplib.IMAP4, uidvalidity: int, full: bool) -> None:
         """Fetch what is new since the checkpoint; ``full`` also rereads every message not yet marked."""
         last = await self._checkpoint(uidvalidity)
-        self._news = False
+        self._box.exists_seen = False
         uids = await self._search(client, last, full)
         log.debug("imap_catch_up", last_uid=last, full=full, found=uids[:50])
         for uid in uids:
@@ -237,39 +171,20 @@ class ImapWatcher:
         # Marked mail is never taken again, even when the checkpoint is lost (a new Redis, an expired key).
         unmarked = [] if self._config.processed_folder else ["UNKEYWORD", self._config.processed_keyword]
         criteria = (unmarked or ["ALL"]) if full else ["UID", f"{last + 1}:*", *unmarked]
-        response = await self._command(client.uid_search(*criteria))
-        if response.result != "OK":
-            raise ImapError(f"search failed: {_text(response)}")
-        uids = sorted({int(n) for line in response.lines[:-1] for n in bytes(line).split() if n.isdigit()})
+        uids = await self._box.search(*criteria)
         # "UID n:*" names the highest UID even when it is below n.
         return uids if full else [u for u in uids if u > last]
 
     async def _take(self, client: aioimaplib.IMAP4, uidvalidity: int, uid: int) -> Fetched | None:
         """The whole message, or only its headers when RFC822.SIZE is over ``max_message_mb``; None if expunged."""
-        size = await self._size(client, uid)
+        size = await self._box.size(uid)
         if size is None:
             return None
         complete = size <= self._config.max_message_mb * 1_000_000
-        raw = await self._fetch(client, uid, "BODY.PEEK[]" if complete else "BODY.PEEK[HEADER]")
+        raw = await self._box.fetch(uid, "BODY.PEEK[]" if complete else "BODY.PEEK[HEADER]")
         if raw is None:
             return None
         return Fetched(self._config.mailbox, uidvalidity, uid, raw, size, complete)
-
-    async def _size(self, client: aioimaplib.IMAP4, uid: int) -> int | None:
-        response = await self._command(client.uid("fetch", str(uid), "(RFC822.SIZE)"))
-        if response.result != "OK":
-            raise ImapError(f"fetch {uid} failed: {_text(response)}")
-        for line in response.lines[:-1]:
-            if match := _FETCH_SIZE.search(bytes(line)):
-                return int(match.group(1))
-        return None  # expunged meanwhile
-
-    async def _fetch(self, client: aioimaplib.IMAP4, uid: int, section: str) -> bytes | None:
-        response = await self._command(client.uid("fetch", str(uid), section))
-        if response.result != "OK":
-            raise ImapError(f"fetch {uid} failed: {_text(response)}")
-        bodies = [bytes(line) for line in response.lines if isinstance(line, bytearray)]
-        return bodies[0] if bodies else None  # expunged meanwhile
 
     async def _checkpoint(self, uidvalidity: int) -> int:
         raw = await self._store.get_value(keys.mail_checkpoint(self._config.mailbox))
@@ -293,7 +208,7 @@ class ImapWatcher:
     async def _idle(self, client: aioimaplib.IMAP4) -> None:
         """IDLE until the server reports mail, a mark is requested, or the renew period ends."""
         self._wake.clear()
-        if self._marks or self._stopping or self._news:
+        if self._marks or self._stopping or self._box.exists_seen:
             return
         idle = await self._command(client.idle_start(timeout=self._config.idle_renew_s + 60))
         try:
@@ -309,7 +224,7 @@ class ImapWatcher:
         while (left := deadline - loop.time()) > 0:
             push = asyncio.ensure_future(client.wait_server_push(timeout=left))
             wake = asyncio.ensure_future(self._wake.wait())
-            lost = asyncio.ensure_future(self._lost.wait())
+            lost = asyncio.ensure_future(self._box.lost.wait())
             done, pending = await asyncio.wait({push, wake, lost}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
                 task.cancel()
@@ -339,11 +254,7 @@ class ImapWatcher:
             await self._command(client.create(mark.folder))  # NO [ALREADYEXISTS] is fine
             response = await self._command(client.uid("move", str(mark.uid), mark.folder))
         if response.result != "OK":
-            raise ImapError(f"marking UID {mark.uid} failed: {_text(response)}")
-
-
-def _text(response: aioimaplib.Response) -> str:
-    return b" ".join(bytes(line) for line in response.lines[-1:]).decode(errors="replace")[:200]
+            raise ImapError(f"marking UID {mark.uid} failed: {text_of(response)}")
 
 
 def _log_retry(state: RetryCallState) -> None:

@@ -17,6 +17,7 @@ import aioimaplib
 from bot.config import EmailConfig
 
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
+_FETCH_SIZE = re.compile(rb"RFC822\.SIZE (\d+)")
 
 
 class ImapError(Exception):
@@ -112,6 +113,20 @@ class Mailbox:
         if response.result != "OK":
             raise ImapError(f"UID {args[0].upper()} failed: {text_of(response)}")
         return response
+
+    async def size(self, uid: int) -> int | None:
+        """RFC822.SIZE of a message; None if it is gone (expunged meanwhile)."""
+        response = await self.uid("fetch", str(uid), "(RFC822.SIZE)")
+        for line in response.lines[:-1]:
+            if match := _FETCH_SIZE.search(bytes(line)):
+                return int(match.group(1))
+        return None
+
+    async def fetch(self, uid: int, section: str) -> bytes | None:
+        """One section (``BODY.PEEK[]``, ``BODY.PEEK[HEADER]``) of a message; None if it is gone."""
+        response = await self.uid("fetch", str(uid), section)
+        bodies = [bytes(line) for line in response.lines if isinstance(line, bytearray)]
+        return bodies[0] if bodies else None
 
     async def search(self, *criteria: str) -> list[int]:
         response = await self.command(self.client.uid_search(*criteria))
