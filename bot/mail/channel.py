@@ -26,7 +26,7 @@ import structlog
 
 from bot import keys, metrics
 from bot.config import Settings
-from bot.core import Failure, Inbound, Outcome
+from bot.core import DeliveryError, Failure, Inbound, Outcome, ToolSpec
 from bot.files import safe_filename, unique_path
 from bot.http import Api
 from bot.lanes import Lanes
@@ -34,6 +34,7 @@ from bot.mail import compose, policy, smtp
 from bot.mail.imap import Fetched, ImapWatcher, Mark
 from bot.mail.parse import Mail, addresses, message_id, parse
 from bot.mail.smtp import SendError
+from bot.mail.tools import MailTools
 from bot.mail.worker import ParseWorker, WorkerFailed
 from bot.pool import Pool
 from bot.store import Store, StoreError
@@ -74,6 +75,7 @@ class EmailChannel:
         self._staging = pool.data_dir / "incoming"
         self._watcher = ImapWatcher(self._config, store, self._deliver)
         self._parser = ParseWorker(self._config.parse_timeout_s)
+        self._tools = MailTools(self._config, settings.triage, self._parser)
         self._lanes: Lanes[Job] = Lanes("email", self._process)
         self._inflight: set[str] = set()
         self._runner: asyncio.Task[None] | None = None
@@ -96,7 +98,22 @@ class EmailChannel:
         self._watcher.stop()
         if self._runner is not None:
             await self._runner
+        await self._tools.close()
         await self._parser.close()
+
+    # -- scheduled jobs: delivery and the mail tools ------------------------------------------
+
+    def toolsets(self) -> dict[str, list[ToolSpec]]:
+        return {"mail": self._tools.specs()}
+
+    async def deliver(self, target: str, subject: str, text: str) -> None:
+        """A job's result as a new mail thread to ``target`` (the Courier for ``email:``)."""
+        message = compose.new_message(self._address, target, subject, text, await self._html(text))
+        try:
+            await smtp.send(self._config, message.as_bytes(policy=email.policy.SMTP), self._address, target)
+        except (smtp.SendError, aiosmtplib.SMTPException, OSError) as exc:
+            raise DeliveryError(str(exc)[:300] or type(exc).__name__) from exc
+        log.info("email_delivered", to=target, subject=subject)
 
     @property
     def watcher(self) -> ImapWatcher:
