@@ -211,6 +211,8 @@ class EmailConfig(_Section):
     imap_user: str | None = None
     imap_password: SecretStr | None = None
     mailbox: str = "INBOX"
+    # false: take no mail in (answer nothing); job results are still sent and the mail tools still work.
+    intake: bool = True
     smtp_host: str | None = None
     smtp_port: int | None = Field(default=None, ge=1, le=65535)
     smtp_security: Security = "starttls"

@@ -83,6 +83,10 @@ class EmailChannel:
         self._closing = False
 
     async def start(self) -> None:
+        if not self._config.intake:
+            # Triage only: job results go out and the mail tools work, but no mail is taken in and answered.
+            log.info("email_started", mailbox=self._config.mailbox, intake=False)
+            return
         self._runner = asyncio.create_task(self._watcher.run(), name="imap")
         log.info("email_started", mailbox=self._config.mailbox, mode=self._config.conversation)
 
