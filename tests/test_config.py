@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,39 @@ def test_config_command_redacts_secrets(tmp_path: Path) -> None:
 def test_example_config_is_valid_and_matches_defaults() -> None:
     example = Path(__file__).parent.parent / "deploy" / "agentd.example.toml"
     assert load_settings(example, {}).redacted() == load_settings(None, {}).redacted()
+
+
+JOB = '[[schedule]]\nid = "digest"\nevery = 60\nprompt = "digest"\n'
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[email]\nallowed_tools = ["Read"]\n', "allowed_tools moved to the profile: set tools in [profiles.email]"),
+        ('[slack]\nask_tools = ["Bash"]\n', "ask_tools moved to the profile"),
+        ('[slack]\nprofile = "nope"\n', "slack.profile: no profile named 'nope'"),
+        (JOB + 'profile = "nope"\n', "schedule.digest.profile: no profile named 'nope'"),
+        (JOB + JOB, "job ids must be unique"),
+        (JOB + 'deliver_to = "slack:#ops"\n', "needs the Slack channel"),
+        (JOB + 'deliver_to = "email:ops@example.com"\n', "needs the email channel"),
+        (JOB + 'deliver_to = "pager:42"\n', "deliver_to must be"),
+        ('[[schedule]]\nid = "x"\ncron = "0 8 * *"\nprompt = "p"\n', "cron must have 5 fields"),
+        ('[[schedule]]\nid = "x"\ncron = "0 8 * * 1"\nevery = 5\nprompt = "p"\n', "exactly one of cron or every"),
+        ('[[schedule]]\nid = "x"\ncron = "0 8 * * 1"\ntimezone = "Mars/Olympus"\nprompt = "p"\n', "unknown timezone"),
+        ("[pool]\nprewarm = { nope = 1 }\n", "pool.prewarm.nope: no profile named 'nope'"),
+        ('[profiles.triage]\nmcp = ["telepathy"]\n', "profiles.triage.mcp"),
+    ],
+)
+def test_profile_and_schedule_mistakes_are_named(tmp_path: Path, toml: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(write(tmp_path, toml), {})
+
+
+def test_profiles_fall_back_to_the_agent_section(tmp_path: Path) -> None:
+    toml = '[agent]\nmodel = "m1"\nmax_turns = 7\n[profiles.digest]\ntools = ["Read"]\nmodel = "m2"\n'
+    settings = load_settings(write(tmp_path, toml), {})
+    digest, chat, email = settings.profile("digest"), settings.profile("chat"), settings.profile("email")
+    assert digest.tools == {"Read"} and digest.model == "m2" and digest.max_turns == 7
+    assert chat.tools == {"Bash", "Read", "Write", "Edit", "Glob", "Grep"} and chat.model == "m1"
+    assert email.tools == {"Read", "Glob", "Grep"} and email.mcp == ()
+    assert settings.profile("triage").mcp == ("mail", "slack")
