@@ -365,3 +365,20 @@ async def test_tls_and_starttls(tmp_path: Path, fake_model: FakeModel, imap: str
     finally:
         server.stop()
     assert reply["Subject"] == "Re: secure"
+
+
+async def test_a_bug_while_answering_still_records_one_outcome(
+    tmp_path: Path, fake_model: FakeModel, mail: MailServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bot.mail.channel import EmailChannel
+
+    async def broken(self: EmailChannel, conversation: str, job: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(EmailChannel, "_answer", broken)
+    async with running(tmp_path, fake_model, mail) as daemon:
+        sent = message("poison", "This one hits the bug.")
+        mail.deliver(sent)
+        outcome = await daemon.outcome(str(sent["Message-ID"]))
+        assert outcome["status"] == "failed" and outcome["reason"] == "internal error"
+        await wait_until(lambda: any("$AgentdDone" in f for f in mail.flags()), what="the message marked")

@@ -531,3 +531,21 @@ async def test_malformed_events_are_survived(tmp_path: Path, fake_model: FakeMod
 async def sessions(daemon: SlackDaemon) -> list[dict[str, str]]:
     async with aiohttp.ClientSession() as http, http.get(f"{daemon.url}/v1/sessions") as response:
         return list((await response.json())["sessions"])
+
+
+async def test_a_bug_while_taking_a_message_still_answers_it(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bot.slack.channel import SlackChannel
+
+    async def broken(self: SlackChannel, message: object) -> tuple[Path, ...]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(SlackChannel, "_download_files", broken)
+    async with running(tmp_path, fake_model, slack):
+        ts = await mention(slack, "this will hit the bug")
+        assert await wait_done(slack, CHANNEL, ts) == ["x"]
+        assert "went wrong on our side" in reply_text(slack, CHANNEL, ts)
+        monkeypatch.undo()
+        after = await mention(slack, "and this one works")
+        assert await wait_done(slack, CHANNEL, after) == ["white_check_mark"]

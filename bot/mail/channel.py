@@ -230,6 +230,9 @@ class EmailChannel:
                 await self._finish(job.fetched, job.mail.message_id, "undeliverable", str(exc)[:300], conversation)
             else:
                 retrying = self._defer(conversation, job, exc)
+        except Exception:  # task boundary: a bug must still give the message one outcome, not a rescan loop
+            log.exception("email_failed", conversation=conversation, message_id=job.mail.message_id)
+            await self._finish(job.fetched, job.mail.message_id, "failed", "internal error", conversation)
         finally:
             if not retrying:
                 self._inflight.discard(job.mail.message_id)

@@ -8,6 +8,7 @@ delivered by its own task, so a slow answer never blocks intake or other threads
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Mapping
@@ -68,6 +69,7 @@ def _log_retry(state: RetryCallState) -> None:
     log.warning("slack_unreachable", error=str(error)[:200], retry_in_s=round(wait, 1))
 
 
+INTERNAL_ERROR_TEXT = "Something went wrong on our side; this message was not processed. Please send it again."
 REFUSED_TEXT = "Sorry, I can't take requests from you here. An admin can give you access."
 DOWNLOAD_CHUNK = 64 * 1024
 
@@ -255,7 +257,15 @@ class SlackChannel:
     # -- lanes: one per thread, messages submitted in order -----------------------
 
     async def _serve(self, conversation_id: str, message: SlackMessage) -> None:
-        await self._accept(message, self._thread(message))
+        thread = self._thread(message)
+        try:
+            await self._accept(message, thread)
+        except Exception:  # task boundary: a bug must still give the message one visible outcome
+            log.exception("slack_failed", conversation=conversation_id)
+            metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="failed").inc()
+            with contextlib.suppress(*SLACK_ERRORS):
+                await thread.post(f":x: {INTERNAL_ERROR_TEXT}")
+            await self._react(message, "x")
 
     def _thread(self, message: SlackMessage) -> Thread:
         return Thread(self._client, message.channel, message.thread_ts, message.team, message.user, message.is_dm)
