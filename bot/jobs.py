@@ -14,7 +14,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -102,7 +102,6 @@ class Scheduler:
         self._executor = _FiringExecutor(self._fire)
         self._aps = AsyncIOScheduler(timezone=UTC, executors={"default": self._executor})
         self._locks: dict[str, asyncio.Lock] = {job_id: asyncio.Lock() for job_id in self._jobs}
-        self._last: dict[str, str] = {}
         self._turn_timeout_s = settings.agent.turn_timeout_s
 
     def add_courier(self, kind: str, courier: Courier) -> None:
@@ -294,7 +293,6 @@ class Scheduler:
 
     async def _record(self, run: JobRun) -> JobRun:
         job = self._jobs[run.job_id]
-        self._last[run.job_id] = run.status
         runs = [run, *await self.history(run.job_id)][: job.keep_runs]
         value = json.dumps([r.to_json() for r in runs])
         await self._store.put_value(keys.job_runs(run.job_id), value, keys.JOB_STATE_TTL_S)
@@ -311,7 +309,3 @@ class Scheduler:
             aps = self._aps.get_job(job_id)
             next_time = getattr(aps, "next_run_time", None)
             metrics.JOB_NEXT_FIRE.labels(job=job_id).set(next_time.timestamp() if next_time else 0)
-
-
-def job_rows(infos: list[JobInfo]) -> list[Mapping[str, Any]]:
-    return [dataclasses.asdict(info) for info in infos]
