@@ -120,7 +120,7 @@ class Scheduler:
                 coalesce=True,
                 max_instances=1000,  # overlap is ours to decide (skip or queue), across replicas
             )
-            if await self._paused(job.id):
+            if await self._paused_at_start(job.id):
                 self._aps.pause_job(job.id)
         self._aps.start()
         self._update_gauges()
@@ -134,6 +134,14 @@ class Scheduler:
         await self.stop_intake()
         if self._executor.running:
             await asyncio.wait(set(self._executor.running))
+
+    async def _paused_at_start(self, job_id: str) -> bool:
+        try:
+            return await self._paused(job_id)
+        except StoreError as exc:
+            # Each occurrence checks again before it runs; start anyway.
+            log.error("store_error", job=job_id, error=str(exc), note="pause state unknown at start")
+            return False
 
     @staticmethod
     async def _noop() -> None:  # never called: the executor runs ``_fire`` instead
