@@ -58,7 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the effective config, secrets redacted")
     config.set_defaults(func=_config)
     jobs = _jobs_parser(commands)
-    for sub in (run, chat, sessions, config, jobs):
+    usage = commands.add_parser("usage", help="metered model cost, by conversation, user, profile, channel or day")
+    usage.add_argument("--by", choices=["conversation", "user", "profile", "channel", "day"], default="conversation")
+    usage.add_argument("--url", help="daemon base URL (default: from http.listen)")
+    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    usage.set_defaults(func=_usage)
+    for sub in (run, chat, sessions, config, jobs, usage):
         sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config file")
     return parser
 
@@ -127,6 +132,16 @@ SESSION_COLUMNS = {
 
 def format_sessions(rows: list[dict[str, Any]]) -> str:
     return format_table(rows, SESSION_COLUMNS)
+
+
+def _usage(settings: Settings, args: argparse.Namespace) -> int:
+    body = asyncio.run(_call(_base_url(settings, args), _headers(settings), "GET", f"/v1/usage?by={args.by}"))
+    if args.json:
+        print(json.dumps(body, indent=2))
+    else:
+        rows = [{"key": key, "usd": f"{usd:.6f}"} for key, usd in body["usage_usd"].items()]
+        print(format_table(rows, {"key": args.by.upper(), "usd": "COST $"}))
+    return 0
 
 
 def _jobs(settings: Settings, args: argparse.Namespace) -> int:

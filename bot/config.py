@@ -32,6 +32,7 @@ from bot.cron import trigger_for
 # endpoints that operators already set under their usual names.
 CONVENTIONAL_VARIABLES: dict[str, tuple[str, str]] = {
     "ANTHROPIC_API_KEY": ("agent", "api_key"),
+    "ANTHROPIC_AUTH_TOKEN": ("agent", "auth_token"),
     "ANTHROPIC_BASE_URL": ("agent", "base_url"),
     "REDIS_URL": ("store", "redis_url"),
     "AGENTD_API_TOKEN": ("http", "api_token"),
@@ -68,7 +69,14 @@ class AgentConfig(_Section):
     deny_read: list[Path] = Field(default_factory=list)
     cli_path: Path | None = None
     api_key: SecretStr | None = None
+    auth_token: SecretStr | None = None
     base_url: str | None = None
+    # The CLI talks to the model through the daemon's gateway, which holds the only real key.
+    gateway: bool = True
+
+    @property
+    def upstream(self) -> str:
+        return (self.base_url or "https://api.anthropic.com").rstrip("/")
 
     @property
     def sandbox_enabled(self) -> bool:
@@ -345,6 +353,41 @@ class ScheduleConfig(_Section):
         return self
 
 
+class PriceConfig(_Section):
+    """USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cache_write: float = Field(ge=0)
+    cache_read: float = Field(ge=0)
+
+
+class GatewayConfig(_Section):
+    """The model gateway on loopback: per-process credentials, metering, budgets."""
+
+    listen: str = "127.0.0.1:0"  # port 0: any free port
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)  # by model name prefix, over the built-ins
+
+    @model_validator(mode="after")
+    def _loopback(self) -> GatewayConfig:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or host.strip("[]") not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError(
+                f"listen must be a loopback host:port (the gateway is for the daemon's CLIs), got {self.listen!r}"
+            )
+        return self
+
+
+class BudgetConfig(_Section):
+    """Spending limits in USD, checked by the gateway before every model request; unset: no limit."""
+
+    per_message_usd: float | None = Field(default=None, gt=0)
+    per_conversation_day_usd: float | None = Field(default=None, gt=0)
+    per_user_day_usd: float | None = Field(default=None, gt=0)
+    per_job_run_usd: float | None = Field(default=None, gt=0)
+    global_day_usd: float | None = Field(default=None, gt=0)
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -366,6 +409,8 @@ class Settings(BaseSettings):
     slack: SlackConfig = Field(default_factory=SlackConfig)
     email: EmailConfig = Field(default_factory=EmailConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
     triage: TriageConfig = Field(default_factory=TriageConfig)
     schedule: list[ScheduleConfig] = Field(default_factory=list)

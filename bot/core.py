@@ -22,6 +22,7 @@ class Failure(enum.StrEnum):
     AGENT_ERROR = "agent_error"
     SHUTDOWN = "shutdown"
     STORE = "store"
+    BUDGET = "budget"
 
 
 class Verdict(enum.StrEnum):
@@ -104,6 +105,8 @@ class Inbound:
     approver: Approver | None = field(default=None, compare=False)
     # A scheduled run waits behind a busy conversation, whatever busy_policy says for people.
     waits: bool = False
+    # Who sent it (a Slack user id, a mail sender, ``job:<id>``, ``api``): its cost is billed to them.
+    user: str = ""
 
 
 @dataclass(frozen=True)
@@ -202,13 +205,24 @@ class TurnDone:
     total_cost_usd: float
     error: str | None
     interrupted: bool
+    budget: str | None = None  # why a budget stopped the turn
+
+
+@dataclass(frozen=True)
+class TurnContext:
+    """What one turn is for: billed to ``user`` on ``channel``; ``approver`` answers the profile's ask_tools."""
+
+    conversation_id: str
+    user: str = ""
+    channel: str = ""
+    approver: Approver | None = field(default=None, compare=False)
 
 
 class AgentSession(Protocol):
     @property
     def pid(self) -> int | None: ...
 
-    def turn(self, text: str, approver: Approver | None = None) -> AsyncIterator[TextDelta | TurnDone]: ...
+    def turn(self, text: str, context: TurnContext) -> AsyncIterator[TextDelta | TurnDone]: ...
 
     async def interrupt(self) -> None: ...
 

@@ -24,8 +24,10 @@ from bot import procs
 from bot.agent import ClaudeLauncher
 from bot.config import HttpConfig, Settings
 from bot.core import Channel, Courier, ToolProvider
+from bot.gateway import Gateway
 from bot.http import Api
 from bot.jobs import Scheduler
+from bot.ledger import Ledger, Prices
 from bot.pool import Pool
 from bot.security import scrub_environ
 from bot.store import SqliteStore, Store, StoreError
@@ -104,9 +106,12 @@ async def serve(settings: Settings, stop: asyncio.Event, started: asyncio.Event 
         store = open_store(settings)
         stack.push_async_callback(bounded("store", store.close, deadline))
         await _check_store(store)
-        launcher = ClaudeLauncher(settings.agent, settings.config_file)
+        ledger = Ledger(store, settings.budget, Prices(settings.gateway.prices))
+        gateway = await _start_gateway(settings, ledger, stack, deadline)
+        launcher = ClaudeLauncher(settings.agent, settings.config_file, gateway=gateway)
         pool = Pool(settings, launcher, store)
         api = Api(settings.http, pool, store)
+        api.ledger = ledger
         channels = build_channels(settings, pool, store, api)
         # Tool sets first: a process (a spare too) gets the in-process tools that exist when it starts.
         for channel in channels:
@@ -132,6 +137,19 @@ async def serve(settings: Settings, stop: asyncio.Event, started: asyncio.Event 
         await stop.wait()
         await _drain(pool, api, channels, settings.http.drain_grace_s, deadline)
     log.info("stopped")
+
+
+async def _start_gateway(
+    settings: Settings, ledger: Ledger, stack: AsyncExitStack, deadline: Deadline
+) -> Gateway | None:
+    """The model gateway, closed after the pool (the CLIs talk through it until they exit)."""
+    if not settings.agent.gateway:
+        log.warning("gateway_off", note="each CLI gets the real API key; no metering or budgets")
+        return None
+    gateway = Gateway(settings.agent, settings.gateway, ledger)
+    await gateway.start()
+    stack.push_async_callback(bounded("gateway", gateway.close, deadline))
+    return gateway
 
 
 async def _drain(pool: Pool, api: Api, channels: list[Channel], grace_s: float, deadline: Deadline) -> None:

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from bot.config import ConfigError, HttpConfig
 from bot.core import Failure, Inbound, Outcome
 from bot.jobs import JobError, Scheduler
+from bot.ledger import Ledger
 from bot.pool import Pool
 from bot.store import Store, StoreError
 
@@ -32,8 +33,10 @@ STATUS = {
     Failure.MEMORY: 502,
     Failure.AGENT_ERROR: 502,
     Failure.TIMEOUT: 504,
+    Failure.BUDGET: 402,
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+USAGE_DIMENSIONS = ("conversation", "user", "profile", "channel", "day")
 T = TypeVar("T")
 DRAINING_BODY = {
     "error": "the daemon is shutting down; send this message again once it is back",
@@ -73,6 +76,7 @@ class Api:
         self.port: int | None = None
         self.draining = False
         self.scheduler: Scheduler | None = None
+        self.ledger: Ledger | None = None
 
     def add_route(self, method: str, path: str, handler: Handler) -> None:
         """A channel's own endpoint (Slack HTTP Events); it does its own authentication."""
@@ -85,6 +89,7 @@ class Api:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/conversations/{conversation_id}/messages", self._message)
         app.router.add_get("/v1/sessions", self._sessions)
+        app.router.add_get("/v1/usage", self._usage)
         app.router.add_get("/v1/jobs", self._jobs)
         app.router.add_get("/v1/jobs/{job_id}/runs", self._job_runs)
         app.router.add_post("/v1/jobs/{job_id}/{action}", self._job_action)
@@ -146,6 +151,15 @@ class Api:
     async def _sessions(self, request: web.Request) -> web.Response:
         rows = [dataclasses.asdict(r) for r in await self._pool.sessions()]
         return web.json_response({"sessions": rows})
+
+    async def _usage(self, request: web.Request) -> web.Response:
+        by = request.query.get("by", "conversation")
+        if by not in USAGE_DIMENSIONS:
+            raise BadRequest(f"by must be one of {', '.join(USAGE_DIMENSIONS)}")
+        if self.ledger is None:
+            raise NotFound("metering is off (agent.gateway = false)")
+        totals = await self.ledger.report(by)
+        return web.json_response({"by": by, "usage_usd": {k: round(v, 6) for k, v in totals.items()}})
 
     async def _jobs(self, request: web.Request) -> web.Response:
         infos = await self.scheduler.jobs() if self.scheduler is not None else []
@@ -218,7 +232,7 @@ class Api:
             raise BadRequest("field 'text' must be a non-empty string")
         if len(text) > self._config.max_text_chars:
             raise BadRequest(f"field 'text' is longer than {self._config.max_text_chars} characters")
-        return Inbound(conversation_id=f"api:{conversation_id}", text=text, source="api")
+        return Inbound(conversation_id=f"api:{conversation_id}", text=text, source="api", user="api")
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:

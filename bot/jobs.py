@@ -243,7 +243,9 @@ class Scheduler:
         conversation = self._conversation(job)
         run = dataclasses.replace(run, conversation_id=conversation)
         log.info("job_run_start", job=job.id, fire_time=run.fire_time, conversation=conversation, manual=manual)
-        outcome = await self._ask(Inbound(conversation, job.prompt, source="job", profile=job.profile, waits=True))
+        outcome = await self._ask(
+            Inbound(conversation, job.prompt, source="job", profile=job.profile, waits=True, user=f"job:{job.id}")
+        )
         run = dataclasses.replace(run, cost_usd=outcome.cost_usd)
         if outcome.failure is Failure.SHUTDOWN:
             # Cut short by a restart, not the job's fault: recorded, never counted towards a pause.

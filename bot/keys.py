@@ -102,3 +102,18 @@ def job_failures(job_id: str) -> str:
 def job_runs(job_id: str) -> str:
     """JSON list of the newest runs, newest first, at most ``keep_runs``."""
     return f"{PREFIX}:job:runs:{job_id}"
+
+
+# -- Model usage (the gateway's ledger) ----------------------------------------
+# Cost counters per UTC day and dimension (conversation, user, profile, channel, global); the budgets
+# read the same counters, so every replica on one Redis sees one total.
+USAGE_TTL_S = 400 * DAY_S
+
+
+def usage(day: str, dimension: str, value: str) -> str:
+    """USD spent on ``day`` (YYYY-MM-DD, UTC) by one ``dimension`` value."""
+    return f"{PREFIX}:usage:{day}:{dimension}:{value}"
+
+
+def usage_prefix(day: str = "") -> str:
+    return f"{PREFIX}:usage:{day}:" if day else f"{PREFIX}:usage:"

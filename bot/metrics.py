@@ -20,3 +20,15 @@ CHANNEL_MESSAGES = Counter(
 CHANNEL_CONNECTED = Gauge("agentd_channel_connected", "1 while a channel's connection is up", ["channel"])
 JOB_RUNS = Counter("agentd_job_runs_total", "Scheduled job runs, by job and status", ["job", "status"])
 JOB_NEXT_FIRE = Gauge("agentd_job_next_fire_timestamp", "Next fire time of each job (Unix seconds; 0: paused)", ["job"])
+MODEL_REQUESTS = Counter("agentd_model_requests_total", "Model requests through the gateway", ["model", "status"])
+MODEL_TOKENS = Counter("agentd_model_tokens_total", "Model tokens, by kind", ["model", "kind"])
+COST = Counter("agentd_cost_usd_total", "Metered model cost in USD, by profile", ["profile"])
+BUDGET_STOPS = Counter("agentd_budget_stops_total", "Model requests refused by a budget", ["budget"])
+MODEL_FIRST_BYTE_SECONDS = Histogram(
+    "agentd_model_first_byte_seconds",
+    "Time to the first byte of a model response",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+MODEL_SECONDS = Histogram(
+    "agentd_model_seconds", "Total time of a model request", buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+)

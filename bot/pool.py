@@ -37,6 +37,7 @@ from bot.core import (
     SessionInfo,
     SessionSpec,
     TextDelta,
+    TurnContext,
     TurnDone,
 )
 from bot.security import safe_name
@@ -54,7 +55,17 @@ FAILURE_TEXT = {
     Failure.AGENT_ERROR: "The agent could not complete this turn.",
     Failure.SHUTDOWN: "The daemon is shutting down; this message was not processed.",
     Failure.STORE: "The conversation store is unreachable; try again shortly.",
+    Failure.BUDGET: "A spending limit stopped this turn.",
 }
+
+
+def _failure_of(done: TurnDone) -> Failure | None:
+    if done.budget is not None:
+        return Failure.BUDGET
+    if done.interrupted:
+        return Failure.INTERRUPTED
+    return Failure.AGENT_ERROR if done.error else None
+
 
 LOST_CONTEXT_NOTICE = "(The earlier context of this conversation is no longer available; I started a fresh session.)"
 
@@ -318,7 +329,9 @@ class Worker:
 
     async def _run_turn(self, session: AgentSession, turn: Turn, prompt: str) -> TurnDone:
         async with asyncio.timeout(self.pool.settings.agent.turn_timeout_s):
-            async for event in session.turn(prompt, turn.inbound.approver):
+            inbound = turn.inbound
+            context = TurnContext(self.record.conversation_id, inbound.user, inbound.source, inbound.approver)
+            async for event in session.turn(prompt, context):
                 if isinstance(event, TextDelta):
                     turn.deltas.put_nowait(event.text)
                 else:
@@ -349,7 +362,7 @@ class Worker:
         )
 
     def _outcome(self, turn: Turn, done: TurnDone) -> Outcome:
-        failure = Failure.INTERRUPTED if done.interrupted else Failure.AGENT_ERROR if done.error else None
+        failure = _failure_of(done)
         parking = self.pool.data_dir / "sent" / Path(self.record.workdir).name
         return Outcome(
             files=files.take_outbox(Path(self.record.workdir), parking),
@@ -359,7 +372,9 @@ class Worker:
             cost_usd=self.last_turn_cost,
             turns=self.record.turns,
             failure=failure,
-            error=None if failure is None else f"{FAILURE_TEXT[failure]} ({done.error or 'interrupted'})",
+            error=None
+            if failure is None
+            else f"{FAILURE_TEXT[failure]} ({done.budget or done.error or 'interrupted'})",
         )
 
     def _crash_failure(self, exc: AgentCrashed) -> tuple[Failure, str]:

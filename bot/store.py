@@ -84,6 +84,12 @@ class Store(Protocol):
     async def incr(self, name: str, window_s: int) -> int:
         """Count within a window that starts at the first increment."""
 
+    async def add_float(self, name: str, amount: float, ttl_s: int) -> float:
+        """Add to a number (created at 0 with ``ttl_s``, which later adds keep); the new total."""
+
+    async def values(self, prefix: str) -> dict[str, str]:
+        """Every live value whose name starts with ``prefix`` (ledger reports)."""
+
 
 class SqliteStore:
     """The embedded default: one SQLite file in ``data_dir``, used from a worker thread."""
@@ -162,6 +168,25 @@ class SqliteStore:
             (name, now + window_s, now, now),
         )
         return int(rows[0][0])
+
+    async def add_float(self, name: str, amount: float, ttl_s: int) -> float:
+        now = time.time()
+        rows = await self._run(
+            "INSERT INTO kv (name, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET"
+            " value = CASE WHEN kv.expires_at <= ? THEN excluded.value ELSE CAST(kv.value AS REAL) + ? END,"
+            " expires_at = CASE WHEN kv.expires_at <= ? THEN excluded.expires_at ELSE kv.expires_at END"
+            " RETURNING value",
+            (name, repr(float(amount)), now + ttl_s, now, amount, now),
+        )
+        return float(rows[0][0])
+
+    async def values(self, prefix: str) -> dict[str, str]:
+        # A range on the primary key, not LIKE: no pattern characters to escape, and it uses the index.
+        rows = await self._run(
+            "SELECT name, value FROM kv WHERE name >= ? AND name < ? AND expires_at > ?",
+            (prefix, prefix + "\U0010ffff", time.time()),
+        )
+        return {str(name): str(value) for name, value in rows}
 
     async def close(self) -> None:
         await asyncio.to_thread(self._db.close)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -95,6 +96,23 @@ class RedisStore:
             pipe.incr(name)
             _, count = await self._call(pipe.execute())
         return int(count)
+
+    async def add_float(self, name: str, amount: float, ttl_s: int) -> float:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(name, 0, ex=ttl_s, nx=True)
+            pipe.incrbyfloat(name, amount)
+            _, total = await self._call(pipe.execute())
+        return float(total)
+
+    async def values(self, prefix: str) -> dict[str, str]:
+        names = await self._call(self._scan(re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"))
+        if not names:
+            return {}
+        found = await self._call(self._redis.mget(names))
+        return {name: str(value) for name, value in zip(names, found, strict=True) if value is not None}
+
+    async def _scan(self, pattern: str) -> list[str]:
+        return [str(name) async for name in self._redis.scan_iter(match=pattern, count=500)]
 
     async def _call(self, pending: Awaitable[T]) -> T:
         try:

@@ -8,9 +8,11 @@ conversation's reach and the profile's tools, MCP servers, prompt and limits.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,9 +45,12 @@ from bot.core import (
     ToolPolicy,
     ToolRequest,
     ToolSpec,
+    TurnContext,
     TurnDone,
     Verdict,
 )
+from bot.gateway import Gateway
+from bot.ledger import BudgetStop, Caller
 from bot.reach import Reach
 
 log = structlog.get_logger(__name__)
@@ -114,9 +119,10 @@ def _summary(tool_input: dict[str, Any]) -> str:
 
 
 class _ClaudeSession:
-    def __init__(self, client: ClaudeSDKClient, gate: _ToolGate) -> None:
+    def __init__(self, client: ClaudeSDKClient, gate: _ToolGate, meter: _Metered | None) -> None:
         self._client = client
         self._gate = gate
+        self._meter = meter
 
     @property
     def pid(self) -> int | None:
@@ -127,8 +133,10 @@ class _ClaudeSession:
     async def interrupt(self) -> None:
         await self._client.interrupt()
 
-    async def turn(self, text: str, approver: Approver | None = None) -> AsyncIterator[TextDelta | TurnDone]:
-        self._gate.policy = self._gate.for_turn(approver)
+    async def turn(self, text: str, context: TurnContext) -> AsyncIterator[TextDelta | TurnDone]:
+        self._gate.policy = self._gate.for_turn(context.approver)
+        if self._meter is not None:
+            self._meter.begin(context)
         parts: list[str] = []
         try:
             await self._client.query(text)
@@ -140,11 +148,30 @@ class _ClaudeSession:
                 elif isinstance(message, AssistantMessage) and message.parent_tool_use_id is None:
                     parts += [b.text for b in message.content if isinstance(b, TextBlock) and b.text]
                 elif isinstance(message, ResultMessage):
-                    yield _turn_done(message, parts)
+                    yield self._done(message, parts)
                     return
         except ClaudeSDKError as exc:
             raise AgentCrashed(str(exc)) from exc
         raise AgentCrashed("the agent's output ended before the turn finished")
+
+    def _done(self, result: ResultMessage, parts: list[str]) -> TurnDone:
+        done = _turn_done(result, parts)
+        stop = self._meter.stopped() if self._meter is not None else None
+        return dataclasses.replace(done, budget=stop.text) if stop is not None else done
+
+
+@dataclass(frozen=True)
+class _Metered:
+    """One process's line to the gateway: its credential, and the gateway that meters it."""
+
+    gateway: Gateway
+    credential: str
+
+    def begin(self, context: TurnContext) -> None:
+        self.gateway.begin_turn(self.credential, context.conversation_id, context.user, context.channel)
+
+    def stopped(self) -> BudgetStop | None:
+        return self.gateway.stopped(self.credential)
 
 
 def _text_delta(event: dict[str, Any], after_text: bool) -> TextDelta | None:
@@ -179,8 +206,11 @@ class ClaudeLauncher:
         config: AgentConfig,
         config_file: Path | None = None,
         toolsets: Mapping[str, Sequence[ToolSpec]] | None = None,
+        gateway: Gateway | None = None,
     ) -> None:
         self._config = config
+        # With a gateway, each process gets its own credential; the real key stays in the daemon.
+        self._gateway = gateway
         # Never readable by any agent, on top of data_dir, the home dotfiles (~/.ssh, ~/.aws,
         # ~/.config, ~/.netrc, ...) and the profile's deny_read: the config file.
         self._config_file = config_file
@@ -205,18 +235,30 @@ class ClaudeLauncher:
         spec.config_dir.mkdir(parents=True, exist_ok=True)
         servers = self._servers(spec)
         gate = _ToolGate(self.reach(spec), spec, servers.tool_names)
-        client = ClaudeSDKClient(self.options(spec, gate, servers))
+        meter = self._metered(spec)
+        client = ClaudeSDKClient(self.options(spec, gate, servers, meter))
         try:
-            await client.connect()
-        except ClaudeSDKError as exc:
-            await client.disconnect()
-            raise AgentError(f"could not start the agent: {exc}") from exc
-        try:
-            yield _ClaudeSession(client, gate)
+            try:
+                await client.connect()
+            except ClaudeSDKError as exc:
+                await client.disconnect()
+                raise AgentError(f"could not start the agent: {exc}") from exc
+            try:
+                yield _ClaudeSession(client, gate, meter)
+            finally:
+                await client.disconnect()
         finally:
-            await client.disconnect()
+            if meter is not None:
+                meter.gateway.revoke(meter.credential)
 
-    def options(self, spec: SessionSpec, gate: _ToolGate, servers: Servers) -> ClaudeAgentOptions:
+    def _metered(self, spec: SessionSpec) -> _Metered | None:
+        if self._gateway is None:
+            return None
+        return _Metered(self._gateway, self._gateway.issue(Caller(spec.conversation_id, spec.profile.name)))
+
+    def options(
+        self, spec: SessionSpec, gate: _ToolGate, servers: Servers, meter: _Metered | None = None
+    ) -> ClaudeAgentOptions:
         c, profile = self._config, spec.profile
         reach = self.reach(spec)
         return ClaudeAgentOptions(
@@ -240,13 +282,13 @@ class ClaudeLauncher:
             resume=spec.session_id if spec.resume else None,
             session_id=None if spec.resume else spec.session_id,
             settings=json.dumps(self._settings(reach, profile.sandbox)),
-            env=self.environment(spec),
+            env=self.environment(spec, meter),
             can_use_tool=gate.can_use_tool,
             hooks={"PreToolUse": [HookMatcher(matcher=None, hooks=[gate.hook])]},
             stderr=_stderr_logger(spec),
         )
 
-    def environment(self, spec: SessionSpec) -> dict[str, str]:
+    def environment(self, spec: SessionSpec, meter: _Metered | None = None) -> dict[str, str]:
         """What the CLI gets on top of the (already scrubbed) daemon environment."""
         c = self._config
         env = {
@@ -256,10 +298,17 @@ class ClaudeLauncher:
             "DISABLE_TELEMETRY": "1",
             "DISABLE_ERROR_REPORTING": "1",
         }
-        if c.api_key is not None:
-            env["ANTHROPIC_API_KEY"] = c.api_key.get_secret_value()
-        if c.base_url:
-            env["ANTHROPIC_BASE_URL"] = c.base_url
+        if meter is not None:
+            # The real key and upstream never enter the process: only the gateway and a credential.
+            env["ANTHROPIC_BASE_URL"] = meter.gateway.url
+            env["ANTHROPIC_API_KEY"] = meter.credential
+        else:
+            if c.api_key is not None:
+                env["ANTHROPIC_API_KEY"] = c.api_key.get_secret_value()
+            if c.auth_token is not None:
+                env["ANTHROPIC_AUTH_TOKEN"] = c.auth_token.get_secret_value()
+            if c.base_url:
+                env["ANTHROPIC_BASE_URL"] = c.base_url
         if spec.profile.sandbox:
             # Lets the CLI strip its own API credentials from what Bash sees.
             env["CLAUDE_CODE_SUBPROCESS_ENV_SCRUB"] = "1"

@@ -327,7 +327,7 @@ class EmailChannel:
     def _inbound(self, conversation: str, mail: Mail) -> Inbound:
         files = self._stage(mail)
         text = compose.prompt(mail, self._config.max_body_chars)
-        return Inbound(conversation, text, "email", files, profile=self._config.profile)
+        return Inbound(conversation, text, "email", files, profile=self._config.profile, user=mail.sender)
 
     def _stage(self, mail: Mail) -> tuple[Path, ...]:
         if not mail.attachments:

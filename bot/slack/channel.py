@@ -296,7 +296,13 @@ class SlackChannel:
         mark = await self._show_status(message, queued)
         prompt = await self._prompt(message)
         inbound = Inbound(
-            message.conversation_id, prompt, "slack", staged, self._profile.name, self._approver(message, thread)
+            message.conversation_id,
+            prompt,
+            "slack",
+            staged,
+            self._profile.name,
+            self._approver(message, thread),
+            user=message.user,
         )
         turn = await self._pool.submit(inbound)
         metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="accepted").inc()

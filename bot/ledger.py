@@ -1,0 +1,164 @@
+"""What model requests cost, who spent it, and whether a budget allows the next one.
+
+Usage comes from the gateway (the ``usage`` of each response), is priced per
+model, and is added to store counters per UTC day: conversation, user,
+profile, channel and the global total.  The budgets read the same counters,
+so replicas sharing a Redis share one total.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from bot import keys, metrics
+from bot.config import BudgetConfig, PriceConfig
+from bot.store import Store
+
+log = structlog.get_logger(__name__)
+
+# USD per million tokens, by model name prefix (the longest matching prefix wins).
+BUILTIN_PRICES: dict[str, PriceConfig] = {
+    "claude-opus-4": PriceConfig(input=15.0, output=75.0, cache_write=18.75, cache_read=1.5),
+    "claude-opus-4-5": PriceConfig(input=5.0, output=25.0, cache_write=6.25, cache_read=0.5),
+    "claude-sonnet-4": PriceConfig(input=3.0, output=15.0, cache_write=3.75, cache_read=0.3),
+    "claude-3-7-sonnet": PriceConfig(input=3.0, output=15.0, cache_write=3.75, cache_read=0.3),
+    "claude-haiku-4": PriceConfig(input=1.0, output=5.0, cache_write=1.25, cache_read=0.1),
+    "claude-3-5-haiku": PriceConfig(input=0.8, output=4.0, cache_write=1.0, cache_read=0.08),
+}
+DIMENSIONS = ("conversation", "user", "profile", "channel", "global")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a model request is for: fixed per CLI process, except the user and channel of the current turn."""
+
+    conversation_id: str
+    profile: str
+    user: str = ""
+    channel: str = ""
+
+
+@dataclass(frozen=True)
+class Usage:
+    model: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    def tokens(self) -> dict[str, int]:
+        return {
+            "input": self.input_tokens,
+            "output": self.output_tokens,
+            "cache_write": self.cache_creation_input_tokens,
+            "cache_read": self.cache_read_input_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class BudgetStop:
+    """A request refused by a budget: which one, what was spent, when it resets."""
+
+    budget: str
+    spent_usd: float
+    limit_usd: float
+    resets: str
+
+    @property
+    def text(self) -> str:
+        return (
+            f"the {self.budget.replace('_', ' ')} budget is used up: ${self.spent_usd:.4f} spent of "
+            f"${self.limit_usd:.4f}; it resets {self.resets}"
+        )
+
+
+class Prices:
+    def __init__(self, overrides: Mapping[str, PriceConfig]) -> None:
+        self._table = {**BUILTIN_PRICES, **overrides}
+        self._highest = max(self._table.values(), key=lambda p: p.output)
+
+    def of(self, model: str) -> PriceConfig:
+        matches = [prefix for prefix in self._table if model.startswith(prefix)]
+        if not matches:
+            # Unknown: count it at the highest known price, so a budget errs on the safe side.
+            log.warning("price_unknown", model=model)
+            return self._highest
+        return self._table[max(matches, key=len)]
+
+    def cost(self, usage: Usage) -> float:
+        price = self.of(usage.model)
+        return (
+            usage.input_tokens * price.input
+            + usage.output_tokens * price.output
+            + usage.cache_creation_input_tokens * price.cache_write
+            + usage.cache_read_input_tokens * price.cache_read
+        ) / 1_000_000
+
+
+def today() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+
+
+class Ledger:
+    def __init__(self, store: Store, budgets: BudgetConfig, prices: Prices) -> None:
+        self._store, self._budgets, self._prices = store, budgets, prices
+
+    async def record(self, caller: Caller, usage: Usage) -> float:
+        """Price one response's usage and add it to every counter; the cost."""
+        cost = self._prices.cost(usage)
+        day = today()
+        for dimension, value in _dimensions(caller).items():
+            await self._store.add_float(keys.usage(day, dimension, value), cost, keys.USAGE_TTL_S)
+        for kind, count in usage.tokens().items():
+            metrics.MODEL_TOKENS.labels(model=usage.model, kind=kind).inc(count)
+        metrics.COST.labels(profile=caller.profile).inc(cost)
+        return cost
+
+    async def check(self, caller: Caller, turn_spent_usd: float) -> BudgetStop | None:
+        """The first budget the next request would start past, or None."""
+        b = self._budgets
+        turn_limit = b.per_job_run_usd if caller.channel == "job" else b.per_message_usd
+        turn_name = "per_job_run" if caller.channel == "job" else "per_message"
+        if turn_limit is not None and turn_spent_usd >= turn_limit:
+            return BudgetStop(turn_name, turn_spent_usd, turn_limit, "with the next message")
+        day = today()
+        daily = [
+            ("per_conversation_day", b.per_conversation_day_usd, "conversation", caller.conversation_id),
+            ("per_user_day", b.per_user_day_usd, "user", caller.user),
+            ("global_day", b.global_day_usd, "global", "all"),
+        ]
+        for name, limit, dimension, value in daily:
+            if limit is None or (dimension == "user" and not value):
+                continue
+            spent = float(await self._store.get_value(keys.usage(day, dimension, value)) or 0.0)
+            if spent >= limit:
+                return BudgetStop(name, spent, limit, "at 00:00 UTC")
+        return None
+
+    async def report(self, by: str) -> dict[str, float]:
+        """USD spent per value of one dimension (all days), or per day (``by = "day"``)."""
+        totals: dict[str, float] = defaultdict(float)
+        for name, value in (await self._store.values(keys.usage_prefix())).items():
+            day, dimension, key = name.removeprefix(keys.usage_prefix()).split(":", 2)
+            if by == "day" and dimension == "global":
+                totals[day] += float(value)
+            elif dimension == by:
+                totals[key] += float(value)
+        return dict(sorted(totals.items()))
+
+
+def _dimensions(caller: Caller) -> dict[str, str]:
+    found = {
+        "conversation": caller.conversation_id,
+        "profile": caller.profile,
+        "channel": caller.channel or "unknown",
+        "global": "all",
+    }
+    if caller.user:
+        found["user"] = caller.user
+    return found
