@@ -15,6 +15,7 @@ import signal
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import psutil
@@ -100,7 +101,21 @@ def kill_cli_trees(pids: Iterable[int]) -> None:
         procs.kill_tree(pid)
 
 
-async def serve(settings: Settings, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
+@dataclass(frozen=True)
+class Running:
+    """The daemon's parts once it is ready (for embedding it, and for tests)."""
+
+    pool: Pool
+    api: Api
+    gateway: Gateway | None
+
+
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event,
+    started: asyncio.Event | None = None,
+    on_ready: Callable[[Running], None] | None = None,
+) -> None:
     deadline = Deadline(shutdown_budget_s(settings.http))
     async with AsyncExitStack() as stack:
         store = open_store(settings)
@@ -134,6 +149,8 @@ async def serve(settings: Settings, stop: asyncio.Event, started: asyncio.Event 
         log.info("ready", sandbox=settings.agent.sandbox_enabled, store=type(store).__name__, channels=len(channels))
         if started is not None:
             started.set()
+        if on_ready is not None:
+            on_ready(Running(pool, api, gateway))
         await stop.wait()
         await _drain(pool, api, channels, settings.http.drain_grace_s, deadline)
     log.info("stopped")

@@ -86,7 +86,11 @@ def make_settings(tmp_path: Path, model: FakeModel, **sections: Any) -> Settings
         pool=PoolConfig(**pool),
         store=StoreConfig(**store),
         http=HttpConfig(**sections.get("http", {})),
-        **{key: sections[key] for key in ("profiles", "triage", "schedule", "slack", "email") if key in sections},
+        **{
+            key: sections[key]
+            for key in ("profiles", "triage", "schedule", "slack", "email", "budget", "gateway")
+            if key in sections
+        },
     )
 
 

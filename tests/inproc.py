@@ -6,9 +6,11 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from pydantic import BaseModel
 
-from bot.daemon import serve
+from bot.daemon import Running, serve
+from bot.ledger import Caller
 from bot.store import SqliteStore
 from tests.conftest import make_settings
 from tests.fakes.model import FakeModel
@@ -24,6 +26,7 @@ class InProcessDaemon:
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.parts: Running | None = None
 
     @property
     def url(self) -> str:
@@ -36,12 +39,27 @@ class InProcessDaemon:
     async def start(self) -> None:
         self._stop.clear()
         self._started.clear()
-        self._task = asyncio.create_task(serve(self.settings, self._stop, self._started))
+        self._task = asyncio.create_task(serve(self.settings, self._stop, self._started, self._keep))
         started = asyncio.create_task(self._started.wait())
         await asyncio.wait([started, self._task], timeout=30, return_when=asyncio.FIRST_COMPLETED)
         if self._task.done():
             self._task.result()
         assert self._started.is_set(), "daemon did not start"
+
+    def _keep(self, parts: Running) -> None:
+        self.parts = parts
+
+    def gateway_url(self) -> str:
+        assert self.parts is not None and self.parts.gateway is not None
+        return self.parts.gateway.url
+
+    def issue_credential(self, conversation_id: str) -> str:
+        assert self.parts is not None and self.parts.gateway is not None
+        return self.parts.gateway.issue(Caller(conversation_id, "chat"))
+
+    async def usage(self, by: str) -> dict[str, float]:
+        async with aiohttp.ClientSession() as http, http.get(f"{self.url}/v1/usage?by={by}") as response:
+            return dict((await response.json())["usage_usd"])
 
     async def stop(self, timeout: float = 60) -> None:
         self._stop.set()

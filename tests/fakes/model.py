@@ -32,11 +32,17 @@ class Rule:
     delay_s: float = 0.0
     once: bool = False
     used: bool = False
+    # An upstream failure instead of an answer: an HTTP error (status, headers) or a dropped stream.
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    drop: bool = False
 
 
 @dataclass
 class RecordedRequest:
     body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+    streamed: bytearray = field(default_factory=bytearray)  # the exact bytes of the answer sent
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -142,18 +148,21 @@ class FakeModel:
         return web.json_response({"input_tokens": 10})
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
-        recorded = RecordedRequest(await request.json())
+        recorded = RecordedRequest(await request.json(), {k.lower(): v for k, v in request.headers.items()})
         self.requests.append(recorded)
         if self.on_request is not None:
             self.on_request(recorded)
         rule = self._match(recorded)
         if rule is not None and rule.delay_s:
             await asyncio.sleep(rule.delay_s)
+        if rule is not None and rule.status is not None:
+            error = {"type": "error", "error": {"type": "api_error", "message": f"fake upstream {rule.status}"}}
+            return web.json_response(error, status=rule.status, headers=rule.headers)
         blocks = self._answer(recorded, rule)
         if not recorded.body.get("stream"):
             return web.json_response(self._message(blocks, recorded))
         try:
-            return await self._stream(request, recorded, blocks)
+            return await self._stream(request, recorded, blocks, drop=rule is not None and rule.drop)
         except ConnectionResetError:  # the CLI hung up (interrupt, kill): nothing to answer
             return web.Response(status=499)
 
@@ -199,18 +208,27 @@ class FakeModel:
         }
 
     async def _stream(
-        self, request: web.Request, recorded: RecordedRequest, blocks: list[dict[str, Any]]
+        self, request: web.Request, recorded: RecordedRequest, blocks: list[dict[str, Any]], drop: bool = False
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         message = self._message([], recorded)
         stop = "tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn"
         message["stop_reason"] = None
-        await response.write(_sse("message_start", {"type": "message_start", "message": message}))
+
+        async def write(data: bytes) -> None:
+            recorded.streamed += data
+            await response.write(data)
+
+        await write(_sse("message_start", {"type": "message_start", "message": message}))
+        if drop:
+            assert request.transport is not None
+            request.transport.close()  # the connection drops mid-stream
+            return response
         for index, block in enumerate(blocks):
             for event, data in self._block_events(index, block):
-                await response.write(_sse(event, data))
-        await response.write(
+                await write(_sse(event, data))
+        await write(
             _sse(
                 "message_delta",
                 {
@@ -220,7 +238,7 @@ class FakeModel:
                 },
             )
         )
-        await response.write(_sse("message_stop", {"type": "message_stop"}))
+        await write(_sse("message_stop", {"type": "message_stop"}))
         await response.write_eof()
         return response
 

@@ -1,0 +1,170 @@
+"""The model gateway: the real key stays in the daemon, every request is metered, budgets stop work, errors pass."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+
+from bot.config import PriceConfig
+from bot.ledger import Prices, Usage
+from tests.daemon_proc import DaemonProcess
+from tests.fakes.model import FakeModel, ToolUse
+from tests.inproc import InProcessDaemon
+
+REAL_KEY = "sk-test-anthropic-key"  # what tests.daemon_proc gives the daemon
+
+
+@contextlib.asynccontextmanager
+async def daemon(tmp_path: Path, model: FakeModel, **sections: Any) -> AsyncIterator[InProcessDaemon]:
+    running = InProcessDaemon(tmp_path, model, {}, **sections)
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def ask(d: InProcessDaemon, conversation: str, text: str) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{d.url}/v1/conversations/{conversation}/messages", json={"text": text}) as response,
+    ):
+        return response.status, dict(await response.json())
+
+
+def cli_environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(entry.split("=", 1) for entry in raw.decode(errors="replace").split("\0") if "=" in entry)
+
+
+async def test_the_real_key_never_enters_a_cli_process(tmp_path: Path, fake_model: FakeModel) -> None:
+    fake_model.add("show env", tool=ToolUse("Bash", {"command": "env", "description": "env"}))
+    proc = DaemonProcess(tmp_path, fake_model.url, toml="sandbox = true\n")
+    await proc.start()
+    try:
+        assert (await proc.ask("k", "hello"))["reply"] == "echo: hello"
+        assert "error" not in await proc.ask("k", "show env")
+        assert proc.process is not None
+        clis = [p for p in psutil.Process(proc.process.pid).children(recursive=True) if p.name() == "claude"]
+        assert clis, "a CLI process is running"
+        for cli in clis:
+            environ, cmdline = cli_environ(cli.pid), " ".join(cli.cmdline())
+            assert REAL_KEY not in json.dumps(environ) and REAL_KEY not in cmdline
+            assert environ["ANTHROPIC_API_KEY"].startswith("agentd-gw-")
+            assert environ["ANTHROPIC_BASE_URL"].startswith("http://127.0.0.1:")
+            assert environ["ANTHROPIC_BASE_URL"] != fake_model.url
+    finally:
+        await proc.stop()
+    assert REAL_KEY not in fake_model.tool_results(), "the env the agent's Bash sees"
+    assert all(r.headers.get("x-api-key") == REAL_KEY for r in fake_model.requests), "the gateway adds the key"
+
+
+async def test_an_unknown_credential_is_refused(tmp_path: Path, fake_model: FakeModel) -> None:
+    async with daemon(tmp_path, fake_model) as d:
+        gateway_url = d.gateway_url()
+        async with aiohttp.ClientSession() as http:
+            for headers in ({}, {"x-api-key": "agentd-gw-guessed"}, {"x-api-key": REAL_KEY}):
+                async with http.post(f"{gateway_url}/v1/messages", json={}, headers=headers) as response:
+                    assert response.status == 401
+    assert fake_model.requests == []
+
+
+async def test_turns_and_tool_calls_work_and_sse_passes_byte_for_byte(tmp_path: Path, fake_model: FakeModel) -> None:
+    fake_model.add("make a file", tool=ToolUse("Write", {"file_path": "note.txt", "content": "hi"}))
+    async with daemon(tmp_path, fake_model) as d:
+        assert (await ask(d, "t", "first turn"))[1]["reply"] == "echo: first turn"
+        status, body = await ask(d, "t", "make a file")
+        assert status == 200, body
+        # The same request straight through the gateway: the bytes the fake model streamed arrive unchanged.
+        credential = d.issue_credential("api:probe")
+        request = {
+            "model": "claude-sonnet-4-5",
+            "stream": True,
+            "max_tokens": 10,
+            "tools": [{"name": "x"}],
+            "messages": [{"role": "user", "content": "bytes please"}],
+        }
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{d.gateway_url()}/v1/messages", json=request, headers={"x-api-key": credential}) as response,
+        ):
+            received = await response.read()
+    assert received == bytes(fake_model.find("bytes please")[0].streamed)
+    assert (tmp_path / "data" / "work").exists()
+
+
+async def test_the_ledger_prices_every_request_exactly(tmp_path: Path, fake_model: FakeModel) -> None:
+    async with daemon(tmp_path, fake_model) as d:
+        for text in ("one", "two", "three"):
+            assert (await ask(d, "ledger", text))[0] == 200
+        usage = await d.usage("conversation")
+        by_user = await d.usage("user")
+    prices = Prices({})
+    # The fake reports 100 input and 20 output tokens for every request (turns and titles alike).
+    expected = sum(prices.cost(Usage(str(r.body["model"]), 100, 20)) for r in fake_model.requests)
+    assert usage["api:ledger"] == pytest.approx(expected, abs=1e-6)
+    assert by_user["api"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_prices_take_the_longest_prefix_and_overrides() -> None:
+    prices = Prices({"claude-sonnet-4-5": PriceConfig(input=1, output=2, cache_write=3, cache_read=4)})
+    assert prices.cost(Usage("claude-sonnet-4-5-20250929", 1_000_000, 0, 0, 0)) == 1
+    assert prices.cost(Usage("claude-sonnet-4-20250514", 0, 1_000_000)) == 15
+    assert prices.cost(Usage("some-new-model", 1_000_000)) >= 15, "unknown models are priced high, not free"
+
+
+@pytest.mark.parametrize(
+    ("budget", "limit_name"),
+    [
+        ({"per_message_usd": 0.0005}, "per message"),
+        ({"per_conversation_day_usd": 0.002}, "per conversation day"),
+        ({"per_user_day_usd": 0.002}, "per user day"),
+        ({"global_day_usd": 0.002}, "global day"),
+    ],
+)
+async def test_every_budget_level_stops_work_with_a_visible_reason(
+    tmp_path: Path, fake_model: FakeModel, budget: dict[str, float], limit_name: str
+) -> None:
+    fake_model.add("spend", tool=ToolUse("Bash", {"command": "echo spent", "description": "spend"}))
+    async with daemon(tmp_path, fake_model, budget=budget) as d:
+        stopped: dict[str, Any] = {}
+        for attempt in range(8):
+            status, body = await ask(d, "b", f"spend {attempt}")
+            if status != 200:
+                stopped = body
+                break
+        assert stopped.get("failure") == "budget", stopped
+        assert limit_name in stopped["error"] and "spent" in stopped["error"] and "resets" in stopped["error"]
+        requests = len(fake_model.requests)
+        if limit_name != "per message":  # a day budget keeps refusing, with no request reaching the model
+            status, body = await ask(d, "b", "spend again")
+            assert status == 402 and body["failure"] == "budget"
+            assert len(fake_model.requests) == requests
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [{"status": 429, "headers": {"retry-after": "1"}}, {"status": 529}, {"drop": True}],
+    ids=["429 retry-after", "529 overloaded", "dropped stream"],
+)
+async def test_upstream_errors_pass_through_and_the_cli_retries(
+    tmp_path: Path, fake_model: FakeModel, failure: dict[str, Any]
+) -> None:
+    fake_model.add("flaky upstream", text="answered after a retry")
+    # Rules added later match first: one failure, then the plain answer.
+    fake_model.add("flaky upstream", once=True, **failure)
+    async with daemon(tmp_path, fake_model) as d:
+        status, body = await ask(d, "u", "flaky upstream please")
+        assert status == 200 and body["reply"] == "answered after a retry", body
+        assert (await ask(d, "u", "still serving"))[0] == 200
+        key = d.settings.agent.api_key
+    attempts = fake_model.find("flaky upstream")
+    assert len(attempts) >= 2, "the CLI retried through the gateway"
+    assert key is not None and all(r.headers.get("x-api-key") == key.get_secret_value() for r in attempts)
