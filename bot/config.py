@@ -422,6 +422,15 @@ class Settings(BaseSettings):
         return self._config_file
 
     @model_validator(mode="after")
+    def _gateway_speaks_anthropic(self) -> Settings:
+        other = {"CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX", "CLAUDE_CODE_USE_FOUNDRY"}
+        if self.agent.gateway and other & set(self.agent.env_passthrough):
+            raise ValueError(
+                "agent.gateway speaks the Anthropic API only: set agent.gateway = false to use Bedrock or Vertex"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
         known = {*BUILTIN_PROFILES, *self.profiles}
         uses = [("slack.profile", self.slack.profile), ("email.profile", self.email.profile)]

@@ -206,6 +206,7 @@ class TurnDone:
     error: str | None
     interrupted: bool
     budget: str | None = None  # why a budget stopped the turn
+    metered_usd: float | None = None  # what the gateway metered for this turn (None: no gateway)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ class UsageMeter:
         self._skipping = False
         self.model = ""
         self.usage: dict[str, int] = {}
+        self.finished = False  # message_stop seen: the usage is final
 
     def feed(self, chunk: bytes) -> None:
         if not self._streaming:
@@ -109,6 +110,8 @@ class UsageMeter:
             self._take(message.get("usage"))
         elif event.get("type") == "message_delta":
             self._take(event.get("usage"))
+        elif event.get("type") == "message_stop":
+            self.finished = True
 
     def _take(self, usage: object) -> None:
         if isinstance(usage, dict):
@@ -191,6 +194,10 @@ class Gateway:
             line.caller = dataclasses.replace(line.caller, conversation_id=conversation_id, user=user, channel=channel)
             line.turn_spent_usd, line.stop = 0.0, None
 
+    def turn_spent(self, credential: str) -> float:
+        line = self._lines.get(credential)
+        return line.turn_spent_usd if line is not None else 0.0
+
     def stopped(self, credential: str) -> BudgetStop | None:
         """The budget that refused a request of the current turn, if one did."""
         line = self._lines.get(credential)
@@ -250,18 +257,26 @@ class Gateway:
         await response.prepare(request)
         meter = UsageMeter("text/event-stream" in upstream.headers.get("content-type", ""))
         first_byte: float | None = None
+        metered = False
         try:
             async for chunk in upstream.content.iter_any():
                 first_byte = first_byte or time.monotonic()
                 meter.feed(chunk)
+                if meter.finished and not metered:
+                    # Recorded before the CLI can see the end of the message, so the turn's cost is complete
+                    # when the CLI reports the turn done.
+                    metered = True
+                    await self._meter(line, meter, model, str(upstream.status), started, first_byte)
                 await response.write(chunk)
         except aiohttp.ClientError as exc:
             # The upstream dropped mid-stream: end ours the same way, so the CLI retries as it would.
             log.warning("gateway_upstream_dropped", error=str(exc)[:200])
-            await self._meter(line, meter, model, "dropped", started, first_byte)
+            if not metered:
+                await self._meter(line, meter, model, "dropped", started, first_byte)
             raise
+        if not metered:
+            await self._meter(line, meter, model, str(upstream.status), started, first_byte)
         await response.write_eof()
-        await self._meter(line, meter, model, str(upstream.status), started, first_byte)
         return response
 
     async def _meter(

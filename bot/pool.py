@@ -341,8 +341,7 @@ class Worker:
     def _end_turn(self, turn: Turn, done: TurnDone | None, started: float) -> None:
         cost = 0.0
         if done is not None:
-            cost = max(done.total_cost_usd - self.cost_base, 0.0)
-            self.cost_base = done.total_cost_usd
+            cost = self._turn_cost(done)
         self.turns_served += 1
         self.current, self.last_used = None, time.monotonic()
         if self.state == "busy":
@@ -360,6 +359,16 @@ class Worker:
         self.log.info(
             "turn_end", seconds=round(seconds, 3), cost_usd=round(cost, 6), ok=done is not None and done.error is None
         )
+
+    def _turn_cost(self, done: TurnDone) -> float:
+        """The gateway's metered cost when there is one (cross-checked with the CLI's own counter), else the CLI's."""
+        reported = max(done.total_cost_usd - self.cost_base, 0.0)
+        self.cost_base = done.total_cost_usd
+        if done.metered_usd is None:
+            return reported
+        if abs(done.metered_usd - reported) > max(1e-6, 0.05 * max(done.metered_usd, reported)):
+            self.log.warning("cost_mismatch", metered_usd=round(done.metered_usd, 6), cli_usd=round(reported, 6))
+        return done.metered_usd
 
     def _outcome(self, turn: Turn, done: TurnDone) -> Outcome:
         failure = _failure_of(done)

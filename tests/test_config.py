@@ -97,6 +97,8 @@ JOB = '[[schedule]]\nid = "digest"\nevery = 60\nprompt = "digest"\n'
         ('[[schedule]]\nid = "x"\ncron = "0 8 * * 1"\ntimezone = "Mars/Olympus"\nprompt = "p"\n', "unknown timezone"),
         ("[pool]\nprewarm = { nope = 1 }\n", "pool.prewarm.nope: no profile named 'nope'"),
         ('[profiles.triage]\nmcp = ["telepathy"]\n', "profiles.triage.mcp"),
+        ('[agent]\nenv_passthrough = ["CLAUDE_CODE_USE_BEDROCK"]\n', "set agent.gateway = false to use Bedrock"),
+        ('[gateway]\nlisten = "0.0.0.0:9000"\n', "loopback"),
     ],
 )
 def test_profile_and_schedule_mistakes_are_named(tmp_path: Path, toml: str, message: str) -> None:

@@ -102,14 +102,18 @@ async def test_turns_and_tool_calls_work_and_sse_passes_byte_for_byte(tmp_path: 
 
 async def test_the_ledger_prices_every_request_exactly(tmp_path: Path, fake_model: FakeModel) -> None:
     async with daemon(tmp_path, fake_model) as d:
+        costs = []
         for text in ("one", "two", "three"):
-            assert (await ask(d, "ledger", text))[0] == 200
+            status, body = await ask(d, "ledger", text)
+            assert status == 200
+            costs.append(body["cost_usd"])
         usage = await d.usage("conversation")
         by_user = await d.usage("user")
     prices = Prices({})
     # The fake reports 100 input and 20 output tokens for every request (turns and titles alike).
     expected = sum(prices.cost(Usage(str(r.body["model"]), 100, 20)) for r in fake_model.requests)
     assert usage["api:ledger"] == pytest.approx(expected, abs=1e-6)
+    assert sum(costs) == pytest.approx(expected, abs=1e-5), "each answer reports the metered cost of its turn"
     assert by_user["api"] == pytest.approx(expected, abs=1e-6)
 
 

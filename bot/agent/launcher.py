@@ -156,8 +156,12 @@ class _ClaudeSession:
 
     def _done(self, result: ResultMessage, parts: list[str]) -> TurnDone:
         done = _turn_done(result, parts)
-        stop = self._meter.stopped() if self._meter is not None else None
-        return dataclasses.replace(done, budget=stop.text) if stop is not None else done
+        if self._meter is None:
+            return done
+        stop = self._meter.stopped()
+        return dataclasses.replace(
+            done, budget=stop.text if stop is not None else None, metered_usd=self._meter.spent()
+        )
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,9 @@ class _Metered:
 
     def stopped(self) -> BudgetStop | None:
         return self.gateway.stopped(self.credential)
+
+    def spent(self) -> float:
+        return self.gateway.turn_spent(self.credential)
 
 
 def _text_delta(event: dict[str, Any], after_text: bool) -> TextDelta | None:
