@@ -172,3 +172,40 @@ async def test_upstream_errors_pass_through_and_the_cli_retries(
     attempts = fake_model.find("flaky upstream")
     assert len(attempts) >= 2, "the CLI retried through the gateway"
     assert key is not None and all(r.headers.get("x-api-key") == key.get_secret_value() for r in attempts)
+
+
+async def test_a_budget_stop_is_told_in_slack(tmp_path: Path, fake_model: FakeModel) -> None:
+    from tests.fakes.slack import FakeSlack
+    from tests.slack_harness import reply_text, running, wait_done
+
+    fake_model.add("spend in slack", tool=ToolUse("Bash", {"command": "echo spent", "description": "spend"}))
+    slack = FakeSlack()
+    await slack.start()
+    try:
+        async with running(tmp_path, fake_model, slack, budget={"per_message_usd": 0.0005}):
+            event = slack.message_event("spend in slack", mention=True)
+            await slack.send_event(event)
+            ts = str(event["ts"])
+            assert await wait_done(slack, "C0GENERAL", ts) == ["x"]
+            assert "per message budget is used up" in reply_text(slack, "C0GENERAL", ts)
+    finally:
+        await slack.stop()
+
+
+async def test_a_budget_stop_is_told_in_the_email_reply(tmp_path: Path, fake_model: FakeModel) -> None:
+    from tests.fakes.mailserver import MailServer, message
+    from tests.mail_harness import running, wait_replies
+
+    fake_model.add("spend by mail", tool=ToolUse("Read", {"file_path": "nothing.txt"}))
+    server = MailServer()
+    server.start()
+    try:
+        async with running(tmp_path, fake_model, server, budget={"per_message_usd": 0.0005}) as d:
+            sent = message("budget", "Please spend by mail.")
+            server.deliver(sent)
+            [reply] = await wait_replies(server, 1)
+            assert (await d.outcome(str(sent["Message-ID"])))["status"] == "failed_replied"
+        text = reply.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        assert "per message budget is used up" in text and "resets" in text
+    finally:
+        server.stop()
