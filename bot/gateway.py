@@ -173,6 +173,7 @@ class Gateway:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.ledger.flush()
         if self._session is not None:
             await self._session.close()
 
@@ -289,7 +290,7 @@ class Gateway:
             metrics.MODEL_FIRST_BYTE_SECONDS.observe(first_byte - started)
         metrics.MODEL_SECONDS.observe(time.monotonic() - started)
         if usage is not None:
-            line.turn_spent_usd += await self.ledger.record(line.caller, dataclasses.replace(usage, model=name))
+            line.turn_spent_usd += self.ledger.record(line.caller, dataclasses.replace(usage, model=name))
 
     def _upstream_headers(self, request: web.Request) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}

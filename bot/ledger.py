@@ -8,6 +8,7 @@ so replicas sharing a Redis share one total.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ import structlog
 
 from bot import keys, metrics
 from bot.config import BudgetConfig, PriceConfig
-from bot.store import Store
+from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -107,17 +108,35 @@ def today() -> str:
 class Ledger:
     def __init__(self, store: Store, budgets: BudgetConfig, prices: Prices) -> None:
         self._store, self._budgets, self._prices = store, budgets, prices
+        self._writes: set[asyncio.Task[None]] = set()
 
-    async def record(self, caller: Caller, usage: Usage) -> float:
-        """Price one response's usage and add it to every counter; the cost."""
+    def record(self, caller: Caller, usage: Usage) -> float:
+        """Price one response's usage and add it to every counter; the cost.
+
+        The counters are written in the background, in one round trip, so a response is never held up
+        by the store; ``flush`` waits for them (reports, shutdown).
+        """
         cost = self._prices.cost(usage)
         day = today()
-        for dimension, value in _dimensions(caller).items():
-            await self._store.add_float(keys.usage(day, dimension, value), cost, keys.USAGE_TTL_S)
+        amounts = {keys.usage(day, dimension, value): cost for dimension, value in _dimensions(caller).items()}
+        task = asyncio.create_task(self._write(amounts), name="ledger:write")
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
         for kind, count in usage.tokens().items():
             metrics.MODEL_TOKENS.labels(model=usage.model, kind=kind).inc(count)
         metrics.COST.labels(profile=caller.profile).inc(cost)
         return cost
+
+    async def _write(self, amounts: dict[str, float]) -> None:
+        try:
+            await self._store.add_floats(amounts, keys.USAGE_TTL_S)
+        except StoreError as exc:
+            metrics.STORE_ERRORS.inc()
+            log.error("store_error", error=str(exc), note="usage not recorded", usd=next(iter(amounts.values())))
+
+    async def flush(self) -> None:
+        while self._writes:
+            await asyncio.wait(set(self._writes))
 
     async def check(self, caller: Caller, turn_spent_usd: float) -> BudgetStop | None:
         """The first budget the next request would start past, or None."""
@@ -128,20 +147,26 @@ class Ledger:
             return BudgetStop(turn_name, turn_spent_usd, turn_limit, "with the next message")
         day = today()
         daily = [
-            ("per_conversation_day", b.per_conversation_day_usd, "conversation", caller.conversation_id),
-            ("per_user_day", b.per_user_day_usd, "user", caller.user),
-            ("global_day", b.global_day_usd, "global", "all"),
+            (name, limit, keys.usage(day, dimension, value))
+            for name, limit, dimension, value in (
+                ("per_conversation_day", b.per_conversation_day_usd, "conversation", caller.conversation_id),
+                ("per_user_day", b.per_user_day_usd, "user", caller.user),
+                ("global_day", b.global_day_usd, "global", "all"),
+            )
+            if limit is not None and value
         ]
-        for name, limit, dimension, value in daily:
-            if limit is None or (dimension == "user" and not value):
-                continue
-            spent = float(await self._store.get_value(keys.usage(day, dimension, value)) or 0.0)
-            if spent >= limit:
-                return BudgetStop(name, spent, limit, "at 00:00 UTC")
+        if not daily:
+            return None
+        spent = await self._store.get_values([key for _, _, key in daily])
+        for name, limit, key in daily:
+            assert limit is not None
+            if float(spent.get(key) or 0.0) >= limit:
+                return BudgetStop(name, float(spent[key]), limit, "at 00:00 UTC")
         return None
 
     async def report(self, by: str) -> dict[str, float]:
         """USD spent per value of one dimension (all days), or per day (``by = "day"``)."""
+        await self.flush()
         totals: dict[str, float] = defaultdict(float)
         for name, value in (await self._store.values(keys.usage_prefix())).items():
             day, dimension, key = name.removeprefix(keys.usage_prefix()).split(":", 2)

@@ -13,6 +13,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -84,11 +85,21 @@ class Store(Protocol):
     async def incr(self, name: str, window_s: int) -> int:
         """Count within a window that starts at the first increment."""
 
-    async def add_float(self, name: str, amount: float, ttl_s: int) -> float:
-        """Add to a number (created at 0 with ``ttl_s``, which later adds keep); the new total."""
+    async def add_floats(self, amounts: Mapping[str, float], ttl_s: int) -> None:
+        """Add to numbers (each created at 0 with ``ttl_s``, which later adds keep), in one round trip."""
+
+    async def get_values(self, names: Sequence[str]) -> dict[str, str]:
+        """The live values among ``names``, in one round trip."""
 
     async def values(self, prefix: str) -> dict[str, str]:
         """Every live value whose name starts with ``prefix`` (ledger reports)."""
+
+
+_ADD_FLOAT = (
+    "INSERT INTO kv (name, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET"
+    " value = CASE WHEN kv.expires_at <= ? THEN excluded.value ELSE CAST(kv.value AS REAL) + ? END,"
+    " expires_at = CASE WHEN kv.expires_at <= ? THEN excluded.expires_at ELSE kv.expires_at END"
+)
 
 
 class SqliteStore:
@@ -169,16 +180,19 @@ class SqliteStore:
         )
         return int(rows[0][0])
 
-    async def add_float(self, name: str, amount: float, ttl_s: int) -> float:
+    async def add_floats(self, amounts: Mapping[str, float], ttl_s: int) -> None:
         now = time.time()
+        rows = [(name, repr(float(amount)), now + ttl_s, now, amount, now) for name, amount in amounts.items()]
+        await asyncio.to_thread(self._execute_many, _ADD_FLOAT, rows)
+
+    async def get_values(self, names: Sequence[str]) -> dict[str, str]:
+        if not names:
+            return {}
+        marks = ",".join("?" * len(names))
         rows = await self._run(
-            "INSERT INTO kv (name, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET"
-            " value = CASE WHEN kv.expires_at <= ? THEN excluded.value ELSE CAST(kv.value AS REAL) + ? END,"
-            " expires_at = CASE WHEN kv.expires_at <= ? THEN excluded.expires_at ELSE kv.expires_at END"
-            " RETURNING value",
-            (name, repr(float(amount)), now + ttl_s, now, amount, now),
+            f"SELECT name, value FROM kv WHERE name IN ({marks}) AND expires_at > ?", (*names, time.time())
         )
-        return float(rows[0][0])
+        return {str(name): str(value) for name, value in rows}
 
     async def values(self, prefix: str) -> dict[str, str]:
         # A range on the primary key, not LIKE: no pattern characters to escape, and it uses the index.
@@ -193,6 +207,13 @@ class SqliteStore:
 
     async def _run(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         return await asyncio.to_thread(self._execute, sql, params)
+
+    def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        try:
+            with self._lock, self._db:
+                self._db.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise StoreError(f"embedded store: {exc}") from exc
 
     def _execute(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import TypeVar
 
 import redis.asyncio as redis
@@ -97,12 +97,18 @@ class RedisStore:
             _, count = await self._call(pipe.execute())
         return int(count)
 
-    async def add_float(self, name: str, amount: float, ttl_s: int) -> float:
+    async def add_floats(self, amounts: Mapping[str, float], ttl_s: int) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(name, 0, ex=ttl_s, nx=True)
-            pipe.incrbyfloat(name, amount)
-            _, total = await self._call(pipe.execute())
-        return float(total)
+            for name, amount in amounts.items():
+                pipe.set(name, 0, ex=ttl_s, nx=True)
+                pipe.incrbyfloat(name, amount)
+            await self._call(pipe.execute())
+
+    async def get_values(self, names: Sequence[str]) -> dict[str, str]:
+        if not names:
+            return {}
+        found = await self._call(self._redis.mget(list(names)))
+        return {name: str(value) for name, value in zip(names, found, strict=True) if value is not None}
 
     async def values(self, prefix: str) -> dict[str, str]:
         names = await self._call(self._scan(re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"))

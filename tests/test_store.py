@@ -144,3 +144,17 @@ async def test_counter_works_without_redis_7_commands(tmp_path: Path) -> None:
     finally:
         await store.close()
         server.stop()
+
+
+async def test_float_counters_and_prefix_reads(store: Store) -> None:
+    await store.add_floats({"agentd:usage:d1:conversation:a": 0.25, "agentd:usage:d1:global:all": 0.25}, 60)
+    await store.add_floats({"agentd:usage:d1:conversation:a": 0.5, "agentd:usage:d2:global:all": 1.0}, 60)
+    assert await store.get_values(["agentd:usage:d1:conversation:a", "missing"]) == {
+        "agentd:usage:d1:conversation:a": "0.75"
+    }
+    found = await store.values("agentd:usage:d1:")
+    assert {name: float(v) for name, v in found.items()} == {
+        "agentd:usage:d1:conversation:a": 0.75,
+        "agentd:usage:d1:global:all": 0.25,
+    }
+    assert await store.values("agentd:usage:d1*") == {}, "a prefix is literal, never a pattern"

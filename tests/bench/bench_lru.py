@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bot import logs
 from bot.config import AgentConfig, LogConfig, PoolConfig, Settings, StoreConfig
-from bot.core import AgentSession, Approver, Inbound, SessionSpec, TextDelta, TurnDone
+from bot.core import AgentSession, Inbound, SessionSpec, TextDelta, TurnContext, TurnDone
 from bot.pool import LOST_CONTEXT_NOTICE, Pool
 from bot.store import SqliteStore
 
@@ -47,7 +47,7 @@ class InstantSession:
     def pid(self) -> int | None:
         return None
 
-    async def turn(self, text: str, approver: Approver | None = None) -> AsyncIterator[TextDelta | TurnDone]:
+    async def turn(self, text: str, context: TurnContext) -> AsyncIterator[TextDelta | TurnDone]:
         yield TurnDone(reply=text, session_id=self._session_id, total_cost_usd=0.0, error=None, interrupted=False)
 
     async def interrupt(self) -> None:
