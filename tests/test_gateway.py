@@ -209,3 +209,15 @@ async def test_a_budget_stop_is_told_in_the_email_reply(tmp_path: Path, fake_mod
         assert "per message budget is used up" in text and "resets" in text
     finally:
         server.stop()
+
+
+async def test_a_job_run_is_stopped_by_its_own_budget(tmp_path: Path, fake_model: FakeModel) -> None:
+    fake_model.add("costly run", tool=ToolUse("Bash", {"command": "echo spent", "description": "spend"}))
+    job = {"id": "costly", "every": 3600, "prompt": "costly run", "profile": "chat"}
+    # The per-message budget is generous: only the job-run budget can stop this run.
+    budget = {"per_job_run_usd": 0.0005, "per_message_usd": 1.0}
+    async with daemon(tmp_path, fake_model, schedule=[job], budget=budget) as d:
+        async with aiohttp.ClientSession() as http, http.post(f"{d.url}/v1/jobs/costly/run") as response:
+            run = (await response.json())["run"]
+        assert run["status"] == "failed" and "per job run budget is used up" in run["error"], run
+        assert (await ask(d, "person", "a person's message is not a job run"))[0] == 200
