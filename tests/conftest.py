@@ -13,8 +13,10 @@ from bot.pool import Pool
 from bot.store import SqliteStore, Store
 from bot.store_redis import RedisStore
 from tests import daemon_proc, leaks
+from tests.fakes.mailserver import MailServer
 from tests.fakes.model import FakeModel
 from tests.fakes.redis_server import RedisServer
+from tests.fakes.slack import FakeSlack
 
 RUN = pytest.StashKey[leaks.RunSnapshot]()
 
@@ -46,6 +48,23 @@ def _kill_leftover_daemons() -> Iterator[None]:
     yield
     while daemon_proc.STARTED:
         daemon_proc.STARTED.pop().kill()
+
+
+@pytest.fixture
+def mail() -> Iterator[MailServer]:
+    """A real Dovecot (IMAP + LMTP) behind an SMTP hop, in a temp dir on free ports."""
+    server = MailServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def slack() -> AsyncIterator[FakeSlack]:
+    fake = FakeSlack()
+    await fake.start()
+    yield fake
+    await fake.stop()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,6 @@ from tests.fakes.mailserver import DOMAIN, PASSWORD, MailServer, message
 from tests.fakes.model import FakeModel
 from tests.helpers import wait_until
 from tests.mail_harness import AGENT, MailDaemon, email_toml, read_outcome, replies, running, wait_replies
-
-
-@pytest.fixture
-def mail() -> Iterator[MailServer]:
-    server = MailServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_mail_gets_a_threaded_reply(tmp_path: Path, fake_model: FakeModel, mail: MailServer) -> None:

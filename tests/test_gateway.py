@@ -15,8 +15,14 @@ import pytest
 from bot.config import PriceConfig
 from bot.ledger import Prices, Usage
 from tests.daemon_proc import DaemonProcess
+from tests.fakes.mailserver import MailServer, message
 from tests.fakes.model import FakeModel, ToolUse
+from tests.fakes.slack import FakeSlack
 from tests.inproc import InProcessDaemon
+from tests.mail_harness import running as mail_daemon
+from tests.mail_harness import wait_replies
+from tests.slack_harness import reply_text, wait_done
+from tests.slack_harness import running as slack_daemon
 
 REAL_KEY = "sk-test-anthropic-key"  # what tests.daemon_proc gives the daemon
 
@@ -174,41 +180,27 @@ async def test_upstream_errors_pass_through_and_the_cli_retries(
     assert key is not None and all(r.headers.get("x-api-key") == key.get_secret_value() for r in attempts)
 
 
-async def test_a_budget_stop_is_told_in_slack(tmp_path: Path, fake_model: FakeModel) -> None:
-    from tests.fakes.slack import FakeSlack
-    from tests.slack_harness import reply_text, running, wait_done
-
+async def test_a_budget_stop_is_told_in_slack(tmp_path: Path, fake_model: FakeModel, slack: FakeSlack) -> None:
     fake_model.add("spend in slack", tool=ToolUse("Bash", {"command": "echo spent", "description": "spend"}))
-    slack = FakeSlack()
-    await slack.start()
-    try:
-        async with running(tmp_path, fake_model, slack, budget={"per_message_usd": 0.0005}):
-            event = slack.message_event("spend in slack", mention=True)
-            await slack.send_event(event)
-            ts = str(event["ts"])
-            assert await wait_done(slack, "C0GENERAL", ts) == ["x"]
-            assert "per message budget is used up" in reply_text(slack, "C0GENERAL", ts)
-    finally:
-        await slack.stop()
+    async with slack_daemon(tmp_path, fake_model, slack, budget={"per_message_usd": 0.0005}):
+        event = slack.message_event("spend in slack", mention=True)
+        await slack.send_event(event)
+        ts = str(event["ts"])
+        assert await wait_done(slack, "C0GENERAL", ts) == ["x"]
+        assert "per message budget is used up" in reply_text(slack, "C0GENERAL", ts)
 
 
-async def test_a_budget_stop_is_told_in_the_email_reply(tmp_path: Path, fake_model: FakeModel) -> None:
-    from tests.fakes.mailserver import MailServer, message
-    from tests.mail_harness import running, wait_replies
-
+async def test_a_budget_stop_is_told_in_the_email_reply(
+    tmp_path: Path, fake_model: FakeModel, mail: MailServer
+) -> None:
     fake_model.add("spend by mail", tool=ToolUse("Read", {"file_path": "nothing.txt"}))
-    server = MailServer()
-    server.start()
-    try:
-        async with running(tmp_path, fake_model, server, budget={"per_message_usd": 0.0005}) as d:
-            sent = message("budget", "Please spend by mail.")
-            server.deliver(sent)
-            [reply] = await wait_replies(server, 1)
-            assert (await d.outcome(str(sent["Message-ID"])))["status"] == "failed_replied"
-        text = reply.get_body(("plain",)).get_content()  # type: ignore[union-attr]
-        assert "per message budget is used up" in text and "resets" in text
-    finally:
-        server.stop()
+    async with mail_daemon(tmp_path, fake_model, mail, budget={"per_message_usd": 0.0005}) as d:
+        sent = message("budget", "Please spend by mail.")
+        mail.deliver(sent)
+        [reply] = await wait_replies(mail, 1)
+        assert (await d.outcome(str(sent["Message-ID"])))["status"] == "failed_replied"
+    text = reply.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "per message budget is used up" in text and "resets" in text
 
 
 async def test_a_job_run_is_stopped_by_its_own_budget(tmp_path: Path, fake_model: FakeModel) -> None:

@@ -6,12 +6,10 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from bot.store_redis import RedisStore
 from tests.daemon_proc import DaemonProcess
@@ -22,14 +20,6 @@ from tests.helpers import wait_until
 from tests.slack_harness import SlackDaemon, running
 
 OPS = "C0OPS"
-
-
-@pytest.fixture
-async def slack() -> AsyncIterator[FakeSlack]:
-    fake = FakeSlack()
-    await fake.start()
-    yield fake
-    await fake.stop()
 
 
 def job(job_id: str = "digest", **fields: Any) -> dict[str, Any]:

@@ -13,13 +13,11 @@ import email.utils
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psutil
-import pytest
 
 from bot import keys
 from tests.daemon_proc import DaemonProcess
@@ -27,14 +25,6 @@ from tests.fakes.mailserver import DOMAIN, PASSWORD, MailServer, message
 from tests.fakes.model import FakeModel
 from tests.helpers import wait_until
 from tests.mail_harness import AGENT, email_toml, replies, running, wait_replies
-
-
-@pytest.fixture
-def mail() -> Iterator[MailServer]:
-    server = MailServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 def parse_workers(parent: psutil.Process | None = None) -> list[psutil.Process]:

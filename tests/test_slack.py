@@ -27,14 +27,6 @@ from tests.slack_harness import (
 CHANNEL = "C0GENERAL"
 
 
-@pytest.fixture
-async def slack() -> FakeSlack:
-    fake = FakeSlack()
-    await fake.start()
-    yield fake  # type: ignore[misc]
-    await fake.stop()
-
-
 async def mention(slack: FakeSlack, text: str, **kwargs: object) -> str:
     event = slack.message_event(text, mention=True, **kwargs)  # type: ignore[arg-type]
     await slack.send_event(event)

@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.fakes.mailserver import DOMAIN, MailServer, message
 from tests.fakes.model import FakeModel, ToolUse
 from tests.helpers import wait_for
 from tests.mail_harness import MailDaemon, running
-
-
-@pytest.fixture
-def mail() -> Iterator[MailServer]:
-    server = MailServer()
-    server.start()
-    yield server
-    server.stop()
-
 
 TRIAGE = {"id": "triage", "every": 3600, "prompt": "triage now", "conversation": "api:triage"}
 

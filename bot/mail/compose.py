@@ -97,20 +97,10 @@ def reply_subject(subject: str) -> str:
 
 def reply(mail: Mail, text: str, address: str, files: tuple[Path, ...] = (), html: str | None = None) -> EmailMessage:
     """The threaded reply: ``text`` as plain text, and ``html`` (see ``to_html``) as its alternative if given."""
-    msg = EmailMessage()
-    msg["From"] = address
-    msg["To"] = mail.sender
-    msg["Subject"] = reply_subject(mail.subject)
-    msg["Date"] = email.utils.formatdate(usegmt=True)
-    msg["Message-ID"] = email.utils.make_msgid(domain=_domain(address))
+    references = " ".join([*mail.references, mail.message_id])
+    msg = _message(address, mail.sender, reply_subject(mail.subject), "auto-replied", text, html)
     msg["In-Reply-To"] = mail.message_id
-    msg["References"] = " ".join([*mail.references, mail.message_id])
-    msg["Auto-Submitted"] = "auto-replied"
-    msg["X-Auto-Response-Suppress"] = "All"
-    msg[LOOP_HEADER] = address
-    msg.set_content(text)
-    if html is not None:
-        msg.add_alternative(html, subtype="html")
+    msg["References"] = references
     for path in files:
         kind, _ = mimetypes.guess_type(path.name)
         maintype, _, subtype = (kind or "application/octet-stream").partition("/")
@@ -120,13 +110,18 @@ def reply(mail: Mail, text: str, address: str, files: tuple[Path, ...] = (), htm
 
 def new_message(address: str, to: str, subject: str, text: str, html: str | None = None) -> EmailMessage:
     """A message that starts its own thread (a scheduled job's result): generated, never to be answered."""
+    return _message(address, to, subject, "auto-generated", text, html)
+
+
+def _message(address: str, to: str, subject: str, auto: str, text: str, html: str | None) -> EmailMessage:
+    """The headers every message of ours carries (never answered by machines, our loop header), and its body."""
     msg = EmailMessage()
     msg["From"] = address
     msg["To"] = to
     msg["Subject"] = subject
     msg["Date"] = email.utils.formatdate(usegmt=True)
     msg["Message-ID"] = email.utils.make_msgid(domain=_domain(address))
-    msg["Auto-Submitted"] = "auto-generated"
+    msg["Auto-Submitted"] = auto
     msg["X-Auto-Response-Suppress"] = "All"
     msg[LOOP_HEADER] = address
     msg.set_content(text)
