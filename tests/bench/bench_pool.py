@@ -22,7 +22,9 @@ from bot import logs, procs
 from bot.agent import ClaudeLauncher
 from bot.config import HttpConfig, LogConfig
 from bot.core import Inbound
+from bot.gateway import Gateway
 from bot.http import Api
+from bot.ledger import Ledger, Prices
 from bot.pool import Pool
 from bot.store import SqliteStore
 from tests.conftest import make_settings
@@ -156,10 +158,17 @@ async def fleet(pool: Pool, conversations: int, turns: int) -> tuple[int, int, f
     return lost, duplicated, peak, elapsed
 
 
+GATEWAYS: list[Gateway] = []
+
+
 async def make_pool(model: FakeModel, root: Path, **pool: object) -> Pool:
+    """A pool as the daemon runs it: every CLI talks to the model through a gateway."""
     settings = make_settings(root / uuid.uuid4().hex, model, pool=dict(pool))
     store = SqliteStore(settings.store.data_dir / "bench.db", ttl_days=1)
-    made = Pool(settings, ClaudeLauncher(settings.agent), store)
+    gateway = Gateway(settings.agent, settings.gateway, Ledger(store, settings.budget, Prices({})))
+    await gateway.start()
+    GATEWAYS.append(gateway)
+    made = Pool(settings, ClaudeLauncher(settings.agent, gateway=gateway), store)
     await made.start()
     return made
 
@@ -217,6 +226,8 @@ async def main(repeats: int, quick: bool) -> None:
         f" {lost} lost, {duplicated} duplicated,"
         f" peak RSS sum {peak:.0f} MiB vs memory_budget_mb {budget} ({elapsed:.1f} s)"
     )
+    for gateway in GATEWAYS:
+        await gateway.close()
     await model.stop()
 
 
