@@ -225,6 +225,9 @@ class AgentSession(Protocol):
 
     def turn(self, text: str, context: TurnContext) -> AsyncIterator[TextDelta | TurnDone]: ...
 
+    async def preheat(self) -> str | None:
+        """Warm a spare without touching its future history; the session id it continues under, if changed."""
+
     async def interrupt(self) -> None: ...
 
 

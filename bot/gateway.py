@@ -59,6 +59,7 @@ class _Line:
     caller: Caller
     turn_spent_usd: float = 0.0
     stop: BudgetStop | None = None
+    local: bool = False  # a spare warming up: answered here, never upstream
 
 
 class UsageMeter:
@@ -195,6 +196,12 @@ class Gateway:
             line.caller = dataclasses.replace(line.caller, conversation_id=conversation_id, user=user, channel=channel)
             line.turn_spent_usd, line.stop = 0.0, None
 
+    def answer_locally(self, credential: str, on: bool) -> None:
+        """While on, this process's model requests get a canned answer from the gateway (a spare's warm-up)."""
+        line = self._lines.get(credential)
+        if line is not None:
+            line.local = on
+
     def turn_spent(self, credential: str) -> float:
         line = self._lines.get(credential)
         return line.turn_spent_usd if line is not None else 0.0
@@ -210,6 +217,8 @@ class Gateway:
         line = self._lines.get(_credential(request))
         if line is None:
             return _error(401, "authentication_error", "unknown credential")
+        if line.local and _is_model_request(request):
+            return await _local_answer(request)
         if _is_model_request(request):
             stop = await self.ledger.check(line.caller, line.turn_spent_usd)
             if stop is not None:
@@ -301,6 +310,53 @@ class Gateway:
         elif self.agent.api_key is not None:
             headers["x-api-key"] = self.agent.api_key.get_secret_value()
         return headers
+
+
+async def _local_answer(request: web.Request) -> web.StreamResponse:
+    """A minimal, free answer in the Messages API's own shape (streamed when asked to be)."""
+    body = await request.read()
+    model = _model_of(body) or "local"
+    message: dict[str, object] = {
+        "id": "msg_agentd_local",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 0, "output_tokens": 0},
+    }
+    text = {"type": "text", "text": "OK"}
+    if b'"stream":true' not in body.replace(b" ", b""):
+        done = {**message, "content": [text], "stop_reason": "end_turn"}
+        return web.json_response(done)
+    events = [
+        ("message_start", {"type": "message_start", "message": message}),
+        (
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
+        (
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "OK"}},
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 0},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for name, data in events:
+        await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+    await response.write_eof()
+    return response
 
 
 def _credential(request: web.Request) -> str:

@@ -138,6 +138,7 @@ class Worker:
         self.admitted = False
         self.fresh = False
         self.notice: str | None = None
+        self.preheated = False
         self.last_turn_cost = 0.0
         self._wakeup = asyncio.Event()
         self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
@@ -239,6 +240,8 @@ class Worker:
             self.log.info(
                 "resume" if self.resume else "spawn", pid=self.pid, spare=self.spare, seconds=round(seconds, 3)
             )
+            if self.spare:
+                await self._preheat(session)
             self.pool.spawn_succeeded(self)
             if not self.spare:
                 self.record = self.record.replace(state="warm")
@@ -246,6 +249,17 @@ class Worker:
             while (turn := await self._next_turn()) is not None:
                 await self._serve(session, turn)
                 self._check_ceilings()
+
+    async def _preheat(self, session: AgentSession) -> None:
+        """A spare's warm-up (answered by the gateway, then cleared): its first real reply is a warm one."""
+        started = time.monotonic()
+        session_id = await session.preheat()
+        if session_id and session_id != self.record.session_id:
+            self.record = self.record.replace(session_id=session_id)
+            if not self.spare:  # adopted while warming: its stored record must name the session it continues
+                await self.pool.persist(self.record)
+        self.preheated = True
+        self.log.info("preheat", seconds=round(time.monotonic() - started, 3), session_after=session_id)
 
     def remember_tree(self) -> None:
         if self.pid is not None:

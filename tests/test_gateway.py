@@ -18,6 +18,7 @@ from tests.daemon_proc import DaemonProcess
 from tests.fakes.mailserver import MailServer, message
 from tests.fakes.model import FakeModel, ToolUse
 from tests.fakes.slack import FakeSlack
+from tests.helpers import wait_until
 from tests.inproc import InProcessDaemon
 from tests.mail_harness import running as mail_daemon
 from tests.mail_harness import wait_replies
@@ -213,3 +214,27 @@ async def test_a_job_run_is_stopped_by_its_own_budget(tmp_path: Path, fake_model
             run = (await response.json())["run"]
         assert run["status"] == "failed" and "per job run budget is used up" in run["error"], run
         assert (await ask(d, "person", "a person's message is not a job run"))[0] == 200
+
+
+async def test_a_spare_warms_up_without_a_trace(tmp_path: Path, fake_model: FakeModel) -> None:
+    from bot.agent.launcher import WARM_UP_PROMPT
+
+    async with daemon(tmp_path, fake_model, pool={"prewarm": 1, "session_max_turns": 2}) as d:
+        assert d.parts is not None
+        pool = d.parts.pool
+        await wait_until(lambda: bool(pool._spares) and pool._spares[0].state == "warm", what="a warmed spare")
+        await wait_until(lambda: pool._spares[0].preheated, what="the spare's warm-up")
+        spare_session = pool._spares[0].record.session_id
+        status, first = await ask(d, "fresh", "first real message")
+        assert status == 200 and first["reply"] == "echo: first real message"
+        assert first["session_id"] == spare_session, "the conversation continues the session the spare cleared into"
+        assert (await ask(d, "fresh", "second message"))[0] == 200
+        # The turn ceiling retires the process: the third message resumes from the transcript.
+        status, third = await ask(d, "fresh", "third message")
+        assert status == 200 and third["session_id"] == spare_session
+    everything = json.dumps([r.body for r in fake_model.requests])
+    assert WARM_UP_PROMPT not in everything, "the warm-up never reached the upstream"
+    history = fake_model.find("third message")[-1].all_text()
+    assert "first real message" in history and "second message" in history
+    # No warm-up text; the CLI does keep a "/clear" command marker at the start of the new history.
+    assert "warm-up" not in history and "reply with OK" not in history

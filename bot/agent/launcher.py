@@ -28,6 +28,7 @@ from claude_agent_sdk import (
     PermissionResultDeny,
     ResultMessage,
     StreamEvent,
+    SystemMessage,
     TextBlock,
     ToolPermissionContext,
 )
@@ -139,7 +140,7 @@ class _ClaudeSession:
             self._meter.begin(context)
         parts: list[str] = []
         try:
-            await self._client.query(text)
+            await self._client.query(_verbatim(text))
             async for message in self._client.receive_response():
                 if isinstance(message, StreamEvent):
                     delta = _text_delta(message.event, bool(parts))
@@ -153,6 +154,38 @@ class _ClaudeSession:
         except ClaudeSDKError as exc:
             raise AgentCrashed(str(exc)) from exc
         raise AgentCrashed("the agent's output ended before the turn finished")
+
+    async def preheat(self) -> str | None:
+        """Warm a spare: one turn the gateway answers itself (no upstream call, no cost), then ``/clear``.
+
+        A freshly connected CLI spends ~100 ms more on its first query; after this the adopting
+        conversation's first message is as fast as a warm one, and its history holds nothing of the
+        warm-up.  Returns the session id the CLI continues under, or None without a gateway.
+        """
+        if self._meter is None:
+            return None
+        gateway, credential = self._meter.gateway, self._meter.credential
+        gateway.answer_locally(credential, True)
+        try:
+            await self._client.query(_verbatim(WARM_UP_PROMPT))
+            await self._until_result()
+        finally:
+            gateway.answer_locally(credential, False)
+        await self._client.query("/clear")  # not verbatim: the CLI's own command
+        return await self._until_result()
+
+    async def _until_result(self) -> str | None:
+        """Read to the end of a turn; the session id a reset moved to, if one did."""
+        session_id = None
+        try:
+            async for message in self._client.receive_response():
+                if isinstance(message, SystemMessage) and message.subtype == "init":
+                    session_id = str(message.data.get("session_id") or "") or None
+                elif isinstance(message, ResultMessage):
+                    return session_id or message.session_id
+        except ClaudeSDKError as exc:
+            raise AgentCrashed(str(exc)) from exc
+        raise AgentCrashed("the agent's output ended before the warm-up finished")
 
     def _done(self, result: ResultMessage, parts: list[str]) -> TurnDone:
         done = _turn_done(result, parts)
@@ -179,6 +212,19 @@ class _Metered:
 
     def spent(self) -> float:
         return self.gateway.turn_spent(self.credential)
+
+
+WARM_UP_PROMPT = "agentd warm-up: reply with OK."
+
+
+async def _verbatim(text: str) -> AsyncIterator[dict[str, Any]]:
+    """One user message the CLI delivers as written: no ``@file`` expansion, no slash commands."""
+    yield {
+        "type": "user",
+        "message": {"role": "user", "content": text},
+        "parent_tool_use_id": None,
+        "client_composed": True,
+    }
 
 
 def _text_delta(event: dict[str, Any], after_text: bool) -> TextDelta | None:
@@ -284,7 +330,9 @@ class ClaudeLauncher:
             max_budget_usd=profile.max_budget_usd,
             cli_path=c.cli_path,
             setting_sources=[],
-            verbatim_prompts=True,
+            # Every user message is stamped verbatim by ``_verbatim`` instead: the option would make
+            # the spare's own ``/clear`` (see ``preheat``) plain text too.
+            verbatim_prompts=False,
             include_partial_messages=True,
             resume=spec.session_id if spec.resume else None,
             session_id=None if spec.resume else spec.session_id,

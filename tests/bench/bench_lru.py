@@ -53,6 +53,9 @@ class InstantSession:
     async def interrupt(self) -> None:
         return None
 
+    async def preheat(self) -> str | None:
+        return None
+
 
 class InstantLauncher:
     def __init__(self) -> None:

@@ -118,7 +118,7 @@ async def first_reply(pool: Pool, repeats: int, spare: bool) -> list[float]:
     samples = []
     for _ in range(repeats):
         if spare:
-            await wait_until(lambda: pool._spares and all(s.state == "warm" for s in pool._spares), 30)
+            await wait_until(lambda: pool._spares and all(s.preheated for s in pool._spares), 30)
         samples.append(await timed(lambda: pool.ask(Inbound(f"api:{uuid.uuid4().hex}", "first"))))
     return samples
 
