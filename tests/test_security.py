@@ -55,3 +55,16 @@ async def test_conversations_cannot_read_or_write_each_other(make_pool: PoolFact
     )
     assert (await pool.ask(Inbound("api:a", "own write"))).ok
     assert "mine" in fake_model.tool_results()
+
+
+async def test_user_text_reaches_the_model_verbatim(make_pool: PoolFactory, fake_model: FakeModel) -> None:
+    pool = await make_pool()
+    hostname = Path("/etc/hostname").read_text().strip() if Path("/etc/hostname").exists() else ""
+    assert (await pool.ask(Inbound("api:v", "remember kiwi"))).ok
+    cleared = await pool.ask(Inbound("api:v", "/clear"))
+    assert cleared.reply == "echo: /clear", "a slash command in a message is text, not a command"
+    mention = await pool.ask(Inbound("api:v", "@/etc/hostname what is in it?"))
+    assert mention.reply == "echo: @/etc/hostname what is in it?"
+    request = fake_model.find("@/etc/hostname")[-1]
+    assert "remember kiwi" in request.all_text(), "nothing was cleared"
+    assert not hostname or hostname not in request.all_text().replace("@/etc/hostname", ""), "no file was attached"
