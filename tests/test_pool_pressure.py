@@ -106,9 +106,8 @@ async def test_new_conversation_at_the_cap_evicts_only_the_least_recently_used(m
 # -- 3. the cap holds while processes retire --------------------------------------------------
 
 
-async def test_cli_count_never_exceeds_the_cap_while_processes_retire(make_pool: PoolFactory) -> None:
-    limit = 2 + 1
-    pool = await make_pool(pool={"max_sessions": 2, "prewarm": 1})
+async def talk_and_count(pool: Pool, conversations: int) -> tuple[list[Outcome], int]:
+    """Two messages in each of ``conversations`` at once; every outcome, and the most CLI processes seen alive."""
     peak = 0
     done = asyncio.Event()
 
@@ -119,13 +118,20 @@ async def test_cli_count_never_exceeds_the_cap_while_processes_retire(make_pool:
             await asyncio.sleep(0.005)
 
     async def talk(i: int) -> list[Outcome]:
-        return [await pool.ask(Inbound(f"api:p{i}", f"p{i} t{t}")) for t in range(2)]
+        return [await pool.ask(Inbound(f"api:c{i}", f"c{i} t{t}")) for t in range(2)]
 
     watcher = asyncio.create_task(watch())
-    outcomes = await asyncio.gather(*(talk(i) for i in range(8)))
+    outcomes = await asyncio.gather(*(talk(i) for i in range(conversations)))
     done.set()
     await watcher
-    assert all(o.ok for os_ in outcomes for o in os_)
+    return [o for each in outcomes for o in each], peak
+
+
+async def test_cli_count_never_exceeds_the_cap_while_processes_retire(make_pool: PoolFactory) -> None:
+    limit = 2 + 1
+    pool = await make_pool(pool={"max_sessions": 2, "prewarm": 1})
+    outcomes, peak = await talk_and_count(pool, conversations=8)
+    assert all(o.ok for o in outcomes)
     assert 0 < peak <= limit, f"{peak} CLI processes alive at once, cap {limit}"
 
 
@@ -134,23 +140,8 @@ async def test_memory_budget_counts_retiring_processes_until_they_exit(make_pool
     pool = await make_pool(
         pool={"memory_budget_mb": 600, "spawn_estimate_mb": 250, "session_max_turns": 1, "rss_sample_s": 0.02}
     )
-    peak = 0
-    done = asyncio.Event()
-
-    async def watch() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, len(cli_pids()))
-            await asyncio.sleep(0.005)
-
-    async def talk(i: int) -> list[Outcome]:
-        return [await pool.ask(Inbound(f"api:b{i}", f"b{i} t{t}")) for t in range(2)]
-
-    watcher = asyncio.create_task(watch())
-    outcomes = await asyncio.gather(*(talk(i) for i in range(5)))
-    done.set()
-    await watcher
-    assert all(o.ok for os_ in outcomes for o in os_)
+    outcomes, peak = await talk_and_count(pool, conversations=5)
+    assert all(o.ok for o in outcomes)
     assert 0 < peak <= 2, f"{peak} CLI processes alive at once under a budget for 2"
 
 
