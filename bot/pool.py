@@ -139,6 +139,7 @@ class Worker:
         self.fresh = False
         self.notice: str | None = None
         self.preheated = False
+        self.refill_spares = False  # an adopted spare starts its replacement after its first turn
         self.last_turn_cost = 0.0
         self._wakeup = asyncio.Event()
         self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
@@ -249,6 +250,9 @@ class Worker:
             while (turn := await self._next_turn()) is not None:
                 await self._serve(session, turn)
                 self._check_ceilings()
+                if self.refill_spares:
+                    self.refill_spares = False
+                    self.pool.fill_spares()
 
     async def _preheat(self, session: AgentSession) -> None:
         """A spare's warm-up (answered by the gateway, then cleared): its first real reply is a warm one."""
@@ -482,7 +486,7 @@ class Pool:
         if not procs.become_subreaper():
             log.warning("subreaper_unavailable")
         self._monitor = asyncio.create_task(self._sample_forever(), name="pool:rss")
-        self._fill_spares()
+        self.fill_spares()
 
     async def close(self, grace_s: float) -> None:
         """Stop intake, let queued turns finish within ``grace_s``, then cancel the rest."""
@@ -605,7 +609,9 @@ class Pool:
         self._workers[conversation_id] = spare
         spare.log.info("adopt_spare", workdir=workdir_name)
         self._spawn_background(self.persist(record))
-        self._fill_spares()
+        # The replacement spare is started after this conversation's first reply: a CLI start-up
+        # takes a core for most of a second, and would slow exactly the reply the spare is for.
+        spare.refill_spares = True
         return spare
 
     def _new_record(
@@ -637,7 +643,7 @@ class Pool:
 
     # -- spares ------------------------------------------------------------------
 
-    def _fill_spares(self) -> None:
+    def fill_spares(self) -> None:
         wait_s = self._spare_backoff.wait_s()
         if wait_s > 0:
             if self._spare_timer is None or self._spare_timer.done():
@@ -655,7 +661,7 @@ class Pool:
 
     async def _fill_spares_after(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
-        self._fill_spares()
+        self.fill_spares()
 
     def spawn_succeeded(self, worker: Worker) -> None:
         if worker.spare:
@@ -758,7 +764,7 @@ class Pool:
         self._hand_over(worker, leftovers)
         await self.notify_room()
         if worker.admitted:
-            self._fill_spares()
+            self.fill_spares()
 
     def _exit_record(self, worker: Worker) -> ConversationRecord:
         record = worker.record.replace(state="evicted", evict_reason=worker.retire_reason or "exit")

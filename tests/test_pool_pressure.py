@@ -309,3 +309,13 @@ async def test_killed_cli_leaves_no_sandbox_helper(make_pool: PoolFactory, fake_
     assert sockets and not any(s.exists() for s in sockets)
     after = await asyncio.wait_for(pool.ask(Inbound("api:z", "back?")), 30)
     assert after.ok and "remember pear" in fake_model.find("back?")[0].all_text()
+
+
+async def test_the_replacement_spare_starts_after_the_first_reply(make_pool: PoolFactory) -> None:
+    pool = await make_pool(pool={"prewarm": 1})
+    await wait_until(lambda: bool(pool._spares) and pool._spares[0].state == "warm", what="the spare")
+    turn = await pool.submit(Inbound("api:first", "first reply"))
+    await asyncio.wait_for(turn.started.wait(), 20)
+    assert pool._spares == [], "no CLI start-up competes with the adopted spare's first reply"
+    assert (await turn.outcome).ok
+    await wait_until(lambda: bool(pool._spares), what="the replacement spare")
