@@ -249,3 +249,22 @@ def test_sandbox_reads_are_an_allowlist(reach: Reach, tmp_path: Path) -> None:
     rules = reach.permission_rules()
     assert f"Read(/{tmp_path / 'agentd.toml'})" in rules
     assert not any(reach.workdir.is_relative_to(r[6:-4]) for r in rules if r.endswith("/**)"))
+
+
+async def test_a_crowded_temp_dir_still_lets_the_agent_start(
+    make_pool: Any, fake_model: FakeModel, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Every entry of /tmp is denied one by one; thousands of them once overflowed the one
+    # command-line argument the settings were passed in ("argument list too long").
+    import tempfile
+
+    from bot.core import Inbound
+
+    crowd = [Path(tempfile.mkstemp(prefix="agentd-crowd-" + "x" * 40 + "-")[1]) for _ in range(3000)]
+    try:
+        pool = await make_pool()
+        outcome = await pool.ask(Inbound("api:crowd", "hello in a crowd"))
+        assert outcome.ok, outcome.error
+    finally:
+        for path in crowd:
+            path.unlink(missing_ok=True)

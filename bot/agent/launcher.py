@@ -336,7 +336,7 @@ class ClaudeLauncher:
             include_partial_messages=True,
             resume=spec.session_id if spec.resume else None,
             session_id=None if spec.resume else spec.session_id,
-            settings=json.dumps(self._settings(reach, profile.sandbox)),
+            settings=str(self._write_settings(spec, reach)),
             env=self.environment(spec, meter),
             can_use_tool=gate.can_use_tool,
             hooks={"PreToolUse": [HookMatcher(matcher=None, hooks=[gate.hook])]},
@@ -370,6 +370,17 @@ class ClaudeLauncher:
         if c.permission_mode == "bypassPermissions":
             env["IS_SANDBOX"] = "1"
         return env
+
+    def _write_settings(self, spec: SessionSpec, reach: Reach) -> Path:
+        """The settings as a file in the conversation's Claude state dir (unreadable by the agent).
+
+        Not inline: the deny lists grow with the filesystem (every entry of /tmp), and one command-line
+        argument is capped at 128 KiB by the kernel ("argument list too long").
+        """
+        path = spec.config_dir / "agentd-settings.json"
+        spec.config_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self._settings(reach, spec.profile.sandbox)))
+        return path
 
     def _settings(self, reach: Reach, sandbox: bool) -> dict[str, Any]:
         settings: dict[str, Any] = {"permissions": {"deny": reach.permission_rules()}}
