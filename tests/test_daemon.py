@@ -18,7 +18,7 @@ import pytest
 from tests.daemon_proc import SECRETS, DaemonProcess
 from tests.fakes.model import FakeModel, ToolUse
 from tests.fakes.redis_server import RedisServer
-from tests.helpers import wait_for, wait_until
+from tests.helpers import gone, wait_for, wait_until
 
 
 @pytest.fixture
@@ -40,13 +40,6 @@ def cli_descendants(pid: int) -> list[psutil.Process]:
         return [p for p in psutil.Process(pid).children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
     except psutil.NoSuchProcess:
         return []
-
-
-def gone(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 async def readyz_is(daemon: DaemonProcess, status: int) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -20,11 +19,9 @@ from tests.helpers import wait_until
 
 
 @pytest.fixture
-async def fake_slack() -> AsyncIterator[FakeSlack]:
-    fake = FakeSlack()
-    await fake.start()
-    yield fake
-    await fake.stop()
+def fake_slack(slack: FakeSlack) -> FakeSlack:
+    """The fake Slack of ``conftest``, under the name these tests use."""
+    return slack
 
 
 def client_for(fake: FakeSlack, **kwargs: Any) -> AsyncWebClient:

@@ -16,7 +16,7 @@ import pytest
 from bot import daemon
 from bot.config import HttpConfig
 from tests.fakes.model import FakeModel
-from tests.helpers import wait_until
+from tests.helpers import gone, wait_until
 from tests.inproc import InProcessDaemon
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
@@ -46,13 +46,6 @@ def cli_processes(under: Path) -> list[psutil.Process]:
             if proc.name() == "claude" and Path(proc.cwd()).is_relative_to(under):
                 found.append(proc)
     return found
-
-
-def gone(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 async def ask(url: str, text: str) -> None:
