@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 SPAN_NAME = "agentd.turn"
-# How long shutdown may take to export what is still buffered.
-FLUSH_TIMEOUT_MS = 5_000
+# One export, retries included: an unreachable collector delays shutdown (and `once`) by at most this.
+EXPORT_TIMEOUT_S = 3.0
+FLUSH_TIMEOUT_MS = int(EXPORT_TIMEOUT_S * 1000)
 
 
 def conversation_hash(conversation_id: str) -> str:
@@ -45,7 +46,9 @@ class Telemetry:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        exporter = OTLPSpanExporter(endpoint=f"{config.base_url}/v1/traces", headers=config.header_map())
+        exporter = OTLPSpanExporter(
+            endpoint=f"{config.base_url}/v1/traces", headers=config.header_map(), timeout=EXPORT_TIMEOUT_S
+        )
         provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}))
         provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=config.export_interval_ms))
         log.info("telemetry_on", endpoint=config.base_url, cli=config.cli)

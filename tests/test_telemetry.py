@@ -15,6 +15,7 @@ from bot.telemetry import Telemetry, conversation_hash
 from tests.daemon_proc import DaemonProcess
 from tests.fakes.model import FakeModel, RecordedRequest
 from tests.fakes.otlp import OtlpSink
+from tests.fakes.redis_server import free_port
 from tests.helpers import wait_until
 from tests.test_once import Once, clis_in, environ_of
 
@@ -109,6 +110,13 @@ async def test_the_daemon_spans_each_turn_and_the_cli_gets_only_otel_settings(
         assert telemetry == OTEL_KEYS | {"DISABLE_TELEMETRY"}
         assert environ["OTEL_EXPORTER_OTLP_ENDPOINT"] == sink.url
         assert environ["OTEL_EXPORTER_OTLP_HEADERS"] == f"x-otlp-token={TOKEN}"
+
+
+async def test_an_unreachable_collector_does_not_fail_the_task(tmp_path: Path, fake_model: FakeModel) -> None:
+    toml = f'[telemetry]\nendpoint = "http://127.0.0.1:{free_port()}"\nexport_interval_ms = 300\n'
+    ran = await Once(tmp_path, fake_model, toml=toml).run("--prompt", "nobody listens")
+    assert ran.code == 0, ran.stderr
+    assert ran.stdout.strip() == "echo: nobody listens"
 
 
 def test_telemetry_is_off_unless_configured() -> None:
