@@ -46,6 +46,14 @@ SECCOMP_ADDITIONS = [
     (["unshare"], [{"index": 0, "value": NEWUSER, "valueTwo": NEWUSER, "op": "SCMP_CMP_MASKED_EQ"}]),
     (["mount", "umount2", "pivot_root"], []),
 ]
+# A sandbox as Claude Code's asks bubblewrap for (the flags its CLI carries), run as the image's user.
+SANDBOX = [
+    *["bwrap", "--new-session", "--die-with-parent", "--unshare-user", "--disable-userns", "--unshare-pid"],
+    *["--unshare-net", "--unshare-ipc", "--unshare-uts", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"],
+    *["--tmpfs", "/tmp", "--", "/bin/true"],
+]
+AS_IMAGE_USER = ["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups", "--inh-caps=-all"]
+AS_IMAGE_USER += ["--bounding-set=-all"]
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", re.M)
 
 
@@ -180,6 +188,38 @@ def test_seccomp_profile_is_dockers_default_plus_user_namespaces_only() -> None:
     assert [(rule["names"], rule.get("args", [])) for rule in added] == SECCOMP_ADDITIONS
     assert all(rule["action"] == "SCMP_ACT_ALLOW" and rule["comment"].startswith("agentd: ") for rule in added)
     assert all("caps" not in rule.get("includes", {}) for rule in added), "no rule may depend on a capability"
+
+
+def sandbox_under(profile: Path) -> subprocess.CompletedProcess[str]:
+    """bubblewrap under PROFILE, loaded by libseccomp through Debian's python3-seccomp (tests/seccomp_run.py)."""
+    user = AS_IMAGE_USER if os.geteuid() == 0 else []
+    loader = ["/usr/bin/python3", str(Path(__file__).parent / "seccomp_run.py")]
+    return subprocess.run(
+        [*user, *loader, *SANDBOX], input=profile.read_text(), capture_output=True, text=True, timeout=30
+    )
+
+
+def test_bubblewrap_needs_the_agentd_profile_and_runs_under_it() -> None:
+    refused = sandbox_under(DATA / "docker-seccomp-default.json")
+    assert refused.returncode == 1
+    assert "bwrap: No permissions to create new namespace" in refused.stderr
+    started = sandbox_under(DEPLOY / "seccomp-agentd.json")
+    assert started.returncode == 0, started.stderr
+
+
+def test_every_syscall_the_profile_adds_is_needed(tmp_path: Path) -> None:
+    profile = json.loads((DEPLOY / "seccomp-agentd.json").read_text())
+    added = len(profile["syscalls"]) - len(json.loads((DATA / "docker-seccomp-default.json").read_text())["syscalls"])
+    for rule in profile["syscalls"][-added:]:
+        if "s390" in rule.get("includes", {}).get("arches", []):
+            continue  # the same clone rule for s390's argument order
+        for name in list(rule["names"]):
+            rule["names"].remove(name)
+            without = tmp_path / f"without-{name}.json"
+            without.write_text(json.dumps(profile))
+            rule["names"].append(name)
+            ran = sandbox_under(without)
+            assert ran.returncode == 1 and "bwrap: " in ran.stderr, f"bubblewrap starts without {name}"
 
 
 def test_no_deployment_file_turns_seccomp_off() -> None:
