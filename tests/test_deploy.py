@@ -46,10 +46,10 @@ SECCOMP_ADDITIONS = [
     (["unshare"], [{"index": 0, "value": NEWUSER, "valueTwo": NEWUSER, "op": "SCMP_CMP_MASKED_EQ"}]),
     (["mount", "umount2", "pivot_root"], []),
 ]
-# A sandbox as Claude Code's asks bubblewrap for (the flags its CLI carries), run as the image's user.
+# The namespace flags Claude Code's CLI (2.1.x) gives bubblewrap, seen on its command line; run as the image's user.
 SANDBOX = [
-    *["bwrap", "--new-session", "--die-with-parent", "--unshare-user", "--disable-userns", "--unshare-pid"],
-    *["--unshare-net", "--unshare-ipc", "--unshare-uts", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"],
+    *["bwrap", "--new-session", "--die-with-parent", "--unshare-net", "--ro-bind", "/", "/", "--dev", "/dev"],
+    *["--unshare-pid", "--unshare-user", "--cap-drop", "ALL", "--cap-add", "CAP_SETFCAP", "--proc", "/proc"],
     *["--tmpfs", "/tmp", "--", "/bin/true"],
 ]
 AS_IMAGE_USER = ["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups", "--inh-caps=-all"]
