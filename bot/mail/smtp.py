@@ -82,26 +82,38 @@ async def probe(config: EmailConfig) -> str:
         tls_context=config.tls_context() if config.smtp_security != "plain" else None,
         timeout=config.command_timeout_s,
     )
+    where = f"{host}:{port}"
     try:
-        await client.connect()
+        await _connect(client, where)
         if user:
-            await client.login(user, _password(config) or "")
-    except aiosmtplib.SMTPAuthenticationError as exc:
-        raise ProbeFailed(
-            f"SMTP refused the login of {user} ({exc.code} {exc.message})", "check email.smtp_user and SMTP_PASSWORD"
-        ) from None
-    except aiosmtplib.SMTPNotSupported as exc:
-        raise ProbeFailed(
-            f"SMTP at {host}:{port}: {exc}", 'set email.smtp_user = "" if this server takes mail without a login'
-        ) from None
-    except (aiosmtplib.SMTPException, OSError) as exc:
-        raise ProbeFailed(
-            f"cannot connect to SMTP at {host}:{port}: {exc}",
-            "check email.smtp_host, smtp_port and smtp_security (tls: 465, starttls: 587)",
-        ) from None
+            await _login(client, user, _password(config) or "", where)
     finally:
         if client.is_connected:
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
                 await client.quit()
     login = f"logged in as {user}" if user else "no login (smtp_user is empty)"
-    return f"{host}:{port} ({config.smtp_security}), {login}"
+    return f"{where} ({config.smtp_security}), {login}"
+
+
+async def _connect(client: aiosmtplib.SMTP, where: str) -> None:
+    try:
+        await client.connect()
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        raise ProbeFailed(
+            f"cannot connect to SMTP at {where}: {exc}",
+            "check email.smtp_host, smtp_port and smtp_security (tls: 465, starttls: 587)",
+        ) from None
+
+
+async def _login(client: aiosmtplib.SMTP, user: str, password: str, where: str) -> None:
+    try:
+        await client.login(user, password)
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        raise ProbeFailed(
+            f"SMTP refused the login of {user} ({exc.code} {exc.message})", "check email.smtp_user and SMTP_PASSWORD"
+        ) from None
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        raise ProbeFailed(
+            f"SMTP at {where} did not log {user} in: {exc}",
+            'use smtp_security tls or starttls, or set email.smtp_user = "" if the server takes mail without a login',
+        ) from None
