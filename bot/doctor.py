@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import shutil
 import socket
 import sys
@@ -65,7 +66,12 @@ class Finding:
 
     def line(self) -> str:
         fix = f" — fix: {self.fix}" if self.fix else ""
-        return f"{self.mark.value} {self.name:<9} {self.detail}{fix}"
+        return printable(f"{self.mark.value} {self.name:<9} {self.detail}{fix}")
+
+
+def printable(text: str) -> str:
+    """One terminal line: servers' words (errors, banners) may carry newlines or escape sequences."""
+    return "".join(c if c.isprintable() else " " for c in text)
 
 
 class Skipped(Exception):
@@ -97,7 +103,8 @@ def main(path: Path | None, environ: Mapping[str, str], timeout_s: float, out: T
         print("  the other checks need a valid config", file=out)
         return 1
     logs.configure(settings.log)
-    print(Finding("config", Mark.OK, f"{path or 'no file'}: valid").line(), file=out, flush=True)
+    source = path or "no config file (defaults and environment)"
+    print(Finding("config", Mark.OK, f"{source}: valid").line(), file=out, flush=True)
     return asyncio.run(_report(settings, timeout_s, out))
 
 
@@ -177,11 +184,19 @@ def _model_headers(settings: Settings) -> dict[str, str]:
 
 async def _post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     async with http.post(url, json=body) as response:
-        try:
-            parsed = await response.json(content_type=None)
-        except ValueError:
-            parsed = None
-        return response.status, parsed if isinstance(parsed, dict) else {}
+        return response.status, await _json_object(response)
+
+
+async def _json_object(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    """The start of the body as a JSON object, or {}: an error body is small, anything else is not read whole."""
+    try:
+        parsed = json.loads(await response.content.read(_BODY_LIMIT))
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+_BODY_LIMIT = 64 * 1024
 
 
 def _model_verdict(status: int, body: dict[str, Any], upstream: str, model: str) -> str:
@@ -415,15 +430,15 @@ async def _answers(host: str, port: int, timeout_s: float, is_agentd: Identify) 
 
 async def _is_agentd_http(http: aiohttp.ClientSession, base: str) -> bool:
     async with http.get(f"{base}/healthz") as response:
-        return response.status == 200 and await response.json() == {"status": "ok"}
+        return response.status == 200 and await _json_object(response) == {"status": "ok"}
 
 
 async def _is_agentd_gateway(http: aiohttp.ClientSession, base: str) -> bool:
     """The gateway refuses a credential it never issued with 401 "unknown credential"."""
     headers = {"x-api-key": "agentd-doctor-probe", "anthropic-version": "2023-06-01"}
     async with http.post(f"{base}/v1/messages", json={}, headers=headers) as response:
-        body = await response.json(content_type=None)
-        return response.status == 401 and body.get("error", {}).get("message") == "unknown credential"
+        error = (await _json_object(response)).get("error")
+        return response.status == 401 and isinstance(error, dict) and error.get("message") == "unknown credential"
 
 
 CHECKS: list[tuple[str, Check]] = [

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as redis
+from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
@@ -28,6 +30,7 @@ from tests.fakes.mailserver import MailServer
 from tests.fakes.model import FakeModel
 from tests.fakes.redis_server import RedisServer, free_port
 from tests.fakes.slack import FakeSlack
+from tests.hostile import assert_linear
 from tests.mail_harness import email_settings
 
 ROOT = Path(__file__).parent.parent
@@ -131,8 +134,6 @@ async def test_redis_durable(tmp_path: Path, fake_model: FakeModel, private_redi
 async def test_redis_without_appendonly_or_noeviction(
     tmp_path: Path, fake_model: FakeModel, private_redis: RedisServer
 ) -> None:
-    import redis.asyncio as redis
-
     client = redis.from_url(private_redis.url)
     settings = redis_settings(tmp_path, fake_model, private_redis.url)
     try:
@@ -505,3 +506,67 @@ async def test_command_with_an_invalid_config(tmp_path: Path, fake_model: FakeMo
     assert result.returncode == 1
     assert result.stdout.startswith("✖ config    invalid config: pool.max_sessions:")
     assert "Traceback" not in result.stderr
+
+
+# -- deadlines and hostile answers --------------------------------------------------------------
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that takes connections (the kernel's backlog) and never says a word."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock.getsockname()[1]
+
+
+async def test_a_silent_server_fails_each_check_at_its_deadline(
+    tmp_path: Path, fake_model: FakeModel, mail: MailServer, silent_port: int
+) -> None:
+    silent = f"127.0.0.1:{silent_port}"
+    settings = settings_for(
+        tmp_path,
+        fake_model,
+        agent={"base_url": f"http://{silent}"},
+        store={"redis_url": f"redis://{silent}/0"},
+        email=EmailConfig(**email_settings(mail, imap_port=silent_port, smtp_port=silent_port)),
+        slack=SlackConfig(bot_token="xoxb-good", app_token="xapp-good", api_url=f"http://{silent}/api/"),
+    )
+    checks = [doctor.check_model, doctor.check_redis, doctor.check_imap, doctor.check_smtp, doctor.check_slack]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    found = await asyncio.gather(*(run(check, settings, timeout_s=1) for check in checks))
+    assert all(f.mark is Mark.FAIL for f in found), found
+    assert loop.time() - started < 8  # each one gave up near its deadline
+
+
+def test_printed_lines_carry_no_control_characters() -> None:
+    hostile = Finding("imap", Mark.FAIL, "login refused: \x1b]0;pwned\x07\r\nNO\x1b[2J", "fix\n")
+    line = hostile.line()
+    assert "\x1b" not in line and "\n" not in line and "\r" not in line and "\x07" not in line
+    assert line.startswith("✖ imap      login refused:")
+    assert_linear(doctor.printable, lambda n: "\x1b[" * n)
+
+
+async def test_a_port_held_by_a_stranger_answering_json_is_not_agentd(tmp_path: Path, fake_model: FakeModel) -> None:
+    """The listen check tells agentd's gateway from another HTTP server, whatever that one answers."""
+
+    async def stranger(request: web.Request) -> web.Response:
+        return web.json_response(["not", "an", "object"], status=401)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", stranger)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        settings = settings_for(
+            tmp_path, fake_model, http={"listen": f"127.0.0.1:{port}"}, gateway={"listen": f"127.0.0.1:{port}"}
+        )
+        http, gateway = await run(doctor.check_http, settings), await run(doctor.check_gateway, settings)
+    finally:
+        await runner.cleanup()
+    assert http.mark is gateway.mark is Mark.FAIL
+    assert "in use by another program" in gateway.detail
