@@ -239,8 +239,8 @@ async def _redis_state(client: redis.Redis, where: str) -> str:
     await client.ping()
     info = await client.info("server")
     version = str(info.get("redis_version", "0"))
-    if not redis_version_ok(version):
-        raise ProbeFailed(f"Redis {version} at {where}: agentd needs 7 or later", "upgrade Redis to 7 or later")
+    if redis_major(version) < 6:
+        raise ProbeFailed(f"Redis {version} at {where}: agentd needs 6 or later", "upgrade Redis to 7")
     try:
         config = await client.config_get("appendonly", "maxmemory-policy")
     except ResponseError as exc:
@@ -251,6 +251,8 @@ async def _redis_state(client: redis.Redis, where: str) -> str:
     problems = durability_problems({str(k): str(v) for k, v in config.items()})
     if problems:
         raise ProbeFailed(f"Redis {version} at {where}: {'; '.join(problems)}", _DURABLE_FIX)
+    if redis_major(version) < 7:
+        raise Caveat(f"Redis {version} at {where} works, but agentd is tested and deployed with 7", "upgrade to 7")
     return f"Redis {version} at {where}, appendonly yes, maxmemory-policy noeviction"
 
 
@@ -260,9 +262,9 @@ _DURABLE_FIX = (
 )
 
 
-def redis_version_ok(version: str) -> bool:
+def redis_major(version: str) -> int:
     major = version.partition(".")[0]
-    return major.isdigit() and int(major) >= 7
+    return int(major) if major.isdigit() else 0
 
 
 def durability_problems(config: Mapping[str, str]) -> list[str]:
