@@ -35,7 +35,7 @@ from bot.agent.binary import probe_cli
 from bot.config import ConfigError, Settings, load_settings
 from bot.mail import smtp
 from bot.mail.probe import probe_imap
-from bot.probe import ProbeFailed
+from bot.probe import Caveat, ProbeFailed
 from bot.slack.probe import probe_slack
 
 log = structlog.get_logger(__name__)
@@ -76,15 +76,6 @@ def printable(text: str) -> str:
 
 class Skipped(Exception):
     """The part a check is about is not configured."""
-
-
-class Caveat(Exception):
-    """The check passed, with something the operator should know (printed as ``!``, not a failure)."""
-
-    def __init__(self, detail: str, fix: str = "") -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.fix = fix
 
 
 Check = Callable[[Settings, float], Awaitable[str]]

@@ -1,4 +1,4 @@
-"""What a ``doctor`` probe raises when it finds a problem; probes live beside the code they check."""
+"""What a ``doctor`` probe raises when it finds a problem or a caveat; probes live beside the code they check."""
 
 from __future__ import annotations
 
@@ -9,4 +9,13 @@ class ProbeFailed(Exception):
     def __init__(self, problem: str, fix: str) -> None:
         super().__init__(problem)
         self.problem = problem
+        self.fix = fix
+
+
+class Caveat(Exception):
+    """The check passed, with something the operator should know (``!``, not a failure)."""
+
+    def __init__(self, detail: str, fix: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
         self.fix = fix

@@ -23,6 +23,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from bot import doctor
 from bot.config import EmailConfig, Settings, SlackConfig, TriageConfig
 from bot.doctor import Check, Finding, Mark
+from bot.probe import Caveat, ProbeFailed
 from bot.slack.probe import MANIFEST_SCOPES
 from tests.conftest import make_settings
 from tests.daemon_proc import DaemonProcess
@@ -100,11 +101,11 @@ async def test_model_unreachable_and_no_key(tmp_path: Path, fake_model: FakeMode
 
 def test_model_answers_other_than_ok_or_refused() -> None:
     """Busy or failing upstream: the key was not refused, so no ✖; an unknown model is one."""
-    with pytest.raises(doctor.Caveat, match="529"):
+    with pytest.raises(Caveat, match="529"):
         doctor._model_verdict(529, {"error": {"message": "overloaded"}}, "https://api", "m")
-    with pytest.raises(doctor.ProbeFailed, match="404: model: nope"):
+    with pytest.raises(ProbeFailed, match="404: model: nope"):
         doctor._model_verdict(404, {"error": {"message": "model: nope"}}, "https://api", "nope")
-    with pytest.raises(doctor.ProbeFailed, match="400"):
+    with pytest.raises(ProbeFailed, match="400"):
         doctor._model_verdict(400, {"error": "not an object"}, "https://api", "m")
 
 
@@ -211,10 +212,13 @@ async def test_slack_app_token_refused(tmp_path: Path, fake_model: FakeModel, sl
 
 
 async def test_slack_missing_scope(tmp_path: Path, fake_model: FakeModel, slack: FakeSlack) -> None:
-    slack.scopes.remove("reactions:write")
+    slack.scopes = [scope for scope in MANIFEST_SCOPES if scope != "reactions:write"]
     found = await run(doctor.check_slack, slack_settings(tmp_path, fake_model, slack))
     assert found.mark is Mark.FAIL
     assert "lacks the scopes reactions:write" in found.detail and "manifest" in found.fix
+    slack.scopes = None  # a proxy that drops the header: the scopes could not be checked
+    found = await run(doctor.check_slack, slack_settings(tmp_path, fake_model, slack))
+    assert found.mark is Mark.WARN and "scopes were not checked" in found.detail
 
 
 async def test_slack_unreachable_and_unconfigured(tmp_path: Path, fake_model: FakeModel, slack: FakeSlack) -> None:
@@ -382,9 +386,9 @@ async def test_data_dir_not_writable(tmp_path: Path, fake_model: FakeModel) -> N
 
 def test_data_dir_low_disk(tmp_path: Path) -> None:
     huge = 1 << 40  # MiB: more than any disk has free
-    with pytest.raises(doctor.ProbeFailed, match="under"):
+    with pytest.raises(ProbeFailed, match="under"):
         doctor.probe_data_dir(tmp_path, fail_mb=huge, warn_mb=huge)
-    with pytest.raises(doctor.Caveat, match="under"):
+    with pytest.raises(Caveat, match="under"):
         doctor.probe_data_dir(tmp_path, fail_mb=0, warn_mb=huge)
 
 

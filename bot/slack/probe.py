@@ -7,7 +7,7 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.config import SlackConfig
-from bot.probe import ProbeFailed
+from bot.probe import Caveat, ProbeFailed
 
 # The bot scopes deploy/slack-app-manifest.yaml asks for (a test keeps the two in step).
 MANIFEST_SCOPES = frozenset(
@@ -47,12 +47,15 @@ async def probe_slack(config: SlackConfig, timeout_s: float) -> str:
         raise ProbeFailed(
             f"cannot reach Slack: {exc}", "check the network path to slack.com (or slack.api_url)"
         ) from None
-    granted = {s.strip() for s in str(identity.headers.get("x-oauth-scopes", "")).split(",") if s.strip()}
-    missing = sorted(MANIFEST_SCOPES - granted)
+    mode = "Socket Mode" if config.app_token is not None else "HTTP Events"
+    who = f"bot {identity.get('user')} in team {identity.get('team_id')}"
+    header = identity.headers.get("x-oauth-scopes")
+    if header is None:  # Slack always sends it; a proxy in between may not
+        raise Caveat(f"{who}, {mode}; Slack sent no x-oauth-scopes, so the scopes were not checked")
+    missing = sorted(MANIFEST_SCOPES - {s.strip() for s in str(header).split(",")})
     if missing:
         raise ProbeFailed(f"the bot token lacks the scopes {', '.join(missing)}", _REINSTALL)
-    mode = "Socket Mode" if config.app_token is not None else "HTTP Events"
-    return f"bot {identity.get('user')} in team {identity.get('team_id')}, all {len(MANIFEST_SCOPES)} scopes, {mode}"
+    return f"{who}, all {len(MANIFEST_SCOPES)} scopes, {mode}"
 
 
 def _refused(exc: SlackApiError) -> ProbeFailed:

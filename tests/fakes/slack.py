@@ -141,7 +141,7 @@ class FakeSlack:
     # Unhandled methods answer ok so harmless calls don't fail the daemon; list a name here
     # (or "*" for all) to answer unknown_method instead.
     strict_methods: set[str] = field(default_factory=set)
-    scopes: list[str] = field(default_factory=lambda: list(GRANTED_SCOPES))
+    scopes: list[str] | None = field(default_factory=lambda: list(GRANTED_SCOPES))  # None: no x-oauth-scopes
     refused_tokens: set[str] = field(default_factory=set)  # answered invalid_auth, as a revoked token is
     MAX_UPDATE_TEXT: int = 4_000  # chat.update rejects long text that postMessage accepted
     disconnect_grace: float = 2.0  # how long disconnect() lets the client close the old socket itself
@@ -448,7 +448,8 @@ class FakeSlack:
             body = self._handler(call.method)(call)
         except SlackError as e:
             body = {"ok": False, "error": e.error}
-        return web.json_response(body, headers={"x-oauth-scopes": ",".join(self.scopes)})
+        headers = {} if self.scopes is None else {"x-oauth-scopes": ",".join(self.scopes)}
+        return web.json_response(body, headers=headers)
 
     def _take_failure(self, method: str) -> _Failure | None:
         queue = self._failures.get(method)
