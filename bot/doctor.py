@@ -100,9 +100,9 @@ def main(path: Path | None, environ: Mapping[str, str], timeout_s: float, out: T
 
 
 async def _report(settings: Settings, timeout_s: float, out: TextIO) -> int:
-    tasks = [(name, asyncio.create_task(run_check(name, check, settings, timeout_s))) for name, check in CHECKS]
+    tasks = [asyncio.create_task(run_check(name, check, settings, timeout_s)) for name, check in CHECKS]
     failed = False
-    for _, task in tasks:  # in a fixed order, each as soon as it is known
+    for task in tasks:  # in a fixed order, each as soon as it is known
         finding = await task
         failed |= finding.mark is Mark.FAIL
         print(finding.line(), file=out, flush=True)
@@ -214,7 +214,8 @@ async def check_redis(settings: Settings, timeout_s: float) -> str:
     if url is None:
         raise Skipped("not configured (REDIS_URL unset): the embedded SQLite store in data_dir is used")
     parts = urlsplit(url.get_secret_value())
-    where = f"{parts.hostname}:{parts.port or 6379}"  # never the URL: it may hold the password
+    # Never the URL: it may hold the password.
+    where = f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else parts.path
     client = redis.from_url(url.get_secret_value(), socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     try:
         return await _redis_state(client, where)
