@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from bot import daemon, logs
+from bot import daemon, doctor, logs
 from bot.config import ConfigError, Settings, load_settings
 from bot.once import OnceRequest, OnceResult, run_once
 from bot.security import scrub_environ
@@ -22,6 +22,8 @@ from bot.security import scrub_environ
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "doctor":  # an invalid config is one of its findings, not a stop
+        return doctor.main(args.config or _env_config(), os.environ, args.timeout)
     try:
         settings = load_settings(args.config or _env_config(), os.environ)
     except ConfigError as exc:
@@ -67,8 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--url", help="daemon base URL (default: from http.listen)")
     usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
     usage.set_defaults(func=_usage)
+    check = commands.add_parser("doctor", help="check the setup: config, CLI, model API, Redis, channels, sandbox")
+    check.add_argument("--timeout", type=float, default=doctor.DEFAULT_TIMEOUT_S, help="seconds per check")
     once = _once_parser(commands)
-    for sub in (run, chat, sessions, config, jobs, usage, once):
+    for sub in (run, chat, sessions, config, jobs, usage, check, once):
         sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config file")
     return parser
 
@@ -105,7 +109,11 @@ def _once(settings: Settings, args: argparse.Namespace) -> int:
     # As for `agentd run`: no secret of this process's environment may reach the CLI.
     scrub_environ(os.environ, settings.agent.env_passthrough)
     request = OnceRequest(profile=args.profile, prompt=prompt, cwd=args.cwd)
-    result = asyncio.run(_once_main(settings, request))
+    try:
+        result = asyncio.run(_once_main(settings, request))
+    except OSError as exc:  # data_dir not writable, the gateway's port taken: not "cannot reach the daemon"
+        print(f"agentd: once failed: {exc}", file=sys.stderr)
+        return 1
     if result is None:
         print("agentd: once: interrupted", file=sys.stderr)
         return 130

@@ -154,6 +154,15 @@ async def test_bad_input_is_refused_clearly(tmp_path: Path, fake_model: FakeMode
     assert fake_model.requests == []
 
 
+async def test_an_unusable_data_dir_fails_in_one_line(tmp_path: Path, fake_model: FakeModel) -> None:
+    (tmp_path / "a-file").write_text("")
+    once = Once(tmp_path, fake_model)
+    once.config.write_text(f'[store]\ndata_dir = "{tmp_path / "a-file" / "data"}"\n')
+    ran = await once.run("--prompt", "x")
+    assert ran.code == 1 and ran.last_error.startswith("agentd: once failed: "), ran
+    assert "Not a directory" in ran.last_error
+
+
 async def test_cwd_confines_the_agent_and_stays(tmp_path: Path, fake_model: FakeModel) -> None:
     project, outside = tmp_path / "project", tmp_path / "outside"
     project.mkdir()
