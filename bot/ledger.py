@@ -164,6 +164,14 @@ class Ledger:
                 return BudgetStop(name, float(spent[key]), limit, "at 00:00 UTC")
         return None
 
+    async def spent_today(self, dimension: str, values: list[str]) -> dict[str, float]:
+        """USD spent today (UTC) by each of ``values`` of one dimension (conversations, say)."""
+        if not values:
+            return {}
+        day = today()
+        spent = await self._store.get_values([keys.usage(day, dimension, value) for value in values])
+        return {value: float(spent.get(keys.usage(day, dimension, value)) or 0.0) for value in values}
+
     async def report(self, by: str) -> dict[str, float]:
         """USD spent per value of one dimension (all days), or per day (``by = "day"``)."""
         await self.flush()
