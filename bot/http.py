@@ -177,6 +177,8 @@ class Api:
         expected = self._cookie_value()
         if token is None or expected is None:
             raise web.HTTPSeeOther("/status")
+        if request.content_type != "application/x-www-form-urlencoded":
+            raise BadRequest("sign in with the page's form (application/x-www-form-urlencoded)")
         try:
             form = await request.post()
         except ValueError:
