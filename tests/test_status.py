@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,13 @@ from bot.config import HttpConfig
 from bot.core import Inbound
 from bot.http import STATUS_COOKIE, Api
 from tests.conftest import PoolFactory
-from tests.fakes.model import FakeModel
+from tests.fakes.mailserver import MailServer, message
+from tests.fakes.model import FakeModel, ToolUse
+from tests.fakes.slack import FakeSlack
+from tests.helpers import wait_for
 from tests.inproc import InProcessDaemon
+from tests.mail_harness import running as mail_running
+from tests.slack_harness import running as slack_running
 
 TOKEN = "status-page-token-7f3a9c"
 CHROMIUM = "/usr/bin/chromium"
@@ -207,3 +213,58 @@ async def test_the_browser_without_the_token_sees_only_the_sign_in_form(make_poo
         assert await page.locator("#sessions").count() == 0
         data = await page.evaluate("fetch('/v1/status').then((r) => r.status)")
         assert data == 401
+
+
+async def channel_status(url: str, name: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/v1/status") as response:
+        assert response.status == 200
+        channels = (await response.json())["channels"]
+    return next((c for c in channels if c["name"] == name), {})
+
+
+async def test_slack_shows_connected_and_counts_reconnects(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with slack_running(tmp_path, fake_model, slack) as d:
+        status = await channel_status(d.url, "slack")
+        assert status["connected"] is True and status["reconnects"] == 0
+        await slack.disconnect()
+
+        async def reconnected() -> bool:
+            status.update(await channel_status(d.url, "slack"))
+            return bool(status["connected"] and status["reconnects"] == 1)
+
+        await wait_for(reconnected, what="the reconnect to be counted")
+
+
+async def test_imap_shows_connected_its_idle_renewal_and_checkpoint(
+    tmp_path: Path, fake_model: FakeModel, mail: MailServer
+) -> None:
+    async with mail_running(tmp_path, fake_model, mail) as d:
+        status: dict[str, Any] = {}
+
+        async def idling() -> bool:
+            status.update(await channel_status(d.url, "email"))
+            return bool(status["connected"] and status["last_idle_renewal"])
+
+        await wait_for(idling, what="the IMAP IDLE")
+        assert abs(status["last_idle_renewal"] - time.time()) < 60 and status["reconnects"] == 0
+        mail.deliver(message("checkpoint", "Move the checkpoint."))
+
+        async def checkpointed() -> bool:
+            status.update(await channel_status(d.url, "email"))
+            return bool(status["checkpoint_uid"] == 1)
+
+        await wait_for(checkpointed, what="the checkpoint to show the first UID")
+
+
+async def test_a_budget_stop_is_listed_with_the_recent_events(tmp_path: Path, fake_model: FakeModel) -> None:
+    fake_model.add("spend it", tool=ToolUse("Bash", {"command": "echo spent", "description": "spend"}))
+    async with daemon(tmp_path, fake_model, budget={"per_message_usd": 0.0005}) as d:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{d.url}/v1/conversations/b1/messages", json={"text": "spend it"}) as response:
+                assert (await response.json())["failure"] == "budget"
+            async with http.get(f"{d.url}/v1/status") as response:
+                events = (await response.json())["pool"]["events"]
+    [stop] = [e for e in events if e["kind"] == "budget_stop"]
+    assert stop["conversation_id"] == "api:b1" and "per message budget is used up" in stop["detail"]
