@@ -260,11 +260,10 @@ async def test_imap_shows_connected_its_idle_renewal_and_checkpoint(
 
 async def test_a_budget_stop_is_listed_with_the_recent_events(tmp_path: Path, fake_model: FakeModel) -> None:
     fake_model.add("spend it", tool=ToolUse("Bash", {"command": "echo spent", "description": "spend"}))
-    async with daemon(tmp_path, fake_model, budget={"per_message_usd": 0.0005}) as d:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{d.url}/v1/conversations/b1/messages", json={"text": "spend it"}) as response:
-                assert (await response.json())["failure"] == "budget"
-            async with http.get(f"{d.url}/v1/status") as response:
-                events = (await response.json())["pool"]["events"]
+    async with daemon(tmp_path, fake_model, budget={"per_message_usd": 0.0005}) as d, aiohttp.ClientSession() as http:
+        async with http.post(f"{d.url}/v1/conversations/b1/messages", json={"text": "spend it"}) as response:
+            assert (await response.json())["failure"] == "budget"
+        async with http.get(f"{d.url}/v1/status") as response:
+            events = (await response.json())["pool"]["events"]
     [stop] = [e for e in events if e["kind"] == "budget_stop"]
     assert stop["conversation_id"] == "api:b1" and "per message budget is used up" in stop["detail"]
