@@ -14,6 +14,7 @@ from playwright.async_api import Browser, Page, async_playwright
 from bot.config import HttpConfig
 from bot.core import Inbound
 from bot.http import STATUS_COOKIE, Api
+from bot.status import RecentEvents
 from tests.conftest import PoolFactory
 from tests.fakes.mailserver import MailServer, message
 from tests.fakes.model import FakeModel, ToolUse
@@ -105,7 +106,7 @@ async def test_status_page_shows_the_live_session_and_its_memory_chart(tmp_path:
         points = f"{row}?.querySelector('polyline')?.getAttribute('points')?.trim().split(' ').length ?? 0"
         await until(page, f"{points} >= 3")
         cells = await page.evaluate(f"[...{row}.querySelectorAll('td')].map((c) => c.textContent)")
-        assert cells[1:4] == ["chat", "warm", str(pid)] and cells[6] == "1", cells
+        assert cells[1:4] == ["chat", "warm", str(pid)] and cells[6] == "1" and float(cells[9]) > 0, cells
         assert "sessions 1 of max_sessions 20" in await page.inner_text("#sessions-total")
 
         # It refreshes in place: a second turn shows up without the page reloading.
@@ -258,12 +259,29 @@ async def test_imap_shows_connected_its_idle_renewal_and_checkpoint(
         await wait_for(checkpointed, what="the checkpoint to show the first UID")
 
 
-async def test_a_budget_stop_is_listed_with_the_recent_events(tmp_path: Path, fake_model: FakeModel) -> None:
+async def test_budget_stops_and_jobs_are_in_the_snapshot(tmp_path: Path, fake_model: FakeModel) -> None:
     fake_model.add("spend it", tool=ToolUse("Bash", {"command": "echo spent", "description": "spend"}))
-    async with daemon(tmp_path, fake_model, budget={"per_message_usd": 0.0005}) as d, aiohttp.ClientSession() as http:
+    job = {"id": "nightly", "every": 3600, "prompt": "a job", "profile": "chat"}
+    budget = {"per_message_usd": 0.0005}
+    async with (
+        daemon(tmp_path, fake_model, budget=budget, schedule=[job]) as d,
+        aiohttp.ClientSession() as http,
+    ):
         async with http.post(f"{d.url}/v1/conversations/b1/messages", json={"text": "spend it"}) as response:
             assert (await response.json())["failure"] == "budget"
+        async with http.post(f"{d.url}/v1/jobs/nightly/pause") as response:
+            assert response.status == 200
         async with http.get(f"{d.url}/v1/status") as response:
-            events = (await response.json())["pool"]["events"]
-    [stop] = [e for e in events if e["kind"] == "budget_stop"]
+            status = await response.json()
+    [stop] = [e for e in status["pool"]["events"] if e["kind"] == "budget_stop"]
     assert stop["conversation_id"] == "api:b1" and "per message budget is used up" in stop["detail"]
+    [nightly] = status["jobs"]
+    assert nightly["id"] == "nightly" and nightly["paused"] is True and nightly["schedule"] == "every 3600s"
+    assert status["problems"] == []
+
+
+def test_recent_events_keep_only_the_newest() -> None:
+    events = RecentEvents(size=3)
+    for n in range(5):
+        events.add("evict", f"c{n}", "idle")
+    assert [e.conversation_id for e in events.items()] == ["c2", "c3", "c4"]
