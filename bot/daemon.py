@@ -130,6 +130,7 @@ async def serve(
         api = Api(settings.http, pool, store)
         api.ledger = ledger
         channels = build_channels(settings, pool, store, api)
+        api.channels = channels
         # Tool sets first: a process (a spare too) gets the in-process tools that exist when it starts.
         for channel in channels:
             if isinstance(channel, ToolProvider):

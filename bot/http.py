@@ -1,12 +1,17 @@
-"""The HTTP server: health, readiness, metrics and the authenticated /v1 API (aiohttp)."""
+"""The HTTP server: health, readiness, metrics, the /status page and the authenticated /v1 API (aiohttp)."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import hmac
+import html
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any, TypeVar
 
 import structlog
@@ -14,10 +19,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bot.config import ConfigError, HttpConfig
-from bot.core import Failure, Inbound, Outcome
-from bot.jobs import JobError, Scheduler
+from bot.core import Channel, Failure, Inbound, Outcome
+from bot.jobs import JobError, JobInfo, Scheduler
 from bot.ledger import Ledger
 from bot.pool import Pool
+from bot.status import SessionStatus, StatusReporter, StatusSnapshot
 from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
@@ -42,6 +48,12 @@ DRAINING_BODY = {
     "error": "the daemon is shutting down; send this message again once it is back",
     "failure": str(Failure.SHUTDOWN),
 }
+
+
+# The page's browser credential: an HMAC of the API token (never the token itself), sent only by the browser.
+STATUS_COOKIE = "agentd_status"
+# Paths a browser reaches with the cookie; both are read-only, so a cookie cannot be used to act (no CSRF).
+COOKIE_PATHS = frozenset({"/status", "/v1/status"})
 
 
 class BadRequest(Exception):
@@ -77,6 +89,8 @@ class Api:
         self.draining = False
         self.scheduler: Scheduler | None = None
         self.ledger: Ledger | None = None
+        self.channels: list[Channel] = []
+        self._page = StatusPage.load()
 
     def add_route(self, method: str, path: str, handler: Handler) -> None:
         """A channel's own endpoint (Slack HTTP Events); it does its own authentication."""
@@ -87,6 +101,9 @@ class Api:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/status", self._status_page)
+        app.router.add_post("/status/login", self._status_login)
+        app.router.add_get("/v1/status", self._status_json)
         app.router.add_post("/v1/conversations/{conversation_id}/messages", self._message)
         app.router.add_get("/v1/sessions", self._sessions)
         app.router.add_get("/v1/usage", self._usage)
@@ -114,7 +131,12 @@ class Api:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/v1/") and not self._authorized(request):
+        allowed = self._authorized(request) or (
+            request.method == "GET" and request.path in COOKIE_PATHS and self._cookie_authorized(request)
+        )
+        if request.path == "/status" and not allowed:
+            return self._page.login(status=401)
+        if request.path.startswith("/v1/") and not allowed:
             return web.json_response({"error": "missing or invalid bearer token"}, status=401)
         try:
             return await handler(request)
@@ -132,6 +154,73 @@ class Api:
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {token.get_secret_value()}"
         return hmac.compare_digest(given.encode(), expected.encode())
+
+    def _cookie_value(self) -> str | None:
+        token = self._config.api_token
+        if token is None:
+            return None
+        return hmac.new(token.get_secret_value().encode(), b"agentd status page", hashlib.sha256).hexdigest()
+
+    def _cookie_authorized(self, request: web.Request) -> bool:
+        expected = self._cookie_value()
+        given = request.cookies.get(STATUS_COOKIE, "")
+        return expected is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+    # -- the status page -------------------------------------------------------------
+
+    async def _status_page(self, request: web.Request) -> web.Response:
+        return self._page.page()
+
+    async def _status_login(self, request: web.Request) -> web.Response:
+        """The page's sign-in form posts the API token here; the answer sets the page's cookie."""
+        token = self._config.api_token
+        expected = self._cookie_value()
+        if token is None or expected is None:
+            raise web.HTTPSeeOther("/status")
+        if request.content_type != "application/x-www-form-urlencoded":
+            raise BadRequest("sign in with the page's form (application/x-www-form-urlencoded)")
+        try:
+            form = await request.post()
+        except ValueError:
+            raise BadRequest("the sign-in form could not be read") from None
+        given = form.get("token")
+        if not isinstance(given, str) or not hmac.compare_digest(
+            given.strip().encode(), token.get_secret_value().encode()
+        ):
+            return self._page.login(status=401, error="That token is not the daemon's API token.")
+        response = web.HTTPSeeOther("/status")
+        response.set_cookie(STATUS_COOKIE, expected, httponly=True, samesite="Strict", path="/", secure=request.secure)
+        raise response
+
+    async def _status_json(self, request: web.Request) -> web.Response:
+        snapshot = await self.status()
+        return web.json_response(dataclasses.asdict(snapshot), headers={"Cache-Control": "no-store"})
+
+    async def status(self) -> StatusSnapshot:
+        """One snapshot of every part; what the store cannot answer now is left out and named in ``problems``."""
+        problems: list[str] = []
+        pool = self._pool.status()
+        sessions = await self._with_costs(pool.sessions, problems)
+        channels = tuple([await c.status() for c in self.channels if isinstance(c, StatusReporter)])
+        jobs: tuple[JobInfo, ...] = ()
+        if self.scheduler is not None:
+            try:
+                jobs = tuple(await self.scheduler.jobs())
+            except StoreError as exc:
+                problems.append(f"jobs: the store is unreachable ({exc})")
+        return StatusSnapshot(
+            time.time(), dataclasses.replace(pool, sessions=sessions), channels, jobs, tuple(problems)
+        )
+
+    async def _with_costs(self, sessions: tuple[SessionStatus, ...], problems: list[str]) -> tuple[SessionStatus, ...]:
+        if self.ledger is None:
+            return sessions
+        try:
+            spent = await self.ledger.spent_today("conversation", [s.conversation_id for s in sessions])
+        except StoreError as exc:
+            problems.append(f"cost today: the store is unreachable ({exc})")
+            return sessions
+        return tuple(dataclasses.replace(s, cost_today_usd=round(spent[s.conversation_id], 6)) for s in sessions)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -233,6 +322,55 @@ class Api:
         if len(text) > self._config.max_text_chars:
             raise BadRequest(f"field 'text' is longer than {self._config.max_text_chars} characters")
         return Inbound(conversation_id=f"api:{conversation_id}", text=text, source="api", user="api")
+
+
+class StatusPage:
+    """The page and its sign-in form: static files from the package, sent with a strict CSP.
+
+    The page holds no data (its script fetches ``/v1/status``) and runs only its own inline script and
+    style, pinned by hash: even a conversation id that got past the escaping could not run script.
+    """
+
+    def __init__(self, page: str, login: str) -> None:
+        self._page, self._login = page, login
+        self._csp = "; ".join(
+            [
+                "default-src 'none'",
+                f"script-src {_inline_hash(page, 'script')}",
+                f"style-src {_inline_hash(page, 'style')} {_inline_hash(login, 'style')}",
+                "connect-src 'self'",
+                "form-action 'self'",
+                "base-uri 'none'",
+                "frame-ancestors 'none'",
+            ]
+        )
+
+    @classmethod
+    def load(cls) -> StatusPage:
+        static = resources.files("bot") / "static"
+        return cls((static / "status.html").read_text("utf-8"), (static / "login.html").read_text("utf-8"))
+
+    def page(self) -> web.Response:
+        return self._html(self._page, 200)
+
+    def login(self, status: int, error: str = "") -> web.Response:
+        return self._html(self._login.replace("{error}", html.escape(error)), status)
+
+    def _html(self, body: str, status: int) -> web.Response:
+        headers = {
+            "Content-Security-Policy": self._csp,
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+        }
+        return web.Response(text=body, status=status, content_type="text/html", charset="utf-8", headers=headers)
+
+
+def _inline_hash(document: str, tag: str) -> str:
+    """The CSP source for the one inline ``<tag>`` element of our own static document."""
+    start = document.index(f"<{tag}>") + len(tag) + 2
+    body = document[start : document.index(f"</{tag}>", start)]
+    return f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:

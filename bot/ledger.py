@@ -256,6 +256,16 @@ class Ledger:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
 
+    async def spent_today(self, dimension: str, values: list[str]) -> dict[str, float]:
+        """USD spent today (UTC) by each of ``values`` of one dimension (conversations, say)."""
+        if not values:
+            return {}
+        day = today()
+        names = {value: keys.usage(day, dimension, value) for value in values}
+        spent = await self._store.get_values(list(names.values()))
+        # Spend not yet written counts too: the figure must not dip while a write is queued.
+        return {value: float(spent.get(name) or 0.0) + self._unwritten.get(name, 0.0) for value, name in names.items()}
+
     async def report(self, by: str) -> dict[str, float]:
         """USD spent per value of one dimension (all days), or per day (``by = "day"``)."""
         await self.flush()

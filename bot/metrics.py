@@ -32,3 +32,13 @@ MODEL_FIRST_BYTE_SECONDS = Histogram(
 MODEL_SECONDS = Histogram(
     "agentd_model_seconds", "Total time of a model request", buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 )
+# Sampled by the pool every pool.rss_sample_s (and a process's RSS series goes when it exits).
+SESSIONS_BY_STATE = Gauge(
+    "agentd_sessions", "Live CLI processes by state (spare: started ahead of demand, no conversation yet)", ["state"]
+)
+SESSIONS_BY_PROFILE = Gauge("agentd_sessions_by_profile", "Live CLI processes by profile", ["profile"])
+QUEUE_DEPTH = Gauge("agentd_queue_depth", "Messages waiting behind a running turn, all conversations together")
+PROCESS_RSS_MB = Gauge("agentd_process_rss_mb", "Sampled RSS of one CLI process tree, MiB (by pid)", ["pid"])
+CRASHES = Counter(
+    "agentd_crashes_total", "CLI processes that died unasked: during a turn, killed over memory, or idle", ["kind"]
+)

@@ -11,11 +11,12 @@ from admission until it has exited, retiring or not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from bot.core import (
     TurnDone,
 )
 from bot.security import safe_name
+from bot.status import RSS_HISTORY_SAMPLES, PoolStatus, PoolTotals, RecentEvents, SessionStatus
 from bot.store import ConversationRecord, Store, StoreError
 from bot.telemetry import DISABLED, Telemetry
 
@@ -133,6 +135,7 @@ class Worker:
         self.tree = procs.ProcessTree()
         self.connected = False
         self.rss_mb: float | None = None
+        self.rss_history: deque[float] = deque(maxlen=RSS_HISTORY_SAMPLES)
         self.memory_kill_mb: float | None = None
         self.turns_served = 0
         self.cost_base = 0.0
@@ -191,6 +194,7 @@ class Worker:
             await self._serve_all()
         except AgentCrashed as exc:
             self.log.error("crash", error=str(exc), pid=self.pid)
+            self.pool.crashed(self, "memory" if self.memory_kill_mb is not None else "turn", str(exc)[:200])
         except AgentError as exc:
             self.log.error("spawn_failed", error=str(exc))
             self._fail_queued(Failure.AGENT_ERROR, str(exc))
@@ -294,6 +298,7 @@ class Worker:
         if self.process_alive():
             return True
         self.log.error("died_idle", pid=self.pid)
+        self.pool.crashed(self, "idle", f"pid {self.pid} died while idle")
         self.retire("died")
         return False
 
@@ -379,6 +384,8 @@ class Worker:
             state="warm",
         )
         self.last_turn_cost = cost
+        if done is not None and done.budget is not None:
+            self.pool.events.add("budget_stop", self.record.conversation_id, done.budget)
         seconds = time.monotonic() - started
         metrics.TURN_SECONDS.observe(seconds)
         self.log.info(
@@ -420,7 +427,7 @@ class Worker:
     def _check_ceilings(self) -> None:
         limits = self.pool.settings.pool
         if self.pid is not None:
-            self.rss_mb = procs.tree_rss_mb(self.pid)
+            self.note_rss(procs.tree_rss_mb(self.pid))
             self.remember_tree()
         if self.rss_mb is not None and self.rss_mb > limits.session_max_rss_mb:
             self.retire("memory")
@@ -431,8 +438,30 @@ class Worker:
         while self.queue:
             self.queue.popleft().fail(failure, detail, record=self.record)
 
+    def note_rss(self, rss_mb: float | None) -> None:
+        self.rss_mb = rss_mb
+        if rss_mb is not None:
+            self.rss_history.append(round(rss_mb, 1))
+
+    @property
+    def shown_state(self) -> str:
+        return "busy" if self.current is not None else "warm" if self.state == "warm" else self.state
+
+    def status(self) -> SessionStatus:
+        return SessionStatus(
+            conversation_id=self.record.conversation_id,
+            profile=self.profile.name,
+            state=self.shown_state,
+            pid=self.pid,
+            rss_mb=None if self.rss_mb is None else round(self.rss_mb, 1),
+            rss_history_mb=tuple(self.rss_history),
+            turns=self.record.turns,
+            idle_s=round(time.monotonic() - self.last_used, 1),
+            queued=len(self.queue),
+        )
+
     def info(self) -> SessionInfo:
-        state = "busy" if self.current is not None else "warm" if self.state == "warm" else self.state
+        state = self.shown_state
         return SessionInfo(
             conversation_id=self.record.conversation_id,
             session_id=self.record.session_id,
@@ -443,6 +472,11 @@ class Worker:
             idle_s=round(time.monotonic() - self.last_used, 1),
             cost_usd=round(self.record.cost_usd, 6),
         )
+
+
+def _remove_series(pid: str) -> None:
+    with contextlib.suppress(KeyError):  # another pool in this process may have removed it (tests run several)
+        metrics.PROCESS_RSS_MB.remove(pid)
 
 
 def transcript_exists(config_dir: Path, session_id: str) -> bool:
@@ -490,6 +524,8 @@ class Pool:
         self._monitor: asyncio.Task[None] | None = None
         self._spare_backoff = SpareBackoff()
         self._spare_timer: asyncio.Task[None] | None = None
+        self.events = RecentEvents()
+        self._rss_pids: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -768,8 +804,11 @@ class Pool:
             self._spares.remove(worker)
         if worker.spare and worker.admitted and not worker.connected:
             self._spare_backoff.failed()
+        self._forget_rss(worker)
         if worker.retire_reason is not None and worker.admitted:
             metrics.EVICTIONS.labels(reason=worker.retire_reason).inc()
+            if not worker.spare:
+                self.events.add("evict", cid, worker.retire_reason)
             worker.log.info("evict", reason=worker.retire_reason, turns=worker.turns_served, rss_mb=worker.rss_mb)
         leftovers = list(worker.queue)
         worker.queue.clear()
@@ -816,13 +855,41 @@ class Pool:
             self.sample()
 
     def sample(self) -> None:
-        metrics.LIVE_SESSIONS.set(len(self._admitted))
-        metrics.POOL_RSS_MB.set(sum(w.rss_mb or 0.0 for w in self._admitted))
         for worker in list(self._admitted):
             if worker.pid is not None and worker.state != "closed":
                 self._sample_worker(worker)
         # Every pool's CLIs are asyncio's to reap, not only this one's (tests and benchmarks run several).
         procs.reap_orphans({w.pid for pool in _POOLS for w in pool._all_workers() if w.pid is not None})
+        self._export_gauges()
+
+    def _export_gauges(self) -> None:
+        live = [w for w in self._admitted if w.state != "closed"]
+        metrics.LIVE_SESSIONS.set(len(live))
+        metrics.POOL_RSS_MB.set(sum(w.rss_mb or 0.0 for w in live))
+        metrics.QUEUE_DEPTH.set(sum(len(w.queue) for w in self._all_workers()))
+        states = Counter("spare" if w.spare else w.shown_state for w in live)
+        for state in ("starting", "warm", "busy", "closing", "spare"):
+            metrics.SESSIONS_BY_STATE.labels(state=state).set(states[state])
+        metrics.SESSIONS_BY_PROFILE.clear()
+        for profile, count in Counter(w.profile.name for w in live).items():
+            metrics.SESSIONS_BY_PROFILE.labels(profile=profile).set(count)
+        exported = {str(w.pid): w.rss_mb for w in live if w.pid is not None and w.rss_mb is not None}
+        for pid in self._rss_pids - exported.keys():
+            _remove_series(pid)
+        for pid, rss_mb in exported.items():
+            metrics.PROCESS_RSS_MB.labels(pid=pid).set(rss_mb)
+        self._rss_pids = set(exported)
+
+    def _forget_rss(self, worker: Worker) -> None:
+        """A pid's series goes with its process: pids are reused, and a dead one must not show memory."""
+        pid = str(worker.pid)
+        if pid in self._rss_pids:
+            self._rss_pids.discard(pid)
+            _remove_series(pid)
+
+    def crashed(self, worker: Worker, kind: str, detail: str) -> None:
+        metrics.CRASHES.labels(kind=kind).inc()
+        self.events.add("crash", worker.record.conversation_id, f"{kind}: {detail}")
 
     def _sample_worker(self, worker: Worker) -> None:
         assert worker.pid is not None
@@ -831,7 +898,7 @@ class Pool:
         if worker.retire_reason is None or worker.current is not None:
             # A retiring process keeps its last figure until it has exited: the budget must not count
             # a tree that is halfway through shutting down as already freed.
-            worker.rss_mb = procs.tree_rss_mb(worker.pid)
+            worker.note_rss(procs.tree_rss_mb(worker.pid))
         if not worker.process_alive():
             self._process_gone(worker)
         elif worker.rss_mb is None:
@@ -848,9 +915,25 @@ class Pool:
         worker.tree.kill_survivors()
         if worker.current is None and worker.retire_reason is None:
             worker.log.error("died_idle", pid=worker.pid)
+            self.crashed(worker, "idle", f"pid {worker.pid} died while idle")
             worker.retire("died")
 
     # -- introspection -------------------------------------------------------------
+
+    def status(self) -> PoolStatus:
+        """Live conversation processes (retiring ones too), the totals against their limits, recent events."""
+        workers = sorted({*self._workers.values(), *self._retiring.values()}, key=lambda w: w.record.conversation_id)
+        limits = self.settings.pool
+        live = [w for w in self._admitted if w.state != "closed"]
+        totals = PoolTotals(
+            sessions=sum(1 for w in live if not w.spare),
+            max_sessions=limits.max_sessions,
+            spares=sum(1 for w in live if w.spare),
+            rss_mb=round(sum(w.rss_mb or 0.0 for w in live), 1),
+            memory_budget_mb=limits.memory_budget_mb,
+            queued=sum(len(w.queue) for w in self._all_workers()),
+        )
+        return PoolStatus(tuple(w.status() for w in workers), totals, self.events.items())
 
     async def sessions(self) -> list[SessionInfo]:
         live = {w.record.conversation_id: w.info() for w in self._workers.values()}

@@ -37,6 +37,7 @@ from bot.mail.smtp import SendError
 from bot.mail.tools import MailTools
 from bot.mail.worker import ParseWorker, WorkerFailed
 from bot.pool import Pool
+from bot.status import ChannelStatus
 from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
@@ -118,6 +119,16 @@ class EmailChannel:
         except (smtp.SendError, aiosmtplib.SMTPException, OSError) as exc:
             raise DeliveryError(str(exc)[:300] or type(exc).__name__) from exc
         log.info("email_delivered", to=target, subject=subject)
+
+    async def status(self) -> ChannelStatus:
+        watcher = self._watcher
+        return ChannelStatus(
+            self.name,
+            watcher.connected.is_set(),
+            reconnects=watcher.reconnects,
+            last_idle_renewal=watcher.last_idle_renewal,
+            checkpoint_uid=watcher.checkpoint_uid,
+        )
 
     @property
     def watcher(self) -> ImapWatcher:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -72,6 +73,9 @@ class ImapWatcher:
         self._intake = True
         self._stopping = False
         self.connected = asyncio.Event()
+        self.reconnects = 0
+        self.last_idle_renewal: float | None = None  # Unix seconds of the latest IDLE command
+        self.checkpoint_uid: int | None = None
 
     # -- requests from the channel ------------------------------------------------
 
@@ -120,6 +124,7 @@ class ImapWatcher:
         else:
             return
         if not self._stopping:
+            self.reconnects += 1
             raise _Reconnect
 
     async def _pause(self, seconds: float) -> None:
@@ -194,12 +199,14 @@ class ImapWatcher:
         if saved.get("uidvalidity") != uidvalidity:
             log.warning("imap_uidvalidity_changed", old=saved.get("uidvalidity"), new=uidvalidity)
             return 0
-        return int(saved.get("last_uid", 0))
+        self.checkpoint_uid = int(saved.get("last_uid", 0))
+        return self.checkpoint_uid
 
     async def _save_checkpoint(self, uidvalidity: int, last: int) -> None:
         value = json.dumps({"uidvalidity": uidvalidity, "last_uid": last})
         try:
             await self._store.put_value(keys.mail_checkpoint(self._config.mailbox), value, keys.MAIL_RECORD_TTL_S)
+            self.checkpoint_uid = last
         except StoreError as exc:  # the next catch-up rereads from the older checkpoint and dedupes
             log.error("store_error", error=str(exc))
 
@@ -211,6 +218,7 @@ class ImapWatcher:
         if self._marks or self._stopping or self._box.exists_seen:
             return
         idle = await self._command(client.idle_start(timeout=self._config.idle_renew_s + 60))
+        self.last_idle_renewal = time.time()
         try:
             await self._wait_for_news(client)
         finally:

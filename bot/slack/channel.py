@@ -41,6 +41,7 @@ from bot.slack import events
 from bot.slack.approvals import APPROVE, DENY, Approvals, Click
 from bot.slack.events import Identity, SlackMessage
 from bot.slack.reply import AutoWriter, Thread
+from bot.status import ChannelStatus
 from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
@@ -105,6 +106,7 @@ class SlackChannel:
         self._connector: asyncio.Task[None] | None = None
         self._streaming = self._config.stream
         self._status_api = True
+        self._hellos = 0  # Slack greets every new Socket Mode connection with a "hello" frame
 
     def _bolt_app(self) -> AsyncApp:
         secret = self._config.signing_secret
@@ -145,9 +147,22 @@ class SlackChannel:
             self._socket = AsyncSocketModeHandler(
                 self._app, self._config.app_token.get_secret_value(), web_client=self._client
             )
+            self._socket.client.message_listeners.append(self._on_socket_frame)
             await self._socket.connect_async()  # type: ignore[no-untyped-call]
         metrics.CHANNEL_CONNECTED.labels(channel="slack").set(1)
         log.info("slack_started", mode=self._config.mode, team=self._me.team_id, bot_user=self._me.user_id)
+
+    async def _on_socket_frame(self, client: object, message: dict[str, Any], raw: str | None) -> None:
+        if message.get("type") == "hello":
+            self._hellos += 1
+
+    async def status(self) -> ChannelStatus:
+        """Connected: the WebSocket is up (Socket Mode), or the token was accepted (HTTP Events)."""
+        if self._config.mode == "socket":
+            connected = self._socket is not None and await self._socket.client.is_connected()
+        else:
+            connected = self._intake
+        return ChannelStatus(self.name, connected, reconnects=max(self._hellos - 1, 0))
 
     async def _connect_until_up(self) -> None:
         try:
