@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.fakes.model import FakeModel, RecordedRequest, ToolUse
 from tests.helpers import wait_until
@@ -206,14 +207,15 @@ async def test_the_cli_gets_no_secret_and_nothing_stays(tmp_path: Path, fake_mod
     assert clis_in(tmp_path) == [], "the CLI is gone when the command returns"
 
 
-async def test_ctrl_c_stops_the_task_and_its_process(tmp_path: Path, fake_model: FakeModel) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_ctrl_c_stops_the_task_and_its_process(tmp_path: Path, fake_model: FakeModel, signum: int) -> None:
     fake_model.add("slow", text="too late", delay_s=60)
     once = Once(tmp_path, fake_model)
     process = await once.start("--prompt", "slow work")
     assert process.stdin is not None
     process.stdin.close()
     await wait_until(lambda: bool(fake_model.find("slow work")), timeout=60, what="the turn to reach the model")
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 130, err
     assert err.decode().strip().splitlines()[-1] == "agentd: once: interrupted"
