@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ import aiohttp
 
 from bot import daemon, doctor, logs
 from bot.config import ConfigError, Settings, load_settings
+from bot.once import OnceRequest, OnceResult, run_once
+from bot.security import scrub_environ
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     usage.set_defaults(func=_usage)
     check = commands.add_parser("doctor", help="check the setup: config, CLI, model API, Redis, channels, sandbox")
     check.add_argument("--timeout", type=float, default=doctor.DEFAULT_TIMEOUT_S, help="seconds per check")
-    for sub in (run, chat, sessions, config, jobs, usage, check):
+    once = _once_parser(commands)
+    for sub in (run, chat, sessions, config, jobs, usage, check, once):
         sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config file")
     return parser
 
@@ -80,6 +85,57 @@ def _jobs_parser(commands: Any) -> argparse.ArgumentParser:
     jobs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     jobs.set_defaults(func=_jobs)
     return jobs  # type: ignore[no-any-return]
+
+
+def _once_parser(commands: Any) -> argparse.ArgumentParser:
+    once = commands.add_parser(
+        "once", help="run one task on a fresh agent process and print its result (nothing stays running)"
+    )
+    once.add_argument("--profile", default="chat", help="the profile the task runs as (default: chat)")
+    once.add_argument("--prompt", help="the task; absent or '-': read it from stdin")
+    once.add_argument("--cwd", type=Path, help="the agent's working directory (default: a temp dir, removed after)")
+    once.add_argument("--output", choices=["text", "json"], default="text", help="text, or one JSON object")
+    once.set_defaults(func=_once)
+    return once  # type: ignore[no-any-return]
+
+
+def _once(settings: Settings, args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+    if not prompt.strip():
+        raise ConfigError("once: the prompt is empty (give --prompt TEXT or write it to stdin)")
+    if settings.log.level == "info":
+        # The result goes to stdout and a failure is one line on stderr: routine logs would bury it.
+        logs.configure(settings.log.model_copy(update={"level": "warning"}))
+    # As for `agentd run`: no secret of this process's environment may reach the CLI.
+    scrub_environ(os.environ, settings.agent.env_passthrough)
+    request = OnceRequest(profile=args.profile, prompt=prompt, cwd=args.cwd)
+    try:
+        result = asyncio.run(_once_main(settings, request))
+    except OSError as exc:  # data_dir not writable, the gateway's port taken: not "cannot reach the daemon"
+        print(f"agentd: once failed: {exc}", file=sys.stderr)
+        return 1
+    if result is None:
+        print("agentd: once: interrupted", file=sys.stderr)
+        return 130
+    if args.output == "json":
+        print(json.dumps(dataclasses.asdict(result)))
+    elif result.ok:
+        print(result.result)
+    if not result.ok:
+        print(f"agentd: once failed ({result.outcome}): {result.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _once_main(settings: Settings, request: OnceRequest) -> OnceResult | None:
+    """The task, or None when SIGINT or SIGTERM stopped it (the CLI and gateway are closed by then)."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await run_once(settings, request)
+    except asyncio.CancelledError:
+        return None
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -42,6 +43,12 @@ CONVENTIONAL_VARIABLES: dict[str, tuple[str, str]] = {
     "SLACK_API_URL": ("slack", "api_url"),
     "IMAP_PASSWORD": ("email", "imap_password"),
     "SMTP_PASSWORD": ("email", "smtp_password"),
+    # OpenTelemetry's own names; read into [telemetry], then dropped from the environment like the rest.
+    "CLAUDE_CODE_ENABLE_TELEMETRY": ("telemetry", "enabled"),
+    "OTEL_EXPORTER_OTLP_ENDPOINT": ("telemetry", "endpoint"),
+    "OTEL_EXPORTER_OTLP_PROTOCOL": ("telemetry", "protocol"),
+    "OTEL_EXPORTER_OTLP_HEADERS": ("telemetry", "headers"),
+    "OTEL_SERVICE_NAME": ("telemetry", "service_name"),
 }
 
 
@@ -390,6 +397,71 @@ class BudgetConfig(_Section):
     refresh_s: float = Field(default=1.0, gt=0, le=60)
 
 
+class TelemetryConfig(_Section):
+    """OpenTelemetry: the daemon's turn spans, and Claude Code's own metrics and events (OTLP over HTTP)."""
+
+    # None: on when an endpoint is set. true with no endpoint: the OTLP default, localhost:4318.
+    enabled: bool | None = None
+    endpoint: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    protocol: Literal["http/protobuf", "http/json"] = "http/protobuf"
+    # OTLP's "key=value,key2=value2" form; the CLI processes get it too (see README, Telemetry).
+    headers: SecretStr | None = None
+    service_name: str = Field(default="agentd", min_length=1)
+    export_interval_ms: int = Field(default=60_000, ge=100)
+    logs_export_interval_ms: int = Field(default=5_000, ge=100)
+    # Pass the OTEL settings to the CLI processes, so Claude Code exports its own metrics and events.
+    cli: bool = True
+
+    @property
+    def active(self) -> bool:
+        return self.enabled if self.enabled is not None else self.endpoint is not None
+
+    @property
+    def base_url(self) -> str:
+        return (self.endpoint or "http://localhost:4318").rstrip("/")
+
+    def cli_environment(self, profile: str) -> dict[str, str]:
+        """Claude Code's documented OTEL variables for one CLI process; empty when off."""
+        if not (self.active and self.cli):
+            return {}
+        env = {
+            "CLAUDE_CODE_ENABLE_TELEMETRY": "1",
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_LOGS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": self.protocol,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.base_url,
+            "OTEL_METRIC_EXPORT_INTERVAL": str(self.export_interval_ms),
+            "OTEL_LOGS_EXPORT_INTERVAL": str(self.logs_export_interval_ms),
+            # A process serves one profile for its life; a spare changes conversation, so none is named.
+            "OTEL_RESOURCE_ATTRIBUTES": (
+                f"agentd.service={_attribute(self.service_name)},agentd.profile={_attribute(profile)}"
+            ),
+        }
+        if self.headers is not None:
+            env["OTEL_EXPORTER_OTLP_HEADERS"] = self.headers.get_secret_value()
+        return env
+
+    def header_map(self) -> dict[str, str]:
+        """The headers as a mapping, for the daemon's own exporter."""
+        if self.headers is None:
+            return {}
+        pairs = (item.split("=", 1) for item in self.headers.get_secret_value().split(",") if "=" in item)
+        return {unquote(k.strip()): unquote(v.strip()) for k, v in pairs}
+
+    @model_validator(mode="after")
+    def _headers_parse(self) -> TelemetryConfig:
+        if self.headers is not None and any(
+            "=" not in item for item in self.headers.get_secret_value().split(",") if item.strip()
+        ):
+            raise ValueError("headers must be key=value pairs separated by commas")
+        return self
+
+
+def _attribute(value: str) -> str:
+    """A resource attribute value: W3C Baggage encoding, as OTEL_RESOURCE_ATTRIBUTES expects."""
+    return quote(value, safe="")
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -411,6 +483,7 @@ class Settings(BaseSettings):
     slack: SlackConfig = Field(default_factory=SlackConfig)
     email: EmailConfig = Field(default_factory=EmailConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)

@@ -207,6 +207,7 @@ class TurnDone:
     interrupted: bool
     budget: str | None = None  # why a budget stopped the turn
     metered_usd: float | None = None  # what the gateway metered for this turn (None: no gateway)
+    num_turns: int = 0  # model round trips the CLI made for this message
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from bot.pool import Pool
 from bot.security import scrub_environ
 from bot.store import SqliteStore, Store, StoreError
 from bot.store_redis import RedisStore
+from bot.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
 
@@ -123,8 +124,9 @@ async def serve(
         await _check_store(store)
         ledger = Ledger(store, settings.budget, Prices(settings.gateway.prices))
         gateway = await _start_gateway(settings, ledger, stack, deadline)
-        launcher = ClaudeLauncher(settings.agent, settings.config_file, gateway=gateway)
-        pool = Pool(settings, launcher, store)
+        telemetry = start_telemetry(settings, stack, deadline)
+        launcher = ClaudeLauncher(settings.agent, settings.config_file, gateway=gateway, telemetry=settings.telemetry)
+        pool = Pool(settings, launcher, store, telemetry)
         api = Api(settings.http, pool, store)
         api.ledger = ledger
         channels = build_channels(settings, pool, store, api)
@@ -168,6 +170,14 @@ async def _start_gateway(
     await gateway.start()
     stack.push_async_callback(bounded("gateway", gateway.close, deadline))
     return gateway
+
+
+def start_telemetry(settings: Settings, stack: AsyncExitStack, deadline: Deadline) -> Telemetry:
+    """The turn-span exporter, closed (flushed) after the pool: the last turns' spans still go out."""
+    telemetry = Telemetry.start(settings.telemetry)
+    if telemetry.enabled:
+        stack.push_async_callback(bounded("telemetry", lambda: asyncio.to_thread(telemetry.close), deadline))
+    return telemetry
 
 
 async def _drain(pool: Pool, api: Api, channels: list[Channel], grace_s: float, deadline: Deadline) -> None:

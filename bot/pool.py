@@ -45,6 +45,7 @@ from bot.core import (
 from bot.security import safe_name
 from bot.status import RSS_HISTORY_SAMPLES, PoolStatus, PoolTotals, RecentEvents, SessionStatus
 from bot.store import ConversationRecord, Store, StoreError
+from bot.telemetry import DISABLED, Telemetry
 
 log = structlog.get_logger(__name__)
 
@@ -304,8 +305,9 @@ class Worker:
     async def _serve(self, session: AgentSession, turn: Turn) -> None:
         self.state, self.current = "busy", turn
         turn.started.set()
-        started = time.monotonic()
+        started, started_ns = time.monotonic(), time.time_ns()
         self.log.info("turn_start", source=turn.inbound.source, chars=len(turn.inbound.text))
+        turn.outcome.add_done_callback(lambda done: self._trace(done, turn, started_ns))
         try:
             await self._serve_turn(session, turn, started)
         except AgentCrashed as exc:
@@ -327,6 +329,10 @@ class Worker:
                 turn.fail(Failure.SHUTDOWN)
             else:
                 turn.fail(Failure.AGENT_ERROR, "internal error")
+
+    def _trace(self, done: asyncio.Future[Outcome], turn: Turn, started_ns: int) -> None:
+        if not done.cancelled():
+            self.pool.telemetry.record_turn(done.result(), self.profile.name, turn.inbound.source, started_ns)
 
     async def _serve_turn(self, session: AgentSession, turn: Turn, started: float) -> None:
         notice, self.notice = self.notice, None
@@ -502,8 +508,9 @@ _POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
 class Pool:
-    def __init__(self, settings: Settings, launcher: Launcher, store: Store) -> None:
+    def __init__(self, settings: Settings, launcher: Launcher, store: Store, telemetry: Telemetry = DISABLED) -> None:
         self.settings, self.launcher, self.store = settings, launcher, store
+        self.telemetry = telemetry  # a span per served turn
         self.data_dir = settings.store.data_dir.resolve()
         self._profiles: dict[str, Profile] = {}
         self._workers: dict[str, Worker] = {}

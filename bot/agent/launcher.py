@@ -35,7 +35,7 @@ from claude_agent_sdk import (
 from claude_agent_sdk.types import HookInput, HookJSONOutput, PermissionResult
 
 from bot.agent.tools import Servers, mcp_servers
-from bot.config import AgentConfig
+from bot.config import AgentConfig, TelemetryConfig
 from bot.core import (
     AgentCrashed,
     AgentError,
@@ -248,6 +248,7 @@ def _turn_done(result: ResultMessage, parts: list[str]) -> TurnDone:
         total_cost_usd=result.total_cost_usd or 0.0,
         error=error,
         interrupted=interrupted,
+        num_turns=result.num_turns,
     )
 
 
@@ -260,8 +261,11 @@ class ClaudeLauncher:
         config_file: Path | None = None,
         toolsets: Mapping[str, Sequence[ToolSpec]] | None = None,
         gateway: Gateway | None = None,
+        telemetry: TelemetryConfig | None = None,
     ) -> None:
         self._config = config
+        # Claude Code's own OpenTelemetry export, when [telemetry] asks for it.
+        self._telemetry = telemetry or TelemetryConfig()
         # With a gateway, each process gets its own credential; the real key stays in the daemon.
         self._gateway = gateway
         # Never readable by any agent, on top of data_dir, the home dotfiles (~/.ssh, ~/.aws,
@@ -369,6 +373,8 @@ class ClaudeLauncher:
             env["CLAUDE_CODE_SUBPROCESS_ENV_SCRUB"] = "1"
         if c.permission_mode == "bypassPermissions":
             env["IS_SANDBOX"] = "1"
+        # Only the documented OTEL settings, built from the config: the daemon's own OTEL_* are scrubbed.
+        env.update(self._telemetry.cli_environment(spec.profile.name))
         return env
 
     def _write_settings(self, spec: SessionSpec, reach: Reach) -> Path:
