@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import redis.asyncio as redis
 from claude_agent_sdk.testing import run_session_store_conformance
 
 from bot import keys
-from bot.agent.transcripts import Backfill, RedisSessionStore, Transcripts, durability
+from bot.agent.transcripts import Backfill, RedisSessionStore, durability
+from bot.daemon import unstable_data_dir
+from tests.daemon_proc import DaemonProcess
+from tests.fakes.model import FakeModel
 from tests.fakes.redis_server import RedisServer
+from tests.helpers import wait_until
 
 TTL_S = 3600
 
@@ -100,4 +109,155 @@ def _e(uuid: str) -> dict[str, object]:
     return {"type": "user", "uuid": uuid, "message": {"content": uuid}}
 
 
-_ = (json, Path, Transcripts)
+def test_a_symlinked_data_dir_gets_a_warning(tmp_path: Path) -> None:
+    real = tmp_path / "mnt-disk-3f2a"
+    real.mkdir()
+    (tmp_path / "data").symlink_to(real)
+    warning = unstable_data_dir(tmp_path / "data")
+    assert warning is not None and str(real) in warning and "same path" in warning
+    assert unstable_data_dir(real) is None
+
+
+# -- a whole daemon: a conversation outlives its host's disk ----------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own (with AOF): stopping it disturbs no other test."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def host(tmp_path: Path, model: FakeModel, server: RedisServer) -> DaemonProcess:
+    """A daemon on ``tmp_path/data`` (the same path on every "host") and the shared Redis."""
+    return DaemonProcess(tmp_path, model.url, extra_env={"REDIS_URL": server.url})
+
+
+async def replace_host(old: DaemonProcess, tmp_path: Path, model: FakeModel, server: RedisServer) -> DaemonProcess:
+    """kill -9 the daemon and wipe its data dir completely, then start a new one on the same path."""
+    old.kill()
+    shutil.rmtree(old.data_dir)
+    new = host(tmp_path, model, server)
+    await new.start()
+    return new
+
+
+async def test_a_fresh_host_resumes_the_session_with_its_whole_history(
+    tmp_path: Path, fake_model: FakeModel, own_redis: RedisServer
+) -> None:
+    a = host(tmp_path, fake_model, own_redis)
+    await a.start()
+    first = await a.ask("move", "remember the word heliotrope")
+    b = await replace_host(a, tmp_path, fake_model, own_redis)
+    second = await b.ask("move", "what was the word")
+    await b.stop()
+    assert "error" not in second, second
+    assert second["session_id"] == first["session_id"] and second["turns"] == 2
+    assert "heliotrope" in fake_model.find("what was the word")[-1].all_text()
+
+
+async def test_a_fresh_host_resumes_after_a_redis_restart(
+    tmp_path: Path, fake_model: FakeModel, own_redis: RedisServer
+) -> None:
+    a = host(tmp_path, fake_model, own_redis)
+    await a.start()
+    first = await a.ask("aof", "remember the word marigold")
+    a.kill()
+    own_redis.restart()  # what survives is what the AOF kept
+    b = await replace_host(a, tmp_path, fake_model, own_redis)
+    second = await b.ask("aof", "what was the word")
+    await b.stop()
+    assert second["session_id"] == first["session_id"] and second["turns"] == 2
+    assert "marigold" in fake_model.find("what was the word")[-1].all_text()
+
+
+async def test_a_mirror_outage_mid_turn_is_counted_and_healed(
+    tmp_path: Path, fake_model: FakeModel, own_redis: RedisServer
+) -> None:
+    fake_model.add("slow question", text="slow answer", delay_s=1.0)
+    a = host(tmp_path, fake_model, own_redis)
+    await a.start()
+    await a.ask("gap", "remember the word heliotrope")
+    in_flight = asyncio.create_task(a.ask("gap", "a slow question about tulips"))
+    await wait_until(lambda: bool(fake_model.find("slow question")), what="the slow turn to reach the model")
+    own_redis.stop()
+    during = await in_flight
+    assert during["reply"] == "slow answer", during  # the turn completes without its mirror
+    assert await mirror_errors(a) >= 1
+    own_redis.start()
+    after = await a.ask("gap", "and now about roses")  # its append replays what the outage missed
+    assert "error" not in after, after
+    b = await replace_host(a, tmp_path, fake_model, own_redis)
+    last = await b.ask("gap", "what did we talk about")
+    await b.stop()
+    assert last["session_id"] == during["session_id"] and last["turns"] == 4
+    seen = fake_model.find("what did we talk about")[-1].all_text()
+    assert all(word in seen for word in ("heliotrope", "tulips", "slow answer", "roses")), seen
+
+
+async def test_sessions_import_backfills_what_the_mirror_missed(
+    tmp_path: Path, fake_model: FakeModel, own_redis: RedisServer
+) -> None:
+    a = host(tmp_path, fake_model, own_redis)
+    await a.start()
+    first = await a.ask("late", "remember the word saffron")
+    await a.stop()
+    client = redis.Redis.from_url(own_redis.url)
+    # As if the daemon had run on the embedded store, or every append had failed: no transcript in Redis.
+    await client.delete(*[name async for name in client.scan_iter("agentd:tx:*")])
+    stored = []
+    for _ in range(2):  # idempotent: the second run adds nothing
+        result = await asyncio.to_thread(run_cli, a, "sessions", "import")
+        assert result.returncode == 0, result.stderr
+        assert re.match(r"imported [1-9]\d* transcripts", result.stdout), result.stdout
+        stored.append([await client.llen(name) async for name in client.scan_iter("agentd:tx:*:entries*")])
+    await client.aclose()
+    assert stored[0] and sum(stored[0]) == sum(stored[1])
+    b = await replace_host(a, tmp_path, fake_model, own_redis)
+    second = await b.ask("late", "what was the word")
+    await b.stop()
+    assert second["session_id"] == first["session_id"]
+    request = fake_model.find("what was the word")[-1]
+    assert "saffron" in request.all_text()
+    # user, assistant, user: imported twice, the first turn still reaches the model once
+    assert [m["role"] for m in request.messages] == ["user", "assistant", "user"]
+
+
+async def test_sessions_import_without_redis_is_a_config_error(tmp_path: Path, fake_model: FakeModel) -> None:
+    daemon = DaemonProcess(tmp_path, fake_model.url)
+    result = await asyncio.to_thread(run_cli, daemon, "sessions", "import")
+    assert result.returncode == 2 and "redis_url" in result.stderr
+
+
+async def test_sessions_import_with_redis_down_fails_clearly(
+    tmp_path: Path, fake_model: FakeModel, own_redis: RedisServer
+) -> None:
+    daemon = host(tmp_path, fake_model, own_redis)
+    await daemon.start()
+    await daemon.ask("down", "hello")
+    await daemon.stop()
+    own_redis.stop()
+    result = await asyncio.to_thread(run_cli, daemon, "sessions", "import")
+    own_redis.start()
+    assert result.returncode == 1 and "transcripts:" in result.stderr
+    assert own_redis.password not in result.stderr + result.stdout
+
+
+def run_cli(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bot.cli", "--config", str(daemon.config), *args],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+
+
+async def mirror_errors(daemon: DaemonProcess) -> float:
+    async with aiohttp.ClientSession() as http, http.get(f"{daemon.url}/metrics") as response:
+        text = await response.text()
+    found = re.search(r"^agentd_mirror_errors_total ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import redis.asyncio as redis
 import structlog
@@ -66,7 +66,8 @@ class _Names:
 
     @classmethod
     def of(cls, key: SessionKey | SessionListSubkeysKey) -> _Names:
-        return cls(key["project_key"], key["session_id"], key.get("subpath") or None)
+        subpath = key.get("subpath")
+        return cls(key["project_key"], key["session_id"], subpath if isinstance(subpath, str) and subpath else None)
 
     @property
     def main(self) -> bool:
@@ -170,7 +171,7 @@ class RedisSessionStore(SessionStore):
             return False
         subpaths = {str(s) for s in await pipe.smembers(names.subkeys)} | ({names.subpath} if names.subpath else set())
         summary = await self._folded(pipe, key, names, fresh, mtime)
-        pipe.multi()
+        pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
         pipe.rpush(names.entries, *[json.dumps(e, separators=(",", ":")) for e in fresh])
         uuids = [u for e in fresh if (u := _uuid(e))]
         if uuids:
@@ -203,7 +204,7 @@ class RedisSessionStore(SessionStore):
         index = keys.transcript_sessions(project_key)
         expired_before = int(time.time() * 1000) - self._ttl_s * 1000
         await self._redis.zremrangebyscore(index, "-inf", expired_before)
-        rows = await self._redis.zrange(index, 0, -1, withscores=True)
+        rows = cast(list[tuple[str, float]], await self._redis.zrange(index, 0, -1, withscores=True))
         return [{"session_id": str(session_id), "mtime": int(score)} for session_id, score in rows]
 
     async def list_session_summaries(self, project_key: str) -> list[SessionSummaryEntry]:
@@ -257,7 +258,26 @@ def _digest(entry: SessionStoreEntry) -> str:
     return hashlib.sha256(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-class Backfill(SessionStore):
+class _Delegating(SessionStore):
+    """A view of a RedisSessionStore that passes the optional methods through."""
+
+    def __init__(self, store: RedisSessionStore) -> None:
+        self._store = store
+
+    async def list_sessions(self, project_key: str) -> list[SessionStoreListEntry]:
+        return await self._store.list_sessions(project_key)
+
+    async def list_session_summaries(self, project_key: str) -> list[SessionSummaryEntry]:
+        return await self._store.list_session_summaries(project_key)
+
+    async def delete(self, key: SessionKey) -> None:
+        await self._store.delete(key)
+
+    async def list_subkeys(self, key: SessionListSubkeysKey) -> list[str]:
+        return await self._store.list_subkeys(key)
+
+
+class Backfill(_Delegating):
     """Replays a local transcript into the store without duplicating what is stored already.
 
     Entries with a uuid are deduped by the store itself.  Entries without one (titles, tags, mode
@@ -267,7 +287,7 @@ class Backfill(SessionStore):
     """
 
     def __init__(self, store: RedisSessionStore) -> None:
-        self._store = store
+        super().__init__(store)
         self._held: dict[_Names, Counter[str]] = {}
 
     async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
@@ -292,7 +312,7 @@ class Backfill(SessionStore):
         return await self._store.load(key)
 
 
-class _Mirror(SessionStore):
+class _Mirror(_Delegating):
     """What one CLI process is started with: its appends go to Redis, its resume reads local disk.
 
     ``load`` answers None, so the SDK resumes from the local transcript (restored from Redis
@@ -302,7 +322,7 @@ class _Mirror(SessionStore):
     """
 
     def __init__(self, store: RedisSessionStore, projects_dir: Path) -> None:
-        self._store = store
+        super().__init__(store)
         self._projects_dir = projects_dir
         self._gaps: set[_Names] = set()
 
@@ -438,23 +458,31 @@ class Transcripts:
             await materialized.cleanup()
         return True
 
-    async def backfill(self, config_dir: Path, workdir: Path, session_ids: Iterable[str]) -> list[str]:
-        """Replay the local transcripts of these sessions into Redis (idempotent); the ids found on disk.
+    async def import_data_dir(self, data_dir: Path) -> list[str]:
+        """Replay every local transcript under data_dir into Redis (idempotent); the session ids imported.
 
-        Sets CLAUDE_CONFIG_DIR in this process's environment while it runs (the SDK's import reads the
-        transcript location from it): for ``agentd sessions import``, not for the daemon.
+        For a move from the embedded store or a disk-only setup, and to fill what a mirror error left
+        out.  Sets CLAUDE_CONFIG_DIR in this process's environment while it runs (the SDK's import
+        reads the transcript location from it): for ``agentd sessions import``, not for the daemon.
         """
-        imported = []
-        with _claude_config_dir(config_dir):
-            for session_id in session_ids:
-                try:
-                    await import_session_to_store(session_id, Backfill(self.store), directory=str(workdir))
-                except (FileNotFoundError, ValueError):  # not on this disk, or not a session id
-                    continue
-                except RedisError as exc:
-                    raise StoreError(f"transcripts: {exc}") from exc
-                imported.append(session_id)
+        imported: list[str] = []
+        for config_dir in sorted((data_dir / "state").glob("*/claude")):
+            session_ids = sorted({path.stem for path in config_dir.glob("projects/*/*.jsonl")})
+            with _claude_config_dir(config_dir):
+                for session_id in session_ids:
+                    if await self._import_one(session_id):
+                        imported.append(session_id)
         return imported
+
+    async def _import_one(self, session_id: str) -> bool:
+        try:
+            # No directory: the file is keyed by the project dir the CLI wrote it in, as the mirror keys it.
+            await import_session_to_store(session_id, Backfill(self.store))
+        except (FileNotFoundError, ValueError):  # an empty file, or a name that is no session id
+            return False
+        except RedisError as exc:
+            raise StoreError(f"transcripts: {exc}") from exc
+        return True
 
     async def durability(self) -> Durability:
         return await durability(self.store.client)
