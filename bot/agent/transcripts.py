@@ -347,9 +347,9 @@ class _Mirror(_Delegating):
         if not path.is_file():  # nothing local to heal from: store what came
             await backfill.append(key, entries)
             return
-        log.info("mirror_heal", session=key["session_id"], subpath=key.get("subpath"))
         for batch in _jsonl_batches(path):
             await backfill.append(key, batch)
+        log.info("mirror_healed", session=key["session_id"], subpath=key.get("subpath"))
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         return None
