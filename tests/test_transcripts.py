@@ -18,6 +18,7 @@ from claude_agent_sdk.testing import run_session_store_conformance
 from bot import keys
 from bot.agent.transcripts import Backfill, RedisSessionStore, durability
 from bot.daemon import unstable_data_dir
+from tests.bench.bench_mirror import measure
 from tests.daemon_proc import DaemonProcess
 from tests.fakes.model import FakeModel
 from tests.fakes.redis_server import RedisServer
@@ -261,3 +262,9 @@ async def mirror_errors(daemon: DaemonProcess) -> float:
         text = await response.text()
     found = re.search(r"^agentd_mirror_errors_total ([0-9.e+]+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
+
+
+async def test_mirror_benchmark_runs(tmp_path: Path, fake_model: FakeModel, redis_server: RedisServer) -> None:
+    """The benchmark's code path, on two turns, so it cannot rot."""
+    cost = await measure(fake_model, redis_server.url, tmp_path, repeats=2)
+    assert set(cost.with_ms) == {"batched", "eager"} and all(ms > 0 for ms in cost.with_ms.values())
