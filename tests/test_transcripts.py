@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import subprocess
@@ -16,9 +17,14 @@ import redis.asyncio as redis
 from claude_agent_sdk.testing import run_session_store_conformance
 
 from bot import keys
-from bot.agent.transcripts import Backfill, RedisSessionStore, durability
+from bot.agent import ClaudeLauncher
+from bot.agent.transcripts import Backfill, RedisSessionStore, Transcripts, durability
+from bot.core import Inbound
 from bot.daemon import unstable_data_dir
+from bot.pool import LOST_CONTEXT_NOTICE, Pool
+from bot.store import SqliteStore
 from tests.bench.bench_mirror import measure
+from tests.conftest import make_settings
 from tests.daemon_proc import DaemonProcess
 from tests.fakes.model import FakeModel
 from tests.fakes.redis_server import RedisServer
@@ -268,3 +274,57 @@ async def test_mirror_benchmark_runs(tmp_path: Path, fake_model: FakeModel, redi
     """The benchmark's code path, on two turns, so it cannot rot."""
     cost = await measure(fake_model, redis_server.url, tmp_path, repeats=2)
     assert set(cost.with_ms) == {"batched", "eager"} and all(ms > 0 for ms in cost.with_ms.values())
+
+
+# -- bad input: what Redis or the disk hold may be damaged -------------------------------------
+
+
+@pytest.fixture
+async def mirrored_pool(tmp_path: Path, fake_model: FakeModel, redis_server: RedisServer) -> AsyncIterator[Pool]:
+    """An in-process pool whose processes mirror to Redis, evicting an idle process after 0.3 s."""
+    settings = make_settings(tmp_path, fake_model, pool={"idle_timeout_s": 0.3})
+    transcripts = Transcripts.from_url(redis_server.url, retention_days=1)
+    store = SqliteStore(settings.store.data_dir / "state.db", ttl_days=1)
+    pool = Pool(settings, ClaudeLauncher(settings.agent, transcripts=transcripts), store, transcripts)
+    await pool.start()
+    yield pool
+    await pool.close(grace_s=5)
+    await store.close()
+    await transcripts.close()
+
+
+async def test_a_damaged_transcript_in_redis_starts_a_fresh_session(
+    mirrored_pool: Pool, fake_model: FakeModel, redis_server: RedisServer
+) -> None:
+    pool = mirrored_pool
+    first = await pool.ask(Inbound("api:dmg", "remember plum"))
+    await wait_until(lambda: not pool.live_pids(), what="idle eviction")
+    shutil.rmtree(pool.data_dir / "state")
+    client = redis.Redis.from_url(redis_server.url)
+    damaged = [name async for name in client.scan_iter(f"agentd:tx:*{first.session_id}*:entries")]
+    assert damaged
+    await client.rpush(damaged[0], "{not json")
+    await client.aclose()
+    second = await pool.ask(Inbound("api:dmg", "what fruit?"))
+    assert second.ok, second.error
+    assert second.reply.startswith(LOST_CONTEXT_NOTICE) and second.session_id != first.session_id
+    third = await pool.ask(Inbound("api:dmg", "still there?"))  # and the conversation goes on
+    assert third.ok and third.session_id == second.session_id
+
+
+async def test_import_skips_a_damaged_local_transcript_and_imports_the_rest(
+    tmp_path: Path, client: redis.Redis, redis_server: RedisServer
+) -> None:
+    good, bad = "0b7c9f1e-aaaa-4bbb-8ccc-123456789abc", "1b7c9f1e-aaaa-4bbb-8ccc-123456789abc"
+    projects = tmp_path / "state" / "api-x" / "claude" / "projects" / "-work-api-x"
+    projects.mkdir(parents=True)
+    (projects / f"{good}.jsonl").write_text(json.dumps(_e("a")) + "\n" + json.dumps(_e("b")) + "\n")
+    (projects / f"{bad}.jsonl").write_text(json.dumps(_e("c")) + "\n{not json\n")
+    (projects / "not-a-session.jsonl").write_text(json.dumps(_e("d")) + "\n")
+    transcripts = Transcripts.from_url(redis_server.url, retention_days=1)
+    try:
+        assert await transcripts.import_data_dir(tmp_path) == [good]
+        loaded = await transcripts.store.load({"project_key": "-work-api-x", "session_id": good})
+    finally:
+        await transcripts.close()
+    assert [e["uuid"] for e in loaded or []] == ["a", "b"]

@@ -158,9 +158,11 @@ class RedisSessionStore(SessionStore):
                     break
                 except WatchError:  # another appender committed first: read again
                     continue
-        if names.main:
-            await self._redis.zadd(names.sessions, {names.session_id: mtime})
-            await self._redis.expire(names.sessions, self._ttl_s)
+        if names.main:  # the project index is in another slot: not part of the transaction
+            async with self._redis.pipeline(transaction=False) as index:
+                index.zadd(names.sessions, {names.session_id: mtime})
+                index.expire(names.sessions, self._ttl_s)
+                await index.execute()
 
     async def _append_once(
         self, pipe: Pipeline, key: SessionKey, names: _Names, entries: list[SessionStoreEntry], mtime: int
@@ -478,7 +480,8 @@ class Transcripts:
         try:
             # No directory: the file is keyed by the project dir the CLI wrote it in, as the mirror keys it.
             await import_session_to_store(session_id, Backfill(self.store))
-        except (FileNotFoundError, ValueError):  # an empty file, or a name that is no session id
+        except (FileNotFoundError, ValueError) as exc:  # empty, not JSON lines, or no session id as its name
+            log.warning("transcript_not_imported", session=session_id[:100], error=str(exc)[:300])
             return False
         except RedisError as exc:
             raise StoreError(f"transcripts: {exc}") from exc

@@ -10,18 +10,23 @@ import argparse
 import asyncio
 import tempfile
 import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+
+import aiohttp
 
 from bot import logs
 from bot.agent import ClaudeLauncher
 from bot.agent.transcripts import Flush, Transcripts
-from bot.config import LogConfig
+from bot.config import HttpConfig, LogConfig
 from bot.gateway import Gateway
+from bot.http import Api
 from bot.ledger import Ledger, Prices
 from bot.pool import Pool
 from bot.store import SqliteStore
-from tests.bench.bench_pool import api_turns, bare_warm, median_ms
+from tests.bench.bench_pool import bare_turn, connected_bare, median_ms, timed
 from tests.conftest import make_settings
 from tests.fakes.model import FakeModel
 from tests.fakes.redis_server import RedisServer
@@ -57,31 +62,57 @@ async def pool_with(model: FakeModel, root: Path, gateways: list[Gateway], trans
     return made
 
 
-async def p2_median(model: FakeModel, root: Path, repeats: int, transcripts: Transcripts | None) -> float:
-    gateways: list[Gateway] = []
-    pool = await pool_with(model, root, gateways, transcripts)
-    try:
-        return median_ms(await api_turns(pool, repeats))
-    finally:
-        await pool.close(grace_s=5)
-        await pool.store.close()
-        for gateway in gateways:
-            await gateway.close()
+Turn = Callable[[], Awaitable[object]]
+
+
+async def api_poster(pool: Pool, stack: AsyncExitStack) -> Turn:
+    """One warm conversation behind the HTTP API (the P2 path), already past its first turn."""
+    api = Api(HttpConfig(listen="127.0.0.1:0", api_token="bench"), pool, pool.store)
+    await api.start()
+    stack.push_async_callback(api.stop)
+    http = await stack.enter_async_context(aiohttp.ClientSession(headers={"Authorization": "Bearer bench"}))
+    url = f"http://127.0.0.1:{api.port}/v1/conversations/bench/messages"
+
+    async def post() -> None:
+        async with http.post(url, json={"text": "api turn"}) as response:
+            assert response.status == 200, await response.text()
+
+    await post()
+    return post
 
 
 async def measure(model: FakeModel, redis_url: str, root: Path, repeats: int) -> MirrorCost:
-    bare = median_ms(await bare_warm(model, root, repeats))
-    without = await p2_median(model, root, repeats, None)
-    mirrored: dict[str, float] = {}
+    """Every variant served one turn per round, in turn: load from elsewhere on the machine hits all alike."""
+    gateways: list[Gateway] = []
     flushes: tuple[Flush, ...] = ("batched", "eager")
-    for flush in flushes:
-        transcripts = Transcripts.from_url(redis_url, retention_days=1, flush=flush)
-        try:
-            mirrored[flush] = await p2_median(model, root, repeats, transcripts)
-            assert transcripts.mirror_errors == 0, transcripts.last_mirror_error
-        finally:
-            await transcripts.close()
-    return MirrorCost(bare, without, mirrored)
+    mirrors = {flush: Transcripts.from_url(redis_url, retention_days=1, flush=flush) for flush in flushes}
+    pools: dict[str, Pool] = {}
+    async with AsyncExitStack() as stack:
+        for transcripts in mirrors.values():
+            stack.push_async_callback(transcripts.close)
+        stack.push_async_callback(_close_all, pools, gateways)
+        for name, transcripts in {"without": None, **mirrors}.items():
+            pools[name] = await pool_with(model, root, gateways, transcripts)
+        turns = {name: await api_poster(pool, stack) for name, pool in pools.items()}
+        bare, _ = await connected_bare(model, root / "bare")
+        stack.push_async_callback(bare.disconnect)
+        turns["bare"] = lambda: bare_turn(bare, "bare warm")
+        samples: dict[str, list[float]] = {name: [] for name in turns}
+        for _ in range(repeats):
+            for name, turn in turns.items():
+                samples[name].append(await timed(turn))
+        for flush, transcripts in mirrors.items():
+            assert transcripts.mirror_errors == 0, (flush, transcripts.last_mirror_error)
+    medians = {name: median_ms(values) for name, values in samples.items()}
+    return MirrorCost(medians["bare"], medians["without"], {flush: medians[flush] for flush in flushes})
+
+
+async def _close_all(pools: dict[str, Pool], gateways: list[Gateway]) -> None:
+    for pool in pools.values():
+        await pool.close(grace_s=5)
+        await pool.store.close()
+    for gateway in gateways:
+        await gateway.close()
 
 
 async def main(repeats: int) -> None:
