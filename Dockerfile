@@ -1,22 +1,41 @@
-FROM python:3.11-slim-bookworm
+# agentd: the daemon, the bundled Claude Code CLI and the bubblewrap sandbox.
+#   docker build -t agentd .      (run it with deploy/compose.yaml, or see deploy/README.md)
+#
+# Base image pinned by version and by digest (the multi-platform index of python:3.11.15-slim-bookworm).
+# The digest was taken from public repositories that pin this tag, NOT checked against Docker Hub (no
+# registry access where this was written): check it with
+#   docker buildx imagetools inspect python:3.11.15-slim-bookworm
+FROM python:3.11.15-slim-bookworm@sha256:d29f48a31a8b408ed19272ca1e7b10ebae13b240a27e862d3d4217c528e2e0c3
 
-# bubblewrap + socat: the Claude Code sandbox that confines the agent's tools.
+# bubblewrap + socat: the Claude Code sandbox that confines the agent's Bash. tini: PID 1.
+# Pinned to their upstream release; Debian's security revisions of it still install.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends bubblewrap socat ca-certificates tini \
+ && apt-get install -y --no-install-recommends 'bubblewrap=0.8.0-*' 'socat=1.7.4.4-*' 'tini=0.19.0-*' \
  && rm -rf /var/lib/apt/lists/*
 
-RUN useradd --create-home --uid 10001 agentd
+RUN groupadd --gid 10001 agentd \
+ && useradd --no-log-init --create-home --uid 10001 --gid 10001 agentd \
+ && install -d -o agentd -g agentd /var/lib/agentd
+
 WORKDIR /app
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+# The dependencies: exactly the lock that deploy/bootstrap.sh installs too (bash deploy/lock writes it),
+# every file checked against its hash. Then agentd itself, without resolving anything again.
+COPY deploy/requirements.lock ./
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY bot ./bot
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps .
 
-USER agentd
+# Numeric, so Kubernetes' runAsNonRoot can check it.
+USER 10001:10001
+# No secrets here: ANTHROPIC_API_KEY, AGENTD_API_TOKEN, ... come from the environment at run time.
 ENV AGENTD_STORE__DATA_DIR=/var/lib/agentd \
     AGENTD_HTTP__LISTEN=0.0.0.0:8080
 VOLUME ["/var/lib/agentd"]
 EXPOSE 8080
-HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=3)" || exit 1
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=3)"]
 # tini reaps any grandchild the CLI leaves behind and forwards SIGTERM to agentd.
 ENTRYPOINT ["tini", "--", "agentd"]
 CMD ["run"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from bot import daemon, logs
+from bot import daemon, doctor, logs
 from bot.agent.transcripts import Transcripts
 from bot.config import ConfigError, Settings, load_settings
 from bot.store import StoreError
@@ -20,6 +20,8 @@ from bot.store import StoreError
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "doctor":  # an invalid config is one of its findings, not a stop
+        return doctor.main(args.config or _env_config(), os.environ, args.timeout)
     try:
         settings = load_settings(args.config or _env_config(), os.environ)
     except ConfigError as exc:
@@ -68,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--url", help="daemon base URL (default: from http.listen)")
     usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
     usage.set_defaults(func=_usage)
-    for sub in (run, chat, sessions, config, jobs, usage):
+    check = commands.add_parser("doctor", help="check the setup: config, CLI, model API, Redis, channels, sandbox")
+    check.add_argument("--timeout", type=float, default=doctor.DEFAULT_TIMEOUT_S, help="seconds per check")
+    for sub in (run, chat, sessions, config, jobs, usage, check):
         sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config file")
     return parser
 

@@ -394,6 +394,8 @@ class BudgetConfig(_Section):
     per_user_day_usd: float | None = Field(default=None, gt=0)
     per_job_run_usd: float | None = Field(default=None, gt=0)
     global_day_usd: float | None = Field(default=None, gt=0)
+    # This replica's own spend counts at once; other replicas' (one Redis) shows within this many seconds.
+    refresh_s: float = Field(default=1.0, gt=0, le=60)
 
 
 class LogConfig(_Section):

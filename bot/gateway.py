@@ -174,7 +174,7 @@ class Gateway:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        await self.ledger.flush()
+        await self.ledger.close()
         if self._session is not None:
             await self._session.close()
 

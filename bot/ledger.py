@@ -9,7 +9,9 @@ so replicas sharing a Redis share one total.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -105,38 +107,52 @@ def today() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
 
 
+@dataclass
+class _Known:
+    """A daily counter as this replica knows it: the store's value when read, plus its own spend since."""
+
+    usd: float
+    read_at: float  # monotonic
+
+
 class Ledger:
+    """Records spend and checks budgets without a store round trip on the request path.
+
+    One background task owns the store traffic: it writes recorded spend (merged per counter, so a busy
+    minute is a few writes, not one per request) and re-reads the counters the budgets use. Because it
+    does both in turn, a counter read by it is exactly the store's value plus what is queued and not yet
+    written; this replica's own spend counts in memory at once, and other replicas' spend shows within
+    ``budget.refresh_s``.
+    """
+
     def __init__(self, store: Store, budgets: BudgetConfig, prices: Prices) -> None:
         self._store, self._budgets, self._prices = store, budgets, prices
-        self._writes: set[asyncio.Task[None]] = set()
+        self._unwritten: dict[str, float] = defaultdict(float)
+        self._known: dict[str, _Known] = {}
+        self._stale: set[str] = set()
+        self._day = today()
+        self._traffic = asyncio.Lock()  # one store operation of the ledger at a time: reads see every write
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
 
     def record(self, caller: Caller, usage: Usage) -> float:
         """Price one response's usage and add it to every counter; the cost.
 
-        The counters are written in the background, in one round trip, so a response is never held up
-        by the store; ``flush`` waits for them (reports, shutdown).
+        The counters are written in the background, so a response is never held up by the store;
+        ``flush`` waits for them (reports, shutdown).
         """
         cost = self._prices.cost(usage)
-        day = today()
-        amounts = {keys.usage(day, dimension, value): cost for dimension, value in _dimensions(caller).items()}
-        task = asyncio.create_task(self._write(amounts), name="ledger:write")
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        self._roll_day()
+        for dimension, value in _dimensions(caller).items():
+            key = keys.usage(self._day, dimension, value)
+            self._unwritten[key] += cost
+            if key in self._known:
+                self._known[key].usd += cost
+        self._kick()
         for kind, count in usage.tokens().items():
             metrics.MODEL_TOKENS.labels(model=usage.model, kind=kind).inc(count)
         metrics.COST.labels(profile=caller.profile).inc(cost)
         return cost
-
-    async def _write(self, amounts: dict[str, float]) -> None:
-        try:
-            await self._store.add_floats(amounts, keys.USAGE_TTL_S)
-        except StoreError as exc:
-            metrics.STORE_ERRORS.inc()
-            log.error("store_error", error=str(exc), note="usage not recorded", usd=next(iter(amounts.values())))
-
-    async def flush(self) -> None:
-        while self._writes:
-            await asyncio.wait(set(self._writes))
 
     async def check(self, caller: Caller, turn_spent_usd: float) -> BudgetStop | None:
         """The first budget the next request would start past, or None."""
@@ -145,9 +161,9 @@ class Ledger:
         turn_name = "per_job_run" if caller.channel == "job" else "per_message"
         if turn_limit is not None and turn_spent_usd >= turn_limit:
             return BudgetStop(turn_name, turn_spent_usd, turn_limit, "with the next message")
-        day = today()
+        self._roll_day()
         daily = [
-            (name, limit, keys.usage(day, dimension, value))
+            (name, limit, keys.usage(self._day, dimension, value))
             for name, limit, dimension, value in (
                 ("per_conversation_day", b.per_conversation_day_usd, "conversation", caller.conversation_id),
                 ("per_user_day", b.per_user_day_usd, "user", caller.user),
@@ -157,12 +173,88 @@ class Ledger:
         ]
         if not daily:
             return None
-        spent = await self._store.get_values([key for _, _, key in daily])
+        spent = await self._spent([key for _, _, key in daily])
         for name, limit, key in daily:
             assert limit is not None
-            if float(spent.get(key) or 0.0) >= limit:
-                return BudgetStop(name, float(spent[key]), limit, "at 00:00 UTC")
+            if spent[key] >= limit:
+                return BudgetStop(name, spent[key], limit, "at 00:00 UTC")
         return None
+
+    async def _spent(self, names: list[str]) -> dict[str, float]:
+        unknown = [name for name in names if name not in self._known]
+        if unknown:  # the first request of a counter today waits for one read
+            async with self._traffic:
+                await self._read(unknown)
+        now = time.monotonic()
+        stale = {name for name in names if now - self._known[name].read_at >= self._budgets.refresh_s}
+        if stale:
+            self._stale |= stale
+            self._kick()
+        return {name: self._known[name].usd for name in names}
+
+    async def _read(self, names: list[str]) -> None:
+        stored = await self._store.get_values(names)
+        now = time.monotonic()
+        for name in names:
+            # Holding the traffic lock, nothing is being written: what is unwritten is not in the store yet.
+            self._known[name] = _Known(float(stored.get(name) or 0.0) + self._unwritten.get(name, 0.0), now)
+
+    def _roll_day(self) -> None:
+        day = today()
+        if day != self._day:  # yesterday's counters are done with: memory stays one day's worth
+            self._day, self._stale = day, set()
+            self._known = {name: known for name, known in self._known.items() if f":{day}:" in name}
+
+    def _kick(self) -> None:
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work(), name="ledger")
+        self._wake.set()
+
+    async def _work(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                async with self._traffic:
+                    await self._write()
+                    await self._refresh()
+            except StoreError as exc:
+                metrics.STORE_ERRORS.inc()
+                log.error("store_error", error=str(exc), note="ledger retries in 1 s")
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
+    async def _write(self) -> None:
+        if not self._unwritten:
+            return
+        amounts, self._unwritten = dict(self._unwritten), defaultdict(float)
+        try:
+            await self._store.add_floats(amounts, keys.USAGE_TTL_S)
+        except StoreError:
+            for name, usd in amounts.items():  # kept for the next try: nothing recorded is dropped
+                self._unwritten[name] += usd
+            raise
+
+    async def _refresh(self) -> None:
+        stale, self._stale = [name for name in self._stale if name in self._known], set()
+        if stale:
+            await self._read(stale)
+
+    async def flush(self) -> None:
+        """Wait until everything recorded so far is in the store."""
+        async with self._traffic:
+            await self._write()
+
+    async def close(self) -> None:
+        try:
+            await self.flush()
+        except StoreError as exc:
+            usd = sum(v for k, v in self._unwritten.items() if ":global:" in k)
+            log.error("store_error", error=str(exc), note="usage not recorded at shutdown", usd=usd)
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
 
     async def report(self, by: str) -> dict[str, float]:
         """USD spent per value of one dimension (all days), or per day (``by = "day"``)."""

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -467,6 +468,9 @@ class SpareBackoff:
         return max(self.not_before - time.monotonic(), 0.0)
 
 
+_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
 class Pool:
     def __init__(
         self, settings: Settings, launcher: Launcher, store: Store, transcripts: TranscriptSource | None = None
@@ -478,6 +482,7 @@ class Pool:
         self._workers: dict[str, Worker] = {}
         self._retiring: dict[str, Worker] = {}
         self._spares: list[Worker] = []
+        _POOLS.add(self)
         self._admitted: set[Worker] = set()
         self._room = asyncio.Condition()
         self._stopping = False
@@ -825,7 +830,8 @@ class Pool:
         for worker in list(self._admitted):
             if worker.pid is not None and worker.state != "closed":
                 self._sample_worker(worker)
-        procs.reap_orphans({w.pid for w in self._all_workers() if w.pid is not None})
+        # Every pool's CLIs are asyncio's to reap, not only this one's (tests and benchmarks run several).
+        procs.reap_orphans({w.pid for pool in _POOLS for w in pool._all_workers() if w.pid is not None})
 
     def _sample_worker(self, worker: Worker) -> None:
         assert worker.pid is not None

@@ -17,13 +17,16 @@ ensure_packages() {
     fi
 }
 
+# ensure_venv LOCK: the dependencies exactly as deploy/lock pinned them (hashes checked; the Dockerfile
+# installs deploy/requirements.lock the same way), then agentd itself, editable, resolving nothing.
 ensure_venv() {
-    local extras="$1"
+    local lock="$1"
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv
     fi
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}"
+    .venv/bin/python -m pip install -q --disable-pip-version-check --require-hashes -r "$lock"
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 }
 
 # bubblewrap + socat: the Claude Code sandbox for agent tools. python3-venv: Debian's venv.

@@ -78,8 +78,8 @@ async def test_stuck_services_share_one_deadline_and_the_cli_dies(
 
 def test_manifests_leave_room_for_the_shutdown_budget() -> None:
     expected = daemon.shutdown_budget_s(HttpConfig()) + RUNTIME_SLACK_S
-    manifest = (DEPLOY / "kubernetes.yaml").read_text()
+    manifest = (DEPLOY / "k8s" / "statefulset.yaml").read_text()
     kubernetes = re.search(r"^\s*terminationGracePeriodSeconds:\s*(\d+)", manifest, re.M)
-    compose = re.search(r"^\s*stop_grace_period:\s*(\d+)s\s", (DEPLOY / "docker-compose.yml").read_text(), re.M)
+    compose = re.search(r"^\s*stop_grace_period:\s*(\d+)s\s", (DEPLOY / "compose.yaml").read_text(), re.M)
     assert kubernetes and compose
     assert int(kubernetes[1]) == int(compose[1]) == expected

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import aiosmtplib
 
 from bot.config import EmailConfig
+from bot.probe import ProbeFailed
 
 _DEFAULT_PORTS = {"tls": 465, "starttls": 587, "plain": 25}
 
@@ -64,3 +67,53 @@ def _user(config: EmailConfig) -> str | None:
 def _password(config: EmailConfig) -> str | None:
     secret = config.smtp_password or config.imap_password
     return secret.get_secret_value() if secret else None
+
+
+async def probe(config: EmailConfig) -> str:
+    """``agentd doctor``'s SMTP check: connect (with TLS or STARTTLS as configured) and log in; send nothing."""
+    host = config.smtp_host or config.imap_host
+    port = config.smtp_port or _DEFAULT_PORTS[config.smtp_security]
+    user = _user(config)
+    client = aiosmtplib.SMTP(
+        hostname=host,
+        port=port,
+        use_tls=config.smtp_security == "tls",
+        start_tls=config.smtp_security == "starttls",
+        tls_context=config.tls_context() if config.smtp_security != "plain" else None,
+        timeout=config.command_timeout_s,
+    )
+    where = f"{host}:{port}"
+    try:
+        await _connect(client, where)
+        if user:
+            await _login(client, user, _password(config) or "", where)
+    finally:
+        if client.is_connected:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.quit()
+    login = f"logged in as {user}" if user else "no login (smtp_user is empty)"
+    return f"{where} ({config.smtp_security}), {login}"
+
+
+async def _connect(client: aiosmtplib.SMTP, where: str) -> None:
+    try:
+        await client.connect()
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        raise ProbeFailed(
+            f"cannot connect to SMTP at {where}: {exc}",
+            "check email.smtp_host, smtp_port and smtp_security (tls: 465, starttls: 587)",
+        ) from None
+
+
+async def _login(client: aiosmtplib.SMTP, user: str, password: str, where: str) -> None:
+    try:
+        await client.login(user, password)
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        raise ProbeFailed(
+            f"SMTP refused the login of {user} ({exc.code} {exc.message})", "check email.smtp_user and SMTP_PASSWORD"
+        ) from None
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        raise ProbeFailed(
+            f"SMTP at {where} did not log {user} in: {exc}",
+            'use smtp_security tls or starttls, or set email.smtp_user = "" if the server takes mail without a login',
+        ) from None

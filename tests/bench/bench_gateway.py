@@ -3,7 +3,8 @@
 Run: .venv/bin/python -m tests.bench.bench_gateway [--requests 300]
 
 Both paths use one pooled aiohttp client on loopback; the gateway path adds credential lookup, the
-budget check (store reads), streaming through and metering (store writes). Goal: <= 2 ms median.
+budget check (from memory after the first read of each counter), streaming through and metering
+(store writes in the background). Goal: <= 2 ms median.
 """
 
 from __future__ import annotations

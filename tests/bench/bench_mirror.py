@@ -29,6 +29,7 @@ from bot.store import SqliteStore
 from tests.bench.bench_pool import bare_turn, connected_bare, median_ms, timed
 from tests.conftest import make_settings
 from tests.fakes.model import FakeModel
+from tests.fakes.model_process import ModelProcess
 from tests.fakes.redis_server import RedisServer
 
 
@@ -49,7 +50,10 @@ class MirrorCost:
         return lines
 
 
-async def pool_with(model: FakeModel, root: Path, gateways: list[Gateway], transcripts: Transcripts | None) -> Pool:
+Upstream = FakeModel | ModelProcess  # anything with the fake model's url
+
+
+async def pool_with(model: Upstream, root: Path, gateways: list[Gateway], transcripts: Transcripts | None) -> Pool:
     """A pool as the daemon runs it (behind a gateway), mirroring to Redis when ``transcripts`` is given."""
     settings = make_settings(root / uuid.uuid4().hex, model)
     store = SqliteStore(settings.store.data_dir / "bench.db", ttl_days=1)
@@ -81,7 +85,7 @@ async def api_poster(pool: Pool, stack: AsyncExitStack) -> Turn:
     return post
 
 
-async def measure(model: FakeModel, redis_url: str, root: Path, repeats: int) -> MirrorCost:
+async def measure(model: Upstream, redis_url: str, root: Path, repeats: int) -> MirrorCost:
     """Every variant served one turn per round, in turn: load from elsewhere on the machine hits all alike."""
     gateways: list[Gateway] = []
     flushes: tuple[Flush, ...] = ("batched", "eager")
@@ -94,7 +98,7 @@ async def measure(model: FakeModel, redis_url: str, root: Path, repeats: int) ->
         for name, transcripts in {"without": None, **mirrors}.items():
             pools[name] = await pool_with(model, root, gateways, transcripts)
         turns = {name: await api_poster(pool, stack) for name, pool in pools.items()}
-        bare, _ = await connected_bare(model, root / "bare")
+        bare, _ = await connected_bare(model, root / "bare")  # type: ignore[arg-type]  # reads only its url
         stack.push_async_callback(bare.disconnect)
         turns["bare"] = lambda: bare_turn(bare, "bare warm")
         samples: dict[str, list[float]] = {name: [] for name in turns}
@@ -118,17 +122,17 @@ async def _close_all(pools: dict[str, Pool], gateways: list[Gateway]) -> None:
 async def main(repeats: int) -> None:
     logs.configure(LogConfig(level="warning"))
     root = Path(tempfile.mkdtemp(prefix="agentd-bench-mirror-"))
-    model = FakeModel()
-    await model.start()
+    # The upstream runs in a process of its own, as a real one does (as in bench_pool).
+    model = ModelProcess.start()
     redis_server = RedisServer(root / "redis")
     redis_server.start()
     try:
-        print(f"# agentd mirror benchmark: medians of {repeats} warm turns, fake model and Redis on loopback")
+        print(f"# agentd mirror benchmark: medians of {repeats} warm turns, fake model in its own process, Redis")
         for line in (await measure(model, redis_server.url, root, repeats)).lines():
             print(line)
     finally:
         redis_server.stop()
-        await model.stop()
+        model.stop()
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ class FakeModel:
     url: str = ""
     chunk_size: int = 40
     on_request: Callable[[RecordedRequest], None] | None = None
+    api_keys: set[str] | None = None  # when set, any other key is refused with 401 as the real API does
     _ids: itertools.count[int] = field(default_factory=itertools.count)
     _runner: web.AppRunner | None = None
 
@@ -145,9 +146,19 @@ class FakeModel:
         return web.json_response({}, status=404)
 
     async def _count_tokens(self, request: web.Request) -> web.Response:
-        return web.json_response({"input_tokens": 10})
+        return self._refusal(request) or web.json_response({"input_tokens": 10})
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        key = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if self.api_keys is None or key in self.api_keys:
+            return None
+        error = {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}
+        return web.json_response(error, status=401)
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
         recorded = RecordedRequest(await request.json(), {k.lower(): v for k, v in request.headers.items()})
         self.requests.append(recorded)
         if self.on_request is not None:

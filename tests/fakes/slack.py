@@ -34,6 +34,20 @@ MAX_SECTION_TEXT = 3_000  # text of a section block
 MAX_BLOCKS = 50  # blocks in one message
 
 APP_ID = "A0APP"
+# What the bot token was granted, sent back in x-oauth-scopes: the manifest's bot scopes by default.
+GRANTED_SCOPES = [
+    "app_mentions:read",
+    "assistant:write",
+    "channels:history",
+    "groups:history",
+    "im:history",
+    "mpim:history",
+    "chat:write",
+    "reactions:write",
+    "files:read",
+    "files:write",
+    "users:read",
+]
 
 
 @dataclass
@@ -127,6 +141,8 @@ class FakeSlack:
     # Unhandled methods answer ok so harmless calls don't fail the daemon; list a name here
     # (or "*" for all) to answer unknown_method instead.
     strict_methods: set[str] = field(default_factory=set)
+    scopes: list[str] | None = field(default_factory=lambda: list(GRANTED_SCOPES))  # None: no x-oauth-scopes
+    refused_tokens: set[str] = field(default_factory=set)  # answered invalid_auth, as a revoked token is
     MAX_UPDATE_TEXT: int = 4_000  # chat.update rejects long text that postMessage accepted
     disconnect_grace: float = 2.0  # how long disconnect() lets the client close the old socket itself
     _messages: list[Message] = field(default_factory=list)
@@ -432,7 +448,8 @@ class FakeSlack:
             body = self._handler(call.method)(call)
         except SlackError as e:
             body = {"ok": False, "error": e.error}
-        return web.json_response(body)
+        headers = {} if self.scopes is None else {"x-oauth-scopes": ",".join(self.scopes)}
+        return web.json_response(body, headers=headers)
 
     def _take_failure(self, method: str) -> _Failure | None:
         queue = self._failures.get(method)
@@ -448,6 +465,8 @@ class FakeSlack:
         # Catch a daemon that sends the app-level token where the bot token belongs, or vice versa.
         if not call.token:
             raise SlackError("not_authed")
+        if call.token in self.refused_tokens:
+            raise SlackError("invalid_auth")
         is_app_token = call.token.startswith("xapp-")
         if call.method == "apps.connections.open" and not is_app_token:
             raise SlackError("not_allowed_token_type")

@@ -1,0 +1,109 @@
+"""The ledger: budgets checked from memory, spend written in the background, nothing recorded lost."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from bot import keys
+from bot.config import BudgetConfig
+from bot.ledger import Caller, Ledger, Prices, Usage, today
+from bot.store import Store, StoreError
+from bot.store_redis import RedisStore
+from tests.fakes.redis_server import RedisServer
+from tests.helpers import wait_for
+
+CALLER = Caller("api:c1", "chat", "U1", "api")
+# claude-sonnet-4: $3 per million input tokens, so one call costs $3.
+ONE_CALL = Usage("claude-sonnet-4-5", input_tokens=1_000_000)
+
+
+class CountingStore:
+    """The real store, counting the reads the budget checks make."""
+
+    def __init__(self, store: Store) -> None:
+        self.inner, self.reads = store, 0
+
+    async def get_values(self, names: Sequence[str]) -> dict[str, str]:
+        self.reads += 1
+        return await self.inner.get_values(names)
+
+    async def add_floats(self, amounts: Mapping[str, float], ttl_s: int) -> None:
+        await self.inner.add_floats(amounts, ttl_s)
+
+    async def values(self, prefix: str) -> dict[str, str]:
+        return await self.inner.values(prefix)
+
+
+def budgets(**limits: float) -> BudgetConfig:
+    return BudgetConfig(**limits)
+
+
+async def test_a_budget_check_reads_each_counter_once_then_counts_in_memory(store: Store) -> None:
+    counting = CountingStore(store)
+    limits = budgets(per_conversation_day_usd=10, global_day_usd=100, refresh_s=60)
+    ledger = Ledger(counting, limits, Prices({}))  # type: ignore[arg-type]
+    try:
+        for _ in range(4):  # $3 each: checked at $0, $3, $6, $9, all under $10
+            assert await ledger.check(CALLER, 0.0) is None
+            ledger.record(CALLER, ONE_CALL)
+        stop = await ledger.check(CALLER, 0.0)
+        assert stop is not None and stop.budget == "per_conversation_day"
+        assert stop.spent_usd == pytest.approx(12.0)
+        assert counting.reads == 1  # the first check only: the rest came from memory
+        await ledger.flush()
+        name = keys.usage(today(), "conversation", "api:c1")
+        assert float((await store.get_values([name]))[name]) == pytest.approx(12.0)
+    finally:
+        await ledger.close()
+
+
+async def test_a_replica_sees_another_replicas_spend_within_its_refresh(redis_server: RedisServer) -> None:
+    stores = [RedisStore(redis_server.url, ttl_days=1) for _ in range(2)]
+    await stores[0]._redis.flushdb()  # type: ignore[attr-defined]
+    limits = budgets(global_day_usd=5, refresh_s=0.1)
+    first, second = (Ledger(s, limits, Prices({})) for s in stores)
+    try:
+        assert await second.check(CALLER, 0.0) is None  # known to the second replica: $0
+        first.record(CALLER, ONE_CALL)
+        first.record(CALLER, ONE_CALL)
+
+        async def second_stops() -> bool:
+            return await second.check(CALLER, 0.0) is not None
+
+        await wait_for(second_stops, timeout=10, what="the second replica to see $6 of $5")
+        stop = await second.check(CALLER, 0.0)
+        assert stop is not None and stop.budget == "global_day" and stop.spent_usd == pytest.approx(6.0)
+    finally:
+        for ledger in (first, second):
+            await ledger.close()
+        for s in stores:
+            await s.close()
+
+
+async def test_spend_recorded_while_the_store_is_down_is_written_when_it_is_back(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    store = RedisStore(server.url, ttl_days=1)
+    ledger = Ledger(store, budgets(), Prices({}))
+    name = keys.usage(today(), "global", "all")
+    try:
+        server.stop()
+        ledger.record(CALLER, ONE_CALL)
+        ledger.record(CALLER, ONE_CALL)
+        server.start()  # same port and directory
+
+        async def written() -> bool:
+            try:
+                stored = await store.get_values([name])
+            except StoreError:
+                return False
+            return float(stored.get(name) or 0) == pytest.approx(6.0)
+
+        await wait_for(written, timeout=20, what="the queued spend to be written")
+    finally:
+        await ledger.close()
+        await store.close()
+        server.stop()
