@@ -168,11 +168,12 @@ class RedisSessionStore(SessionStore):
         self, pipe: Pipeline, key: SessionKey, names: _Names, entries: list[SessionStoreEntry], mtime: int
     ) -> bool:
         await pipe.watch(names.uuids, names.summary, names.subkeys)
-        fresh = await _unseen(pipe, names.uuids, entries)
+        state = await _SessionState.read(pipe, names, entries)
+        fresh = state.unseen(entries)
         if not fresh:
             return False
-        subpaths = {str(s) for s in await pipe.smembers(names.subkeys)} | ({names.subpath} if names.subpath else set())
-        summary = await self._folded(pipe, key, names, fresh, mtime)
+        subpaths = state.subpaths | ({names.subpath} if names.subpath else set())
+        summary = _folded(key, names, state.summary, fresh, mtime)
         pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
         pipe.rpush(names.entries, *[json.dumps(e, separators=(",", ":")) for e in fresh])
         uuids = [u for e in fresh if (u := _uuid(e))]
@@ -186,17 +187,6 @@ class RedisSessionStore(SessionStore):
             pipe.expire(name, self._ttl_s)
         await pipe.execute()
         return True
-
-    @staticmethod
-    async def _folded(
-        pipe: Pipeline, key: SessionKey, names: _Names, fresh: list[SessionStoreEntry], mtime: int
-    ) -> SessionSummaryEntry | None:
-        if not names.main:  # a subagent's transcript is not the session's summary
-            return None
-        raw = await pipe.get(names.summary)
-        folded = fold_session_summary(json.loads(raw) if raw else None, key, fresh)
-        folded["mtime"] = mtime  # storage time, the same clock list_sessions reports
-        return folded
 
     async def load(self, key: SessionKey) -> list[SessionStoreEntry] | None:
         raws = await self._redis.lrange(_Names.of(key).entries, 0, -1)
@@ -241,19 +231,54 @@ def _uuid(entry: SessionStoreEntry) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-async def _unseen(pipe: Pipeline, uuids_key: str, entries: list[SessionStoreEntry]) -> list[SessionStoreEntry]:
-    """The entries whose uuid is neither stored already nor earlier in this batch (no uuid: always kept)."""
-    ids = list({u for e in entries if (u := _uuid(e))})
-    stored = {u for u, known in zip(ids, await pipe.smismember(uuids_key, ids), strict=True) if known} if ids else set()
-    fresh = []
-    for entry in entries:
-        uuid = _uuid(entry)
-        if uuid is not None:
-            if uuid in stored:
-                continue
-            stored.add(uuid)
-        fresh.append(entry)
-    return fresh
+# One round trip for what an append must know (and Redis 6.0 has no SMISMEMBER): which uuids are
+# stored, the session's subpaths, its summary.  KEYS: uuids, subkeys, summary; ARGV: the batch's uuids.
+_READ_SESSION = """
+local known = {}
+for i, id in ipairs(ARGV) do known[i] = redis.call('SISMEMBER', KEYS[1], id) end
+return {known, redis.call('SMEMBERS', KEYS[2]), redis.call('GET', KEYS[3])}
+"""
+
+
+@dataclass(frozen=True)
+class _SessionState:
+    stored: frozenset[str]  # the batch's uuids that are stored already
+    subpaths: set[str]
+    summary: SessionSummaryEntry | None
+
+    @classmethod
+    async def read(cls, pipe: Pipeline, names: _Names, entries: list[SessionStoreEntry]) -> _SessionState:
+        ids = list(dict.fromkeys(u for e in entries if (u := _uuid(e))))
+        reply = await pipe.eval(_READ_SESSION, 3, names.uuids, names.subkeys, names.summary, *ids)
+        known, subpaths, summary = reply
+        return cls(
+            stored=frozenset(u for u, flag in zip(ids, known, strict=True) if int(flag)),
+            subpaths={str(s) for s in subpaths},
+            summary=json.loads(summary) if names.main and summary else None,
+        )
+
+    def unseen(self, entries: list[SessionStoreEntry]) -> list[SessionStoreEntry]:
+        """The entries whose uuid is neither stored already nor earlier in this batch (no uuid: always kept)."""
+        seen = set(self.stored)
+        fresh = []
+        for entry in entries:
+            uuid = _uuid(entry)
+            if uuid is not None:
+                if uuid in seen:
+                    continue
+                seen.add(uuid)
+            fresh.append(entry)
+        return fresh
+
+
+def _folded(
+    key: SessionKey, names: _Names, prev: SessionSummaryEntry | None, fresh: list[SessionStoreEntry], mtime: int
+) -> SessionSummaryEntry | None:
+    if not names.main:  # a subagent's transcript is not the session's summary
+        return None
+    folded = fold_session_summary(prev, key, fresh)
+    folded["mtime"] = mtime  # storage time, the same clock list_sessions reports
+    return folded
 
 
 def _digest(entry: SessionStoreEntry) -> str:
