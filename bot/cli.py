@@ -15,9 +15,11 @@ from typing import Any
 import aiohttp
 
 from bot import daemon, doctor, logs
+from bot.agent.transcripts import Transcripts
 from bot.config import ConfigError, Settings, load_settings
 from bot.once import OnceRequest, OnceResult, run_once
 from bot.security import scrub_environ
+from bot.store import StoreError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("conversation", nargs="?", default="terminal")
     chat.add_argument("--url", help="daemon base URL (default: from http.listen)")
     chat.set_defaults(func=_chat)
-    sessions = commands.add_parser("sessions", help="list known conversations")
+    sessions = commands.add_parser(
+        "sessions", help="list known conversations; import: copy the local transcripts into Redis"
+    )
+    sessions.add_argument("action", nargs="?", choices=["list", "import"], default="list")
     sessions.add_argument("--url", help="daemon base URL (default: from http.listen)")
     sessions.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sessions.set_defaults(func=_sessions)
@@ -162,6 +167,8 @@ def _headers(settings: Settings) -> dict[str, str]:
 
 
 def _sessions(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "import":
+        return _import_transcripts(settings)
     rows = asyncio.run(_get_sessions(_base_url(settings, args), _headers(settings)))
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -176,6 +183,28 @@ async def _get_sessions(base: str, headers: dict[str, str]) -> list[dict[str, An
         if response.status != 200:
             raise ConfigError(f"daemon answered {response.status}: {body.get('error')}")
         return list(body["sessions"])
+
+
+def _import_transcripts(settings: Settings) -> int:
+    """Backfill: every transcript under data_dir goes to the Redis mirror (idempotent)."""
+    store = settings.store
+    if store.redis_url is None:
+        raise ConfigError("sessions import copies transcripts into Redis: set store.redis_url (REDIS_URL)")
+    transcripts = Transcripts.from_url(store.redis_url.get_secret_value(), store.transcript_retention_days)
+    try:
+        imported = asyncio.run(_import_all(transcripts, store.data_dir.resolve()))
+    except StoreError as exc:
+        print(f"agentd: {exc}", file=sys.stderr)
+        return 1
+    print(f"imported {len(imported)} transcripts from {store.data_dir.resolve()}")
+    return 0
+
+
+async def _import_all(transcripts: Transcripts, data_dir: Path) -> list[str]:
+    try:
+        return await transcripts.import_data_dir(data_dir)
+    finally:
+        await transcripts.close()
 
 
 SESSION_COLUMNS = {

@@ -136,6 +136,14 @@ class StoreConfig(_Section):
     redis_url: SecretStr | None = None
     data_dir: Path = Path("data")
     conversation_ttl_days: int = Field(default=90, ge=1)
+    # With Redis, every transcript is mirrored there too (a fresh host resumes from it).
+    # Default retention: conversation_ttl_days, so a transcript lives as long as its conversation record.
+    transcript_ttl_days: int | None = Field(default=None, ge=1)
+    transcript_flush: Literal["batched", "eager"] = "batched"
+
+    @property
+    def transcript_retention_days(self) -> int:
+        return self.transcript_ttl_days or self.conversation_ttl_days
 
 
 class HttpConfig(_Section):

@@ -236,6 +236,14 @@ class Launcher(Protocol):
     def open(self, spec: SessionSpec) -> AbstractAsyncContextManager[AgentSession]: ...
 
 
+class TranscriptSource(Protocol):
+    """Durable copies of transcripts (the Redis mirror), for a host whose local disk has lost one."""
+
+    async def restore(self, spec: SessionSpec) -> bool:
+        """Put the session's transcript back on local disk; False if there is no copy.  StoreError if unreachable."""
+        ...
+
+
 # -- in-process tools (MCP) a profile may name: implemented by the channels, served by the agent --
 
 

@@ -16,13 +16,16 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import psutil
 import structlog
+from redis.exceptions import RedisError
 
 from bot import procs
 from bot.agent import ClaudeLauncher
+from bot.agent.transcripts import Transcripts
 from bot.config import HttpConfig, Settings
 from bot.core import Channel, Courier, ToolProvider
 from bot.gateway import Gateway
@@ -109,6 +112,7 @@ class Running:
     pool: Pool
     api: Api
     gateway: Gateway | None
+    transcripts: Transcripts | None = None
 
 
 async def serve(
@@ -125,8 +129,15 @@ async def serve(
         ledger = Ledger(store, settings.budget, Prices(settings.gateway.prices))
         gateway = await _start_gateway(settings, ledger, stack, deadline)
         telemetry = start_telemetry(settings, stack, deadline)
-        launcher = ClaudeLauncher(settings.agent, settings.config_file, gateway=gateway, telemetry=settings.telemetry)
-        pool = Pool(settings, launcher, store, telemetry)
+        transcripts = await _open_transcripts(settings, stack, deadline)
+        launcher = ClaudeLauncher(
+            settings.agent,
+            settings.config_file,
+            gateway=gateway,
+            telemetry=settings.telemetry,
+            transcripts=transcripts,
+        )
+        pool = Pool(settings, launcher, store, telemetry=telemetry, transcripts=transcripts)
         api = Api(settings.http, pool, store)
         api.ledger = ledger
         channels = build_channels(settings, pool, store, api)
@@ -153,7 +164,7 @@ async def serve(
         if started is not None:
             started.set()
         if on_ready is not None:
-            on_ready(Running(pool, api, gateway))
+            on_ready(Running(pool, api, gateway, transcripts))
         await stop.wait()
         await _drain(pool, api, channels, settings.http.drain_grace_s, deadline)
     log.info("stopped")
@@ -217,6 +228,43 @@ def build_channels(settings: Settings, pool: Pool, store: Store, api: Api) -> li
 
         channels.append(EmailChannel(settings, pool, store, api))
     return channels
+
+
+async def _open_transcripts(settings: Settings, stack: AsyncExitStack, deadline: Deadline) -> Transcripts | None:
+    """With Redis, every transcript is mirrored there; say at once what would make that copy unsafe."""
+    store = settings.store
+    if store.redis_url is None:
+        return None  # the embedded store: local disk is the only copy, and nothing else could resume it
+    transcripts = Transcripts.from_url(
+        store.redis_url.get_secret_value(), store.transcript_retention_days, store.transcript_flush
+    )
+    stack.push_async_callback(bounded("transcripts", transcripts.close, deadline))
+    warning = unstable_data_dir(store.data_dir)
+    if warning is not None:
+        log.warning("data_dir_symlink", note=warning)
+    try:
+        for problem in (await transcripts.durability()).problems():
+            log.warning("redis_not_durable", note=problem)
+    except RedisError as exc:  # reported by /readyz through the store already
+        log.warning("redis_durability_unknown", error=str(exc))
+    return transcripts
+
+
+def unstable_data_dir(data_dir: Path) -> str | None:
+    """A warning if data_dir reaches its real path through a symlink.
+
+    The SDK keys a mirrored transcript by the real path of the CLI's cwd (inside data_dir), so a
+    symlink to a host-specific path (/data -> /mnt/disk-3f2a) makes another host look for the
+    transcript under another key, and the conversation starts afresh there.
+    """
+    configured = Path(os.path.abspath(data_dir))
+    real = data_dir.resolve()
+    if configured == real:
+        return None
+    return (
+        f"data_dir {configured} is a symlink to {real}: transcripts in Redis are keyed by the real path, "
+        "so every host must resolve data_dir to that same path, or its conversations resume without history"
+    )
 
 
 async def _check_store(store: Store) -> None:

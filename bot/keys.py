@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 PREFIX = "agentd"
 CONVERSATION_INDEX = f"{PREFIX}:conversations"
 DAY_S = 86_400
@@ -117,3 +119,49 @@ def usage(day: str, dimension: str, value: str) -> str:
 
 def usage_prefix(day: str = "") -> str:
     return f"{PREFIX}:usage:{day}:" if day else f"{PREFIX}:usage:"
+
+
+# -- Transcripts (the SessionStore mirror) --------------------------------------
+# One session's keys share one hash tag, ``{<project>/<session>}``, so a Redis Cluster keeps them in one
+# slot and an append is one transaction.  The parts are percent-encoded: a brace or a slash in a name
+# cannot move the tag or make two sessions collide.  Each project's session index has its own tag.
+
+
+def transcript_ttl_s(days: int) -> int:
+    """A transcript expires this long after its last append (every append renews it)."""
+    return days * DAY_S
+
+
+def _quoted(part: str) -> str:
+    return quote(part, safe="")
+
+
+def _transcript(project_key: str, session_id: str) -> str:
+    return f"{PREFIX}:tx:{{{_quoted(project_key)}/{_quoted(session_id)}}}"
+
+
+def transcript_entries(project_key: str, session_id: str, subpath: str | None = None) -> str:
+    """A list of JSON entries, in append order (the main transcript, or one subagent's)."""
+    suffix = f":{_quoted(subpath)}" if subpath else ""
+    return f"{_transcript(project_key, session_id)}:entries{suffix}"
+
+
+def transcript_uuids(project_key: str, session_id: str, subpath: str | None = None) -> str:
+    """A set of the entry uuids already stored under the matching entries key (dedup)."""
+    suffix = f":{_quoted(subpath)}" if subpath else ""
+    return f"{_transcript(project_key, session_id)}:uuids{suffix}"
+
+
+def transcript_subkeys(project_key: str, session_id: str) -> str:
+    """A set of the session's subpaths (subagent transcripts)."""
+    return f"{_transcript(project_key, session_id)}:subkeys"
+
+
+def transcript_summary(project_key: str, session_id: str) -> str:
+    """The SDK's folded session summary (JSON), kept up to date by every main append."""
+    return f"{_transcript(project_key, session_id)}:summary"
+
+
+def transcript_sessions(project_key: str) -> str:
+    """A sorted set: session id -> last append time (epoch ms) of one project."""
+    return f"{PREFIX}:tx:sessions:{{{_quoted(project_key)}}}"

@@ -14,6 +14,7 @@ EVICTIONS = Counter("agentd_evictions_total", "CLI processes retired, by reason"
 LIVE_SESSIONS = Gauge("agentd_live_processes", "CLI processes currently running")
 POOL_RSS_MB = Gauge("agentd_pool_rss_mb", "Sum of sampled RSS of all CLI process trees, MiB")
 STORE_ERRORS = Counter("agentd_store_errors_total", "Store operations that failed")
+MIRROR_ERRORS = Counter("agentd_mirror_errors_total", "Transcript batches the Redis mirror failed to store")
 CHANNEL_MESSAGES = Counter(
     "agentd_channel_messages_total", "Inbound channel messages, by channel and fate", ["channel", "fate"]
 )

@@ -39,6 +39,7 @@ from bot.core import (
     SessionInfo,
     SessionSpec,
     TextDelta,
+    TranscriptSource,
     TurnContext,
     TurnDone,
 )
@@ -218,11 +219,14 @@ class Worker:
         self.record = record if self.resume else record.replace(session_id=str(uuid.uuid4()), turns=0)
         self.log = log.bind(conversation=self.record.conversation_id, session=self.record.session_id)
 
-    def _recover_lost_transcript(self) -> None:
-        """A resume needs the session's transcript; without it, start afresh instead of failing forever."""
+    async def _recover_lost_transcript(self) -> None:
+        """A resume needs the session's transcript: restore it from the mirror, or else start afresh."""
         if not self.resume or self.record.session_id is None:
             return
         if transcript_exists(Path(self.record.config_dir), self.record.session_id):
+            return
+        if await self.pool.restore_transcript(self.pool.spec_for(self.record, self.resume, self.profile)):
+            self.log.info("transcript_restored")
             return
         lost = self.record.session_id
         self.record = self.record.replace(
@@ -234,7 +238,7 @@ class Worker:
         self.log.warning("transcript_lost", lost_session=lost, session=self.record.session_id)
 
     async def _serve_all(self) -> None:
-        self._recover_lost_transcript()
+        await self._recover_lost_transcript()
         spec = self.pool.spec_for(self.record, self.resume, self.profile)
         started = time.monotonic()
         async with self.pool.launcher.open(spec) as session:
@@ -508,9 +512,17 @@ _POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
 class Pool:
-    def __init__(self, settings: Settings, launcher: Launcher, store: Store, telemetry: Telemetry = DISABLED) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        launcher: Launcher,
+        store: Store,
+        telemetry: Telemetry = DISABLED,
+        transcripts: TranscriptSource | None = None,
+    ) -> None:
         self.settings, self.launcher, self.store = settings, launcher, store
         self.telemetry = telemetry  # a span per served turn
+        self.transcripts = transcripts
         self.data_dir = settings.store.data_dir.resolve()
         self._profiles: dict[str, Profile] = {}
         self._workers: dict[str, Worker] = {}
@@ -676,6 +688,15 @@ class Pool:
             created_at=now,
             updated_at=now,
         )
+
+    async def restore_transcript(self, spec: SessionSpec) -> bool:
+        if self.transcripts is None:
+            return False
+        try:
+            return await self.transcripts.restore(spec)
+        except StoreError as exc:  # Redis down: the conversation goes on afresh rather than not at all
+            log.warning("transcript_restore_failed", conversation=spec.conversation_id, error=str(exc))
+            return False
 
     def spec_for(self, record: ConversationRecord, resume: bool, profile: Profile) -> SessionSpec:
         assert record.session_id is not None

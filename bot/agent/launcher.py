@@ -24,6 +24,7 @@ from claude_agent_sdk import (
     ClaudeSDKError,
     HookContext,
     HookMatcher,
+    MirrorErrorMessage,
     PermissionResultAllow,
     PermissionResultDeny,
     ResultMessage,
@@ -35,6 +36,7 @@ from claude_agent_sdk import (
 from claude_agent_sdk.types import HookInput, HookJSONOutput, PermissionResult
 
 from bot.agent.tools import Servers, mcp_servers
+from bot.agent.transcripts import Transcripts
 from bot.config import AgentConfig, TelemetryConfig
 from bot.core import (
     AgentCrashed,
@@ -120,10 +122,13 @@ def _summary(tool_input: dict[str, Any]) -> str:
 
 
 class _ClaudeSession:
-    def __init__(self, client: ClaudeSDKClient, gate: _ToolGate, meter: _Metered | None) -> None:
+    def __init__(
+        self, client: ClaudeSDKClient, gate: _ToolGate, meter: _Metered | None, mirror: _MirrorWatch | None = None
+    ) -> None:
         self._client = client
         self._gate = gate
         self._meter = meter
+        self._mirror = mirror
 
     @property
     def pid(self) -> int | None:
@@ -148,6 +153,8 @@ class _ClaudeSession:
                         yield delta
                 elif isinstance(message, AssistantMessage) and message.parent_tool_use_id is None:
                     parts += [b.text for b in message.content if isinstance(b, TextBlock) and b.text]
+                elif isinstance(message, MirrorErrorMessage):
+                    self._mirror_failed(message, context.conversation_id)
                 elif isinstance(message, ResultMessage):
                     yield self._done(message, parts)
                     return
@@ -179,13 +186,21 @@ class _ClaudeSession:
         session_id = None
         try:
             async for message in self._client.receive_response():
-                if isinstance(message, SystemMessage) and message.subtype == "init":
+                if isinstance(message, MirrorErrorMessage):
+                    self._mirror_failed(message)
+                elif isinstance(message, SystemMessage) and message.subtype == "init":
                     session_id = str(message.data.get("session_id") or "") or None
                 elif isinstance(message, ResultMessage):
                     return session_id or message.session_id
         except ClaudeSDKError as exc:
             raise AgentCrashed(str(exc)) from exc
         raise AgentCrashed("the agent's output ended before the warm-up finished")
+
+    def _mirror_failed(self, message: MirrorErrorMessage, conversation_id: str | None = None) -> None:
+        """A batch the Redis mirror dropped: the turn goes on (local disk has it); the next append heals."""
+        if self._mirror is not None:
+            # A spare's process serves the conversation that adopted it: the turn names it.
+            self._mirror.transcripts.mirror_failed(conversation_id or self._mirror.conversation_id, message.error)
 
     def _done(self, result: ResultMessage, parts: list[str]) -> TurnDone:
         done = _turn_done(result, parts)
@@ -212,6 +227,14 @@ class _Metered:
 
     def spent(self) -> float:
         return self.gateway.turn_spent(self.credential)
+
+
+@dataclass(frozen=True)
+class _MirrorWatch:
+    """Where one process reports the batches its transcript mirror failed to store."""
+
+    transcripts: Transcripts
+    conversation_id: str
 
 
 WARM_UP_PROMPT = "agentd warm-up: reply with OK."
@@ -262,10 +285,13 @@ class ClaudeLauncher:
         toolsets: Mapping[str, Sequence[ToolSpec]] | None = None,
         gateway: Gateway | None = None,
         telemetry: TelemetryConfig | None = None,
+        transcripts: Transcripts | None = None,
     ) -> None:
         self._config = config
         # Claude Code's own OpenTelemetry export, when [telemetry] asks for it.
         self._telemetry = telemetry or TelemetryConfig()
+        # With Redis: every process mirrors its transcript there, so a fresh host can resume it.
+        self.transcripts = transcripts
         # With a gateway, each process gets its own credential; the real key stays in the daemon.
         self._gateway = gateway
         # Never readable by any agent, on top of data_dir, the home dotfiles (~/.ssh, ~/.aws,
@@ -301,12 +327,15 @@ class ClaudeLauncher:
                 await client.disconnect()
                 raise AgentError(f"could not start the agent: {exc}") from exc
             try:
-                yield _ClaudeSession(client, gate, meter)
+                yield _ClaudeSession(client, gate, meter, self._mirror_watch(spec))
             finally:
                 await client.disconnect()
         finally:
             if meter is not None:
                 meter.gateway.revoke(meter.credential)
+
+    def _mirror_watch(self, spec: SessionSpec) -> _MirrorWatch | None:
+        return None if self.transcripts is None else _MirrorWatch(self.transcripts, spec.conversation_id)
 
     def _metered(self, spec: SessionSpec) -> _Metered | None:
         if self._gateway is None:
@@ -345,6 +374,8 @@ class ClaudeLauncher:
             can_use_tool=gate.can_use_tool,
             hooks={"PreToolUse": [HookMatcher(matcher=None, hooks=[gate.hook])]},
             stderr=_stderr_logger(spec),
+            session_store=None if self.transcripts is None else self.transcripts.attach(spec),
+            session_store_flush=self.transcripts.flush if self.transcripts is not None else "batched",
         )
 
     def environment(self, spec: SessionSpec, meter: _Metered | None = None) -> dict[str, str]:
