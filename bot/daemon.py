@@ -140,6 +140,7 @@ async def serve(
         pool = Pool(settings, launcher, store, telemetry=telemetry, transcripts=transcripts)
         api = Api(settings.http, pool, store)
         api.ledger = ledger
+        api.mirror = transcripts
         channels = build_channels(settings, pool, store, api)
         api.channels = channels
         # Tool sets first: a process (a spare too) gets the in-process tools that exist when it starts.

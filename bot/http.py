@@ -23,7 +23,7 @@ from bot.core import Channel, Failure, Inbound, Outcome
 from bot.jobs import JobError, JobInfo, Scheduler
 from bot.ledger import Ledger
 from bot.pool import Pool
-from bot.status import SessionStatus, StatusReporter, StatusSnapshot
+from bot.status import MirrorHealth, MirrorStatus, SessionStatus, StatusReporter, StatusSnapshot
 from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
@@ -89,6 +89,7 @@ class Api:
         self.draining = False
         self.scheduler: Scheduler | None = None
         self.ledger: Ledger | None = None
+        self.mirror: MirrorHealth | None = None  # the Redis transcript mirror, when there is one
         self.channels: list[Channel] = []
         self._page = StatusPage.load()
 
@@ -208,8 +209,11 @@ class Api:
                 jobs = tuple(await self.scheduler.jobs())
             except StoreError as exc:
                 problems.append(f"jobs: the store is unreachable ({exc})")
+        mirror = None
+        if self.mirror is not None:
+            mirror = MirrorStatus(self.mirror.mirror_errors, self.mirror.last_mirror_error)
         return StatusSnapshot(
-            time.time(), dataclasses.replace(pool, sessions=sessions), channels, jobs, tuple(problems)
+            time.time(), dataclasses.replace(pool, sessions=sessions), channels, jobs, tuple(problems), mirror
         )
 
     async def _with_costs(self, sessions: tuple[SessionStatus, ...], problems: list[str]) -> tuple[SessionStatus, ...]:

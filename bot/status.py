@@ -71,12 +71,28 @@ class ChannelStatus:
 
 
 @dataclass(frozen=True)
+class MirrorStatus:
+    """The Redis transcript mirror: batches it failed to store since start, and the last such error."""
+
+    mirror_errors: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
 class StatusSnapshot:
     at: float
     pool: PoolStatus
     channels: tuple[ChannelStatus, ...]
     jobs: tuple[JobInfo, ...]
     problems: tuple[str, ...] = ()  # what could not be read this time (the store down, say)
+    mirror: MirrorStatus | None = None  # None: no mirror (the embedded store keeps transcripts on disk)
+
+
+class MirrorHealth(Protocol):
+    """What the transcript mirror counts of its failures."""
+
+    mirror_errors: int
+    last_mirror_error: str | None
 
 
 @runtime_checkable

@@ -108,6 +108,7 @@ async def test_status_page_shows_the_live_session_and_its_memory_chart(tmp_path:
         cells = await page.evaluate(f"[...{row}.querySelectorAll('td')].map((c) => c.textContent)")
         assert cells[1:4] == ["chat", "warm", str(pid)] and cells[6] == "1" and float(cells[9]) > 0, cells
         assert "sessions 1 of max_sessions 20" in await page.inner_text("#sessions-total")
+        assert "no Redis mirror" in await page.inner_text("#mirror-total")  # the embedded store: no mirror
 
         # It refreshes in place: a second turn shows up without the page reloading.
         await page.evaluate("window.__sameDocument = true")

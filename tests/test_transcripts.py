@@ -193,6 +193,9 @@ async def test_a_mirror_outage_mid_turn_is_counted_and_healed(
     during = await in_flight
     assert during["reply"] == "slow answer", during  # the turn completes without its mirror
     assert await mirror_errors(a) >= 1
+    async with aiohttp.ClientSession(headers=a.headers) as http, http.get(f"{a.url}/v1/status") as response:
+        mirror = (await response.json())["mirror"]
+    assert mirror["mirror_errors"] >= 1 and mirror["last_error"], mirror  # shown on /status too
     own_redis.start()
     after = await a.ask("gap", "and now about roses")  # its append replays what the outage missed
     assert "error" not in after, after
