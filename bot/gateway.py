@@ -11,6 +11,7 @@ own retries still work), and meters the ``usage`` of each response.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import secrets
@@ -24,6 +25,7 @@ from aiohttp import web
 from bot import metrics
 from bot.config import AgentConfig, GatewayConfig
 from bot.ledger import BudgetStop, Caller, Ledger, Usage
+from bot.store import StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -194,7 +196,7 @@ class Gateway:
         line = self._lines.get(credential)
         if line is not None:
             line.caller = dataclasses.replace(line.caller, conversation_id=conversation_id, user=user, channel=channel)
-            line.turn_spent_usd, line.stop = 0.0, None
+            line.turn_spent_usd, line.stop, line.local = 0.0, None, False
 
     def answer_locally(self, credential: str, on: bool) -> None:
         """While on, this process's model requests get a canned answer from the gateway (a spare's warm-up)."""
@@ -220,7 +222,13 @@ class Gateway:
         if line.local and _is_model_request(request):
             return await _local_answer(request)
         if _is_model_request(request):
-            stop = await self.ledger.check(line.caller, line.turn_spent_usd)
+            try:
+                stop = await self.ledger.check(line.caller, line.turn_spent_usd)
+            except StoreError as exc:
+                # Budgets that cannot be read are not waived: the CLI retries a 503, and the store may be back.
+                metrics.STORE_ERRORS.inc()
+                log.error("store_error", error=str(exc), note="budget check failed; request refused")
+                return _error(503, "api_error", "agentd: the budget counters are unreachable (store down)")
             if stop is not None:
                 return self._refuse(line, stop)
         return await self._forward(request, line)
@@ -254,6 +262,10 @@ class Gateway:
         except (aiohttp.ClientError, TimeoutError) as exc:
             metrics.MODEL_REQUESTS.labels(model=model or "none", status="unreachable").inc()
             return _error(502, "api_error", f"agentd gateway: the model API is unreachable ({type(exc).__name__})")
+        except asyncio.CancelledError:
+            # The CLI hung up (an interrupt) before the upstream answered: nothing was produced to bill.
+            metrics.MODEL_REQUESTS.labels(model=model or "none", status="interrupted").inc()
+            raise
         async with upstream:
             return await self._relay(request, upstream, line, model, started)
 
@@ -276,20 +288,25 @@ class Gateway:
                     # Recorded before the CLI can see the end of the message, so the turn's cost is complete
                     # when the CLI reports the turn done.
                     metered = True
-                    await self._meter(line, meter, model, str(upstream.status), started, first_byte)
+                    self._meter(line, meter, model, str(upstream.status), started, first_byte)
                 await response.write(chunk)
         except aiohttp.ClientError as exc:
             # The upstream dropped mid-stream: end ours the same way, so the CLI retries as it would.
             log.warning("gateway_upstream_dropped", error=str(exc)[:200])
             if not metered:
-                await self._meter(line, meter, model, "dropped", started, first_byte)
+                self._meter(line, meter, model, "dropped", started, first_byte)
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            # The CLI hung up (an interrupt): the upstream bills what it already produced, so record it.
+            if not metered:
+                self._meter(line, meter, model, "interrupted", started, first_byte)
             raise
         if not metered:
-            await self._meter(line, meter, model, str(upstream.status), started, first_byte)
+            self._meter(line, meter, model, str(upstream.status), started, first_byte)
         await response.write_eof()
         return response
 
-    async def _meter(
+    def _meter(
         self, line: _Line, meter: UsageMeter, model: str, status: str, started: float, first_byte: float | None
     ) -> None:
         usage = meter.result()

@@ -126,7 +126,9 @@ async def _services(settings: Settings) -> AsyncIterator[tuple[ClaudeLauncher, T
         ledger = Ledger(store, settings.budget, Prices(settings.gateway.prices))
         gateway = None
         if settings.agent.gateway:
-            gateway = Gateway(settings.agent, settings.gateway, ledger)
+            # A port of its own: a daemon running beside it may hold the configured one.
+            host = settings.gateway.listen.rpartition(":")[0]
+            gateway = Gateway(settings.agent, settings.gateway.model_copy(update={"listen": f"{host}:0"}), ledger)
             await gateway.start()
             stack.push_async_callback(gateway.close)
         telemetry = Telemetry.start(settings.telemetry)

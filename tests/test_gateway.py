@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import psutil
 import pytest
 
 from bot.config import PriceConfig
+from bot.core import Failure, Inbound
 from bot.ledger import Prices, Usage
 from tests.daemon_proc import DaemonProcess
 from tests.fakes.mailserver import MailServer, message
@@ -104,7 +106,34 @@ async def test_turns_and_tool_calls_work_and_sse_passes_byte_for_byte(tmp_path: 
         ):
             received = await response.read()
     assert received == bytes(fake_model.find("bytes please")[0].streamed)
-    assert (tmp_path / "data" / "work").exists()
+    written = list((tmp_path / "data" / "work").glob("*/note.txt"))
+    assert [f.read_text() for f in written] == ["hi"], written  # the tool call really ran
+
+
+async def test_an_interrupt_hangs_up_the_upstream_request_and_what_it_cost_is_kept(
+    tmp_path: Path, fake_model: FakeModel
+) -> None:
+    fake_model.add("very slow", text="never shown", delay_s=30)
+    interrupted = 'agentd_model_requests_total{model="claude-sonnet-4-5",status="interrupted"}'
+    async with daemon(tmp_path, fake_model, pool={"busy_policy": "interrupt"}) as d:
+        before = await metric(d, interrupted)
+        pool = d.parts.pool
+        first = await pool.submit(Inbound("api:i", "very slow"))
+        await wait_until(lambda: bool(fake_model.find("very slow")), what="the slow request upstream")
+        second = await pool.submit(Inbound("api:i", "newer"))
+        a, b = await asyncio.wait_for(asyncio.gather(first.outcome, second.outcome), 30)
+        assert a.failure is Failure.INTERRUPTED and b.ok and b.reply == "echo: newer"
+        # The CLI hung up on the gateway, and the gateway on the upstream: the fake model saw it go.
+        await wait_until(lambda: fake_model.find("very slow")[0].cancelled, what="the upstream request cancelled")
+        assert await metric(d, interrupted) == before + 1
+
+
+async def metric(d: InProcessDaemon, sample: str) -> float:
+    async with aiohttp.ClientSession() as http, http.get(f"{d.url}/metrics") as response:
+        for line in (await response.text()).splitlines():
+            if line.startswith(sample + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 async def test_the_ledger_prices_every_request_exactly(tmp_path: Path, fake_model: FakeModel) -> None:
@@ -145,6 +174,7 @@ async def test_every_budget_level_stops_work_with_a_visible_reason(
 ) -> None:
     fake_model.add("spend", tool=ToolUse("Bash", {"command": "echo spent", "description": "spend"}))
     async with daemon(tmp_path, fake_model, budget=budget) as d:
+        baseline = await budget_stops(d)
         stopped: dict[str, Any] = {}
         for attempt in range(8):
             status, body = await ask(d, "b", f"spend {attempt}")
@@ -153,11 +183,23 @@ async def test_every_budget_level_stops_work_with_a_visible_reason(
                 break
         assert stopped.get("failure") == "budget", stopped
         assert limit_name in stopped["error"] and "spent" in stopped["error"] and "resets" in stopped["error"]
+        # Exactly one refusal: the CLI ended the turn at the 402, without retrying it.
+        assert await budget_stops(d) == baseline + 1
         requests = len(fake_model.requests)
         if limit_name != "per message":  # a day budget keeps refusing, with no request reaching the model
             status, body = await ask(d, "b", "spend again")
             assert status == 402 and body["failure"] == "budget"
             assert len(fake_model.requests) == requests
+
+
+async def budget_stops(d: InProcessDaemon) -> float:
+    """Budget refusals in this process (the counter is process-wide: tests compare against a baseline)."""
+    total = 0.0
+    async with aiohttp.ClientSession() as http, http.get(f"{d.url}/metrics") as response:
+        for line in (await response.text()).splitlines():
+            if line.startswith("agentd_budget_stops_total{"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 @pytest.mark.parametrize(

@@ -203,4 +203,8 @@ async def test_two_daemons_on_one_redis_run_each_occurrence_once(
     runs = json.loads(raw or "[]")
     fire_times = [run["fire_time"] for run in runs if run["status"] == "ok"]
     assert len(fire_times) == len(set(fire_times)), "an occurrence ran twice"
-    assert len(fake_model.find("tick now")) == len(claims), "every claimed occurrence ran once, and only those"
+    # Each model request is one run that finished ok (an occurrence claimed while the last one still ran is
+    # skipped, which a loaded machine makes likely), and no run's occurrence was left unclaimed.
+    assert len(fake_model.find("tick now")) == len(fire_times), "every run reached the model once"
+    claimed = {(key if isinstance(key, str) else key.decode()).removeprefix("agentd:job:fire:tick:") for key in claims}
+    assert set(fire_times) <= claimed, "a run without its claim"

@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from bot import keys
-from bot.config import BudgetConfig
+from bot.config import AgentConfig, BudgetConfig, GatewayConfig
+from bot.gateway import Gateway
 from bot.ledger import Caller, Ledger, Prices, Usage, today
 from bot.store import Store, StoreError
 from bot.store_redis import RedisStore
+from tests.fakes.model import FakeModel
 from tests.fakes.redis_server import RedisServer
 from tests.helpers import wait_for
 
@@ -105,5 +108,30 @@ async def test_spend_recorded_while_the_store_is_down_is_written_when_it_is_back
         await wait_for(written, timeout=20, what="the queued spend to be written")
     finally:
         await ledger.close()
+        await store.close()
+        server.stop()
+
+
+async def test_budgets_that_cannot_be_read_refuse_the_request_clearly(tmp_path: Path, fake_model: FakeModel) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    store = RedisStore(server.url, ttl_days=1)
+    ledger = Ledger(store, budgets(global_day_usd=5), Prices({}))
+    gateway = Gateway(AgentConfig(base_url=fake_model.url, api_key="sk-test"), GatewayConfig(), ledger)
+    await gateway.start()
+    credential = gateway.issue(CALLER)
+    request = {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        server.stop()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{gateway.url}/v1/messages", json=request, headers={"x-api-key": credential}) as response,
+        ):
+            assert response.status == 503
+            body = await response.json()
+        assert "budget counters are unreachable" in body["error"]["message"]
+        assert not fake_model.requests  # not waived: nothing went upstream
+    finally:
+        await gateway.close()
         await store.close()
         server.stop()

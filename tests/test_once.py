@@ -216,7 +216,12 @@ async def test_ctrl_c_stops_the_task_and_its_process(tmp_path: Path, fake_model:
     process.stdin.close()
     await wait_until(lambda: bool(fake_model.find("slow work")), timeout=60, what="the turn to reach the model")
     process.send_signal(signum)
-    _, err = await asyncio.wait_for(process.communicate(), 30)
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    except TimeoutError:  # reap it here, so its pipes do not leak into (and fail) a later test
+        process.kill()
+        await process.communicate()
+        raise
     assert process.returncode == 130, err
     assert err.decode().strip().splitlines()[-1] == "agentd: once: interrupted"
     assert clis_in(tmp_path) == []

@@ -7,6 +7,7 @@ no secret's content may reach any request the model received.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -15,7 +16,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import psutil
 import pytest
 
 from bot.reach import Reach
@@ -268,3 +271,30 @@ async def test_a_crowded_temp_dir_still_lets_the_agent_start(
     finally:
         for path in crowd:
             path.unlink(missing_ok=True)
+
+
+@needs_sandbox
+async def test_sandboxed_bash_cannot_reach_the_gateway_or_the_api_on_loopback(world: World) -> None:
+    w = world
+    gateway = urlsplit(cli_environ(w)["ANTHROPIC_BASE_URL"])
+    ports = {"gateway": gateway.port, "api": w.daemon.port}
+    for port in ports.values():  # both listen: a refusal below is the sandbox's doing
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+        await writer.wait_closed()
+    probe = " ; ".join(
+        f"(exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo OPEN-{name} || echo SHUT-{name}"
+        for name, port in ports.items()
+    )
+    result = json.dumps(await call(w, ToolUse("Bash", {"command": probe, "description": "probe loopback"})))
+    assert "SHUT-gateway" in result and "SHUT-api" in result, result
+    assert "OPEN-" not in result, result
+
+
+def cli_environ(w: World) -> dict[str, str]:
+    """The environment of the daemon's CLI process (the one serving conversation ``api:a``)."""
+    assert w.daemon.process is not None
+    for proc in psutil.Process(w.daemon.process.pid).children(recursive=True):
+        if proc.name() == "claude":
+            return dict(proc.environ())
+    raise AssertionError("no CLI process")

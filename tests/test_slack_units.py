@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ from bot.slack.approvals import input_view
 from bot.slack.channel import CONNECT_BACKOFF_CAP_S, connect_retrying
 from bot.slack.mrkdwn import to_mrkdwn
 from bot.slack.reply import PostWriter, Thread, split_text
+from tests import hostile
 
 ME = events.Identity(team_id="T1", user_id="U0BOT", bot_id="B0BOT")
 CONFIG = SlackConfig(bot_token="xoxb-1", app_token="xapp-1")
@@ -218,20 +218,9 @@ def test_request_without_input_shows_its_summary() -> None:
 # ---- hostile input: every regex or parser over untrusted text is linear
 
 
-def seconds(work: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        work()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def assert_linear(make: Callable[[int], object], run: Callable[[Any], object], n: int) -> None:
-    """8x the input may cost at most ~25x the time (linear: ~8x; quadratic: ~64x)."""
-    small, large = make(n), make(8 * n)
-    ratio = seconds(lambda: run(large)) / max(seconds(lambda: run(small)), 1e-6)
-    assert ratio < 25, f"8x input took {ratio:.1f}x the time"
+    """8x the input may cost at most 24x the time (linear: ~8x; quadratic: ~64x): ``tests/hostile.py``."""
+    hostile.assert_linear(run, make, n)
 
 
 @pytest.mark.parametrize(

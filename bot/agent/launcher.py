@@ -172,12 +172,11 @@ class _ClaudeSession:
         if self._meter is None:
             return None
         gateway, credential = self._meter.gateway, self._meter.credential
+        # Local answers last until the first real turn (``begin_turn``), not just the warm-up turn: the CLI's
+        # title request for the warm-up may leave after its turn has ended, and must not go upstream either.
         gateway.answer_locally(credential, True)
-        try:
-            await self._client.query(_verbatim(WARM_UP_PROMPT))
-            await self._until_result()
-        finally:
-            gateway.answer_locally(credential, False)
+        await self._client.query(_verbatim(WARM_UP_PROMPT))
+        await self._until_result()
         await self._client.query("/clear")  # not verbatim: the CLI's own command
         return await self._until_result()
 

@@ -43,6 +43,7 @@ class RecordedRequest:
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
     streamed: bytearray = field(default_factory=bytearray)  # the exact bytes of the answer sent
+    cancelled: bool = False  # the client hung up while the answer was delayed
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -165,7 +166,11 @@ class FakeModel:
             self.on_request(recorded)
         rule = self._match(recorded)
         if rule is not None and rule.delay_s:
-            await asyncio.sleep(rule.delay_s)
+            try:
+                await asyncio.sleep(rule.delay_s)
+            except asyncio.CancelledError:
+                recorded.cancelled = True
+                raise
         if rule is not None and rule.status is not None:
             error = {"type": "error", "error": {"type": "api_error", "message": f"fake upstream {rule.status}"}}
             return web.json_response(error, status=rule.status, headers=rule.headers)
