@@ -136,7 +136,10 @@ async def _once_main(settings: Settings, request: OnceRequest) -> OnceResult | N
     """The task, or None when SIGINT or SIGTERM stopped it (the CLI and gateway are closed by then)."""
     task = asyncio.current_task()
     assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    # SIGINT too, explicitly: a parent that ignores it (a shell's background job, a supervisor) passes the
+    # ignore on through exec, and asyncio's own Ctrl-C handling then never sees it.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, task.cancel)
     try:
         return await run_once(settings, request)
     except asyncio.CancelledError:

@@ -49,7 +49,7 @@ class Once:
         }
         self.process: asyncio.subprocess.Process | None = None
 
-    async def start(self, *args: str) -> asyncio.subprocess.Process:
+    async def start(self, *args: str, ignore_sigint: bool = False) -> asyncio.subprocess.Process:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -63,6 +63,8 @@ class Once:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            # As a shell starts a background job: SIGINT ignored, which exec passes on.
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
         )
         return self.process
 
@@ -207,11 +209,17 @@ async def test_the_cli_gets_no_secret_and_nothing_stays(tmp_path: Path, fake_mod
     assert clis_in(tmp_path) == [], "the CLI is gone when the command returns"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-async def test_ctrl_c_stops_the_task_and_its_process(tmp_path: Path, fake_model: FakeModel, signum: int) -> None:
+@pytest.mark.parametrize(
+    ("signum", "ignored"),
+    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["SIGINT", "SIGTERM", "SIGINT ignored by the parent"],
+)
+async def test_ctrl_c_stops_the_task_and_its_process(
+    tmp_path: Path, fake_model: FakeModel, signum: int, ignored: bool
+) -> None:
     fake_model.add("slow", text="too late", delay_s=60)
     once = Once(tmp_path, fake_model)
-    process = await once.start("--prompt", "slow work")
+    process = await once.start("--prompt", "slow work", ignore_sigint=ignored)
     assert process.stdin is not None
     process.stdin.close()
     await wait_until(lambda: bool(fake_model.find("slow work")), timeout=60, what="the turn to reach the model")

@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 from aiohttp import WSMsgType, web
 
+from bot.slack.probe import MANIFEST_SCOPES
 from tests.helpers import wait_until
 
 MAX_TEXT = 40_000  # chat.postMessage text
@@ -33,21 +34,10 @@ MAX_MARKDOWN = 12_000  # markdown_text params, markdown_text chunks and markdown
 MAX_SECTION_TEXT = 3_000  # text of a section block
 MAX_BLOCKS = 50  # blocks in one message
 
+
 APP_ID = "A0APP"
 # What the bot token was granted, sent back in x-oauth-scopes: the manifest's bot scopes by default.
-GRANTED_SCOPES = [
-    "app_mentions:read",
-    "assistant:write",
-    "channels:history",
-    "groups:history",
-    "im:history",
-    "mpim:history",
-    "chat:write",
-    "reactions:write",
-    "files:read",
-    "files:write",
-    "users:read",
-]
+GRANTED_SCOPES = sorted(MANIFEST_SCOPES)
 
 
 @dataclass
