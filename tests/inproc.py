@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +67,14 @@ class InProcessDaemon:
         self._stop.set()
         if self._task is not None:
             await asyncio.wait_for(self._task, timeout)
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(tmp: Path, model: FakeModel, **sections: Any) -> AsyncIterator[InProcessDaemon]:
+    """A started in-process daemon with no channels, stopped on leaving the block."""
+    daemon = InProcessDaemon(tmp, model, {}, **sections)
+    await daemon.start()
+    try:
+        yield daemon
+    finally:
+        await daemon.stop()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from tests.fakes.mailserver import MailServer, message
 from tests.fakes.model import FakeModel, ToolUse
 from tests.fakes.slack import FakeSlack
 from tests.helpers import wait_until
-from tests.inproc import InProcessDaemon
+from tests.inproc import InProcessDaemon, running_daemon
 from tests.mail_harness import running as mail_daemon
 from tests.mail_harness import wait_replies
 from tests.slack_harness import reply_text, wait_done
@@ -30,14 +28,7 @@ from tests.slack_harness import running as slack_daemon
 REAL_KEY = "sk-test-anthropic-key"  # what tests.daemon_proc gives the daemon
 
 
-@contextlib.asynccontextmanager
-async def daemon(tmp_path: Path, model: FakeModel, **sections: Any) -> AsyncIterator[InProcessDaemon]:
-    running = InProcessDaemon(tmp_path, model, {}, **sections)
-    await running.start()
-    try:
-        yield running
-    finally:
-        await running.stop()
+daemon = running_daemon
 
 
 async def ask(d: InProcessDaemon, conversation: str, text: str) -> tuple[int, dict[str, Any]]:

@@ -20,7 +20,7 @@ from tests.fakes.mailserver import MailServer, message
 from tests.fakes.model import FakeModel, ToolUse
 from tests.fakes.slack import FakeSlack
 from tests.helpers import wait_for
-from tests.inproc import InProcessDaemon
+from tests.inproc import InProcessDaemon, running_daemon
 from tests.mail_harness import running as mail_running
 from tests.slack_harness import running as slack_running
 
@@ -54,12 +54,8 @@ async def chromium() -> AsyncIterator[Browser]:
 async def daemon(tmp_path: Path, model: FakeModel, **sections: dict[str, Any]) -> AsyncIterator[InProcessDaemon]:
     # A fast sampler, so the memory chart has several points within a second or two.
     sections.setdefault("pool", {})["rss_sample_s"] = 0.2
-    running = InProcessDaemon(tmp_path, model, {}, **sections)
-    await running.start()
-    try:
+    async with running_daemon(tmp_path, model, **sections) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 async def ask(url: str, conversation: str, text: str) -> dict[str, Any]:
