@@ -23,6 +23,8 @@ class Failure(enum.StrEnum):
     SHUTDOWN = "shutdown"
     STORE = "store"
     BUDGET = "budget"
+    POOL_BUSY = "pool_busy"  # no room within the admission timeout, or the admission queue is full
+    USER_LIMIT = "user_limit"  # one user (or mail domain) already has its cap of busy conversations
 
 
 class Verdict(enum.StrEnum):

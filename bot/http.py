@@ -40,6 +40,8 @@ STATUS = {
     Failure.AGENT_ERROR: 502,
     Failure.TIMEOUT: 504,
     Failure.BUDGET: 402,
+    Failure.POOL_BUSY: 503,
+    Failure.USER_LIMIT: 429,
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 USAGE_DIMENSIONS = ("conversation", "user", "profile", "channel", "day")

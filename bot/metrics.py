@@ -11,6 +11,9 @@ TURN_SECONDS = Histogram(
 SPAWNS = Counter("agentd_spawns_total", "CLI processes started, by kind", ["kind"])
 SPAWN_SECONDS = Histogram("agentd_spawn_seconds", "Time to connect a CLI process")
 EVICTIONS = Counter("agentd_evictions_total", "CLI processes retired, by reason", ["reason"])
+ADMISSION_REFUSED = Counter(
+    "agentd_admission_refused_total", "New conversations refused by fair admission, by reason", ["reason"]
+)
 LIVE_SESSIONS = Gauge("agentd_live_processes", "CLI processes currently running")
 POOL_RSS_MB = Gauge("agentd_pool_rss_mb", "Sum of sampled RSS of all CLI process trees, MiB")
 STORE_ERRORS = Counter("agentd_store_errors_total", "Store operations that failed")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import time
 import uuid
 import weakref
@@ -25,7 +26,7 @@ from typing import Any
 import psutil
 import structlog
 
-from bot import files, metrics, procs
+from bot import fairness, files, metrics, procs
 from bot.config import Settings
 from bot.core import (
     AgentCrashed,
@@ -61,6 +62,10 @@ FAILURE_TEXT = {
     Failure.SHUTDOWN: "The daemon is shutting down; this message was not processed.",
     Failure.STORE: "The conversation store is unreachable; try again shortly.",
     Failure.BUDGET: "A spending limit stopped this turn.",
+    Failure.POOL_BUSY: "Every agent is busy right now and this message could not get a turn in time; "
+    "send it again shortly.",
+    Failure.USER_LIMIT: "You already have as many conversations running or waiting as one person may; "
+    "send this again when one of them has answered.",
 }
 
 
@@ -142,6 +147,7 @@ class Worker:
         self.cost_base = 0.0
         self.last_used = time.monotonic()
         self.admitted = False
+        self.tenant: str | None = None  # who a per-user cap counts this conversation under
         self.fresh = False
         self.notice: str | None = None
         self.preheated = False
@@ -154,6 +160,11 @@ class Worker:
     @property
     def idle(self) -> bool:
         return self.state == "warm" and not self.queue
+
+    @property
+    def busy(self) -> bool:
+        """Running a turn, holding queued ones, or waiting for room: what a per-user cap counts."""
+        return self.current is not None or bool(self.queue) or (not self.admitted and not self.spare)
 
     def enqueue(self, turn: Turn) -> None:
         self.queue.append(turn)
@@ -198,10 +209,10 @@ class Worker:
             self.pool.crashed(self, "memory" if self.memory_kill_mb is not None else "turn", str(exc)[:200])
         except AgentError as exc:
             self.log.error("spawn_failed", error=str(exc))
-            self._fail_queued(Failure.AGENT_ERROR, str(exc))
+            self.fail_queued(Failure.AGENT_ERROR, str(exc))
         except Exception:  # task boundary: a bug here must not take the pool down
             self.log.exception("worker_failed")
-            self._fail_queued(Failure.AGENT_ERROR, "internal error")
+            self.fail_queued(Failure.AGENT_ERROR, "internal error")
         finally:
             self.state = "closed"
             await self._sweep_tree()
@@ -438,7 +449,7 @@ class Worker:
         elif self.turns_served >= limits.session_max_turns:
             self.retire("turns")
 
-    def _fail_queued(self, failure: Failure, detail: str | None = None) -> None:
+    def fail_queued(self, failure: Failure, detail: str | None = None) -> None:
         while self.queue:
             self.queue.popleft().fail(failure, detail, record=self.record)
 
@@ -531,6 +542,9 @@ class Pool:
         _POOLS.add(self)
         self._admitted: set[Worker] = set()
         self._room = asyncio.Condition()
+        # Conversations waiting for room, in arrival order; the fair one among them goes first.
+        self._waiting: dict[Worker, fairness.Waiter] = {}
+        self._arrivals = itertools.count()
         self._stopping = False
         self._background: set[asyncio.Task[None]] = set()
         self._monitor: asyncio.Task[None] | None = None
@@ -604,15 +618,25 @@ class Pool:
                 return turn
             # A conversation keeps the profile it was created with; a new one takes the message's.
             profile = self.profile(record.profile if record is not None else inbound.profile)
-            worker = self._live(inbound.conversation_id) or self._start_conversation(
-                inbound.conversation_id, record, profile
-            )
+            worker = self._live(inbound.conversation_id)
+            if worker is None:
+                tenant = fairness.tenant_of(inbound.user)
+                if fairness.over_cap(tenant, self._busy_tenants(), self.settings.pool.max_busy_per_user):
+                    log.warning("admission_user_limit", conversation=inbound.conversation_id, tenant=tenant)
+                    metrics.ADMISSION_REFUSED.labels(reason="user_limit").inc()
+                    turn.fail(Failure.USER_LIMIT)
+                    return turn
+                worker = self._start_conversation(inbound.conversation_id, record, profile)
+                worker.tenant = tenant
         self._route(worker, turn)
         return turn
 
     async def ask(self, inbound: Inbound) -> Outcome:
         turn = await self.submit(inbound)
         return await turn.outcome
+
+    def _busy_tenants(self) -> list[str | None]:
+        return [w.tenant for w in self._workers.values() if w.retire_reason is None and w.busy]
 
     def _live(self, conversation_id: str) -> Worker | None:
         worker = self._workers.get(conversation_id)
@@ -739,23 +763,59 @@ class Pool:
     # -- room --------------------------------------------------------------------
 
     async def admit(self, worker: Worker) -> bool:
-        """Wait until ``worker`` fits under max_sessions and the memory budget.
+        """Wait until ``worker`` fits under max_sessions and the memory budget, and it is its turn.
 
         A process keeps its room until it has exited, so a retiring one still counts; eviction
-        retires only as many idle processes as the room still missing after those.
+        retires only as many idle processes as the room still missing after those. Conversations
+        wait in a bounded queue, each at most ``admission_timeout_s``, and free room goes to the
+        fairest waiter (``bot.fairness``); one refused here has its messages answered "busy".
         """
         async with self._room:
-            while not self._fits(worker):
-                if worker.spare or self._stopping:
-                    return False
-                victim = self._victim()
-                if victim is None:
-                    await self._room.wait()
-                else:
-                    victim.retire("room")
-            worker.admitted = True
-            self._admitted.add(worker)
-            return True
+            if worker.spare or (self._fits(worker) and not self._waiting):
+                return self._admit_now(worker)
+            if self._stopping:
+                return False
+            if len(self._waiting) >= self.settings.pool.admission_queue_limit:
+                return self._refuse(worker, "queue_full")
+            self._waiting[worker] = fairness.Waiter(worker.tenant, next(self._arrivals))
+            try:
+                return await self._wait_for_room(worker)
+            finally:
+                del self._waiting[worker]
+                self._room.notify_all()  # the next waiter may be the fair one now
+
+    async def _wait_for_room(self, worker: Worker) -> bool:
+        deadline = time.monotonic() + self.settings.pool.admission_timeout_s
+        while not (self._is_next(worker) and self._fits(worker)):
+            if self._stopping:
+                return False
+            victim = self._victim() if self._is_next(worker) else None
+            if victim is not None:
+                victim.retire("room")
+                continue
+            try:
+                await asyncio.wait_for(self._room.wait(), max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                return self._refuse(worker, "timeout")
+        return self._admit_now(worker)
+
+    def _is_next(self, worker: Worker) -> bool:
+        tenants = (w.tenant for w in self._admitted if not w.spare)
+        return fairness.next_waiter(list(self._waiting.values()), tenants) == self._waiting[worker]
+
+    def _admit_now(self, worker: Worker) -> bool:
+        if not self._fits(worker):
+            return False  # only a spare gets here without room: it is simply not started
+        worker.admitted = True
+        self._admitted.add(worker)
+        return True
+
+    def _refuse(self, worker: Worker, reason: str) -> bool:
+        worker.log.warning("admission_refused", reason=reason, tenant=worker.tenant)
+        metrics.ADMISSION_REFUSED.labels(reason=reason).inc()
+        worker.retire("busy")
+        worker.fail_queued(Failure.POOL_BUSY)
+        return False
 
     def _fits(self, worker: Worker) -> bool:
         if worker.spare:

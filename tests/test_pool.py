@@ -65,7 +65,8 @@ async def test_idle_timeout_evicts(make_pool: PoolFactory, fake_model: FakeModel
 
 
 async def test_rss_ceiling_evicts_between_turns(make_pool: PoolFactory, fake_model: FakeModel) -> None:
-    pool = await make_pool(pool={"session_max_rss_mb": 32})
+    # The hard ceiling (2x by default) would kill a loaded machine's slower second turn mid-way.
+    pool = await make_pool(pool={"session_max_rss_mb": 32, "hard_rss_mb": 100_000})
     outcome = await pool.ask(Inbound("api:m", "memory hungry"))
     assert outcome.ok, "the turn itself must complete; eviction happens after it"
     await wait_until(lambda: not pool.live_pids(), what="memory eviction")

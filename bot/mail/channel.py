@@ -43,7 +43,7 @@ from bot.store import Store, StoreError
 log = structlog.get_logger(__name__)
 
 # Failures that say nothing about the message: leave it unmarked, it is taken again later.
-RETRY_LATER = (Failure.SHUTDOWN, Failure.STORE)
+RETRY_LATER = (Failure.SHUTDOWN, Failure.STORE, Failure.POOL_BUSY, Failure.USER_LIMIT)
 
 
 @dataclass(frozen=True)
