@@ -258,6 +258,7 @@ class EmailConfig(_Section):
     require_dmarc: bool = False
     trusted_authserv_id: str | None = None
     sender_rate_per_hour: int = Field(default=10, ge=1)
+    domain_rate_per_hour: int = Field(default=60, ge=1)
     thread_reply_cap: int = Field(default=25, ge=1)
     profile: str = "email"
     allowed_tools: list[str] | None = None  # moved to [profiles.NAME]: a clear error, not silence

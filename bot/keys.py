@@ -67,6 +67,10 @@ def mail_sender_rate(sender: str) -> str:
     return f"{PREFIX}:mail:rate:{sender}"
 
 
+def mail_domain_rate(domain: str) -> str:
+    return f"{PREFIX}:mail:rate-domain:{domain.lower()}"
+
+
 def mail_thread_replies(conversation_id: str) -> str:
     return f"{PREFIX}:mail:replies:{conversation_id}"
 

@@ -181,6 +181,19 @@ async def test_sender_rate_limit_and_allowlist(tmp_path: Path, fake_model: FakeM
     assert len(replies(mail)) == 2
 
 
+async def test_sender_domain_rate_limit(tmp_path: Path, fake_model: FakeModel, mail: MailServer) -> None:
+    """Varying the From address within one domain does not get round the rate limit."""
+    burst = [message(f"d{i}", f"Domain question {i}.", sender=f"user{i}@example.test") for i in range(3)]
+    async with running(tmp_path, fake_model, mail, email={"domain_rate_per_hour": 2}) as daemon:
+        for sent in burst:
+            mail.deliver(sent)
+        outcomes = [await daemon.outcome(str(m["Message-ID"])) for m in burst]
+    # Two are answered (the made-up addresses bounce at SMTP: undeliverable), the third is held back.
+    limited = [o for o in outcomes if o["status"] == "rate_limited"]
+    assert len(limited) == 1 and "example.test in an hour" in limited[0]["reason"]
+    assert all(o["status"] in ("replied", "undeliverable") for o in outcomes if o not in limited)
+
+
 def malformed_corpus() -> dict[str, bytes]:
     head = b"From: alice@example.test\r\nTo: agent@example.test\r\nMIME-Version: 1.0\r\n"
     big = base64.encodebytes(os.urandom(25 * 1024 * 1024)).replace(b"\n", b"\r\n")

@@ -183,6 +183,11 @@ class EmailChannel:
         count = await self._store.incr(keys.mail_sender_rate(mail.sender), keys.MAIL_RATE_WINDOW_S)
         if count > self._config.sender_rate_per_hour:
             return "rate_limited", f"more than {self._config.sender_rate_per_hour} messages from this sender in an hour"
+        # A From address costs nothing to vary: the sender's domain has a budget of its own.
+        domain = mail.sender.rpartition("@")[2]
+        count = await self._store.incr(keys.mail_domain_rate(domain), keys.MAIL_RATE_WINDOW_S)
+        if count > self._config.domain_rate_per_hour:
+            return "rate_limited", f"more than {self._config.domain_rate_per_hour} messages from {domain} in an hour"
         return None
 
     async def _conversation(self, mail: Mail) -> str:
