@@ -221,19 +221,27 @@ class Ledger:
             except StoreError as exc:
                 metrics.STORE_ERRORS.inc()
                 log.error("store_error", error=str(exc), note="ledger retries in 1 s")
-                await asyncio.sleep(1.0)
-                self._wake.set()
+                await self._retry_soon()
+            except Exception:  # task boundary: a bug here must not silently stop all metering
+                log.exception("ledger_write_failed", note="ledger retries in 1 s")
+                await self._retry_soon()
+
+    async def _retry_soon(self) -> None:
+        await asyncio.sleep(1.0)
+        self._wake.set()
 
     async def _write(self) -> None:
         if not self._unwritten:
             return
         amounts, self._unwritten = dict(self._unwritten), defaultdict(float)
+        written = False
         try:
             await self._store.add_floats(amounts, keys.USAGE_TTL_S)
-        except StoreError:
-            for name, usd in amounts.items():  # kept for the next try: nothing recorded is dropped
-                self._unwritten[name] += usd
-            raise
+            written = True
+        finally:
+            if not written:  # kept for the next try, whatever failed: nothing recorded is dropped
+                for name, usd in amounts.items():
+                    self._unwritten[name] += usd
 
     async def _refresh(self) -> None:
         stale, self._stale = [name for name in self._stale if name in self._known], set()

@@ -933,7 +933,10 @@ class Pool:
     async def _sample_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.pool.rss_sample_s)
-            self.sample()
+            try:
+                self.sample()
+            except Exception:  # task boundary: the memory kill must outlive one bad sample
+                log.exception("rss_sample_failed")
 
     def sample(self) -> None:
         for worker in list(self._admitted):

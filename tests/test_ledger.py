@@ -135,3 +135,32 @@ async def test_budgets_that_cannot_be_read_refuse_the_request_clearly(tmp_path: 
         await gateway.close()
         await store.close()
         server.stop()
+
+
+class FlakyStore(CountingStore):
+    """The real store, whose first write fails with a bug (not a StoreError)."""
+
+    failed = False
+
+    async def add_floats(self, amounts: Mapping[str, float], ttl_s: int) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug in the write path")
+        await self.inner.add_floats(amounts, ttl_s)
+
+
+async def test_a_bug_in_one_write_does_not_stop_the_ledger(store: Store) -> None:
+    flaky = FlakyStore(store)
+    ledger = Ledger(flaky, budgets(), Prices({}))  # type: ignore[arg-type]
+    name = keys.usage(today(), "global", "all")
+    try:
+        ledger.record(CALLER, ONE_CALL)
+
+        async def written() -> bool:
+            stored = await store.get_values([name])
+            return float(stored.get(name) or 0) == pytest.approx(3.0)
+
+        await wait_for(written, timeout=20, what="the spend to be written after the failed write")
+        assert flaky.failed
+    finally:
+        await ledger.close()

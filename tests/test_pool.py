@@ -201,3 +201,21 @@ async def test_many_conversations_through_small_pool(make_pool: PoolFactory, pol
     assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
     assert sorted(o.reply for o in outcomes) == sorted(f"echo: msg {i}" for i in range(12))
     assert len(pool.live_pids()) <= 3
+
+
+async def test_the_sampler_outlives_a_failing_sample(make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RSS sampler enforces the memory kill: one bad sample must not end it silently."""
+    pool = await make_pool(pool={"rss_sample_s": 0.05, "prewarm": 0})
+    calls = 0
+    real_sample = type(pool).sample
+
+    def flaky_sample(self: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in one sample")
+        real_sample(pool)
+
+    monkeypatch.setattr(type(pool), "sample", flaky_sample)
+    await wait_until(lambda: calls >= 3, what="samples after the failed one")
+    assert pool._monitor is not None and not pool._monitor.done()
