@@ -43,6 +43,8 @@ CONVENTIONAL_VARIABLES: dict[str, tuple[str, str]] = {
     "SLACK_API_URL": ("slack", "api_url"),
     "IMAP_PASSWORD": ("email", "imap_password"),
     "SMTP_PASSWORD": ("email", "smtp_password"),
+    "EMAIL_OAUTH_CLIENT_SECRET": ("email", "oauth_client_secret"),
+    "EMAIL_OAUTH_REFRESH_TOKEN": ("email", "oauth_refresh_token"),
     # OpenTelemetry's own names; read into [telemetry], then dropped from the environment like the rest.
     "CLAUDE_CODE_ENABLE_TELEMETRY": ("telemetry", "enabled"),
     "OTEL_EXPORTER_OTLP_ENDPOINT": ("telemetry", "endpoint"),
@@ -237,6 +239,15 @@ class EmailConfig(_Section):
     imap_security: Security = "tls"
     imap_user: str | None = None
     imap_password: SecretStr | None = None
+    # password: LOGIN. xoauth2 / oauthbearer: SASL with an access token from oauth_token_url
+    # (Microsoft 365 and Google Workspace no longer take passwords); SMTP then always uses XOAUTH2.
+    auth: Literal["password", "xoauth2", "oauthbearer"] = "password"
+    oauth_token_url: str | None = None
+    oauth_client_id: str | None = None
+    oauth_client_secret: SecretStr | None = None
+    # Set: the refresh-token grant (Google); unset: client credentials (a Microsoft 365 shared mailbox).
+    oauth_refresh_token: SecretStr | None = None
+    oauth_scope: str | None = None
     mailbox: str = "INBOX"
     # false: take no mail in (answer nothing); job results are still sent and the mail tools still work.
     intake: bool = True
@@ -290,12 +301,17 @@ class EmailConfig(_Section):
             raise ValueError(f"allowed_tools moved to the profile: set tools in [profiles.{self.profile}]")
         if self.imap_host is None:
             return self
-        for key in ("address", "imap_user", "imap_password"):
+        needed = ("imap_password",) if self.auth == "password" else ("oauth_token_url", "oauth_client_id")
+        for key in ("address", "imap_user", *needed):
             if getattr(self, key) is None:
-                raise ValueError(f"{key} is required when imap_host is set")
+                raise ValueError(f"{key} is required when imap_host is set" + _with_auth(self.auth))
         if self.require_dmarc and not self.trusted_authserv_id:
             raise ValueError("trusted_authserv_id is required when require_dmarc is on")
         return self
+
+
+def _with_auth(auth: str) -> str:
+    return "" if auth == "password" else f" and auth = {auth!r}"
 
 
 McpToolSet = Literal["mail", "slack"]

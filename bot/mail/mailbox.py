@@ -7,6 +7,7 @@ watcher's connection, so a tool call cannot disturb IDLE.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import re
 from collections.abc import Awaitable
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import aioimaplib
 
 from bot.config import EmailConfig
+from bot.mail import oauth
 
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _FETCH_SIZE = re.compile(rb"RFC822\.SIZE (\d+)")
@@ -22,6 +24,21 @@ _FETCH_SIZE = re.compile(rb"RFC822\.SIZE (\d+)")
 
 class ImapError(Exception):
     """The server refused a command, or the connection broke."""
+
+
+class _SaslCommand(aioimaplib.Command):  # type: ignore[misc]  # aioimaplib is untyped
+    """AUTHENTICATE with an initial response. A refused token comes back as a "+" challenge (the
+    error details) that the server answers with NO only after an empty line; aioimaplib calls
+    ``flush`` on exactly such continuation lines, and would otherwise wait for its timeout."""
+
+    def __init__(self, protocol: aioimaplib.IMAP4ClientProtocol, *args: str) -> None:
+        super().__init__(*args)
+        self._protocol = protocol
+
+    def flush(self) -> None:
+        transport = self._protocol.transport
+        if transport is not None:
+            transport.write(b"\r\n")
 
 
 @dataclass(frozen=True)
@@ -67,10 +84,36 @@ class Mailbox:
         if c.imap_security == "starttls":
             await self._starttls(client)
         assert c.imap_user is not None
-        assert c.imap_password is not None
-        response = await self.command(client.login(c.imap_user, c.imap_password.get_secret_value()))
+        if c.auth == "password":
+            assert c.imap_password is not None
+            response = await self.command(client.login(c.imap_user, c.imap_password.get_secret_value()))
+        else:
+            response = await self._authenticate(client, c.imap_user)
         if response.result != "OK":
+            if c.auth != "password":
+                oauth.refused(c)  # revoked or expired early: the next attempt fetches a new token
             raise ImapError(f"login refused: {text_of(response)}")
+
+    async def _authenticate(self, client: aioimaplib.IMAP4, user: str) -> aioimaplib.Response:
+        """SASL with an OAuth2 access token, sent as the initial response (SASL-IR)."""
+        mechanism = self._config.auth.upper()
+        if not client.protocol.capabilities:  # not in the greeting: ask
+            await self.command(client.protocol.capability())
+        offered = sorted(c[5:] for c in client.protocol.capabilities if c.startswith("AUTH="))
+        if mechanism not in offered:
+            raise ImapError(f"the server does not offer AUTH={mechanism} (it offers {', '.join(offered) or 'none'})")
+        try:
+            token = await oauth.access_token(self._config)
+        except oauth.TokenError as exc:
+            raise ImapError(f"no OAuth2 token: {exc}") from None
+        encode = oauth.xoauth2 if self._config.auth == "xoauth2" else oauth.oauthbearer
+        initial = base64.b64encode(encode(user, token).encode()).decode()
+        protocol = client.protocol
+        command = _SaslCommand(protocol, "AUTHENTICATE", protocol.new_tag(), mechanism, initial)
+        response = await self.command(protocol.execute(command))
+        if response.result == "OK":
+            protocol.state = aioimaplib.AUTH  # what aioimaplib's own login and xoauth2 do
+        return response
 
     async def _starttls(self, client: aioimaplib.IMAP4) -> None:
         """aioimaplib has no STARTTLS: send the command, then upgrade the transport in place."""

@@ -26,7 +26,8 @@ async def probe_imap(config: EmailConfig, triage: TriageConfig) -> str:
     finally:
         await box.close()
     later = f"; {', '.join(missing)} not there yet (created on first use)" if missing else ""
-    return f"logged in to {where} as {config.imap_user}, {config.mailbox} selected{later}"
+    how = "" if config.auth == "password" else f" with {config.auth.upper()} (a token from {config.oauth_token_url})"
+    return f"logged in to {where} as {config.imap_user}{how}, {config.mailbox} selected{later}"
 
 
 async def _login(box: Mailbox, config: EmailConfig, where: str) -> None:
@@ -34,13 +35,21 @@ async def _login(box: Mailbox, config: EmailConfig, where: str) -> None:
         await box.connect()
     except ImapError as exc:
         if str(exc).startswith("login refused"):
-            raise ProbeFailed(
-                f"IMAP refused the login of {config.imap_user} ({exc})",
-                "check email.imap_user and IMAP_PASSWORD",
-            ) from None
+            raise ProbeFailed(f"IMAP refused the login of {config.imap_user} ({exc})", _login_fix(config)) from None
+        if str(exc).startswith(("no OAuth2 token", "the server does not offer")):
+            raise ProbeFailed(f"IMAP at {where}: {exc}", _login_fix(config)) from None
         raise ProbeFailed(f"IMAP at {where}: {exc}", _CONNECT_FIX) from None
     except (OSError, TimeoutError, aioimaplib.AioImapException) as exc:
         raise ProbeFailed(f"cannot connect to IMAP at {where}: {exc or type(exc).__name__}", _CONNECT_FIX) from None
+
+
+def _login_fix(config: EmailConfig) -> str:
+    if config.auth == "password":
+        return "check email.imap_user and IMAP_PASSWORD"
+    return (
+        "check email.auth (the mechanisms the server offers), email.oauth_token_url, oauth_client_id,"
+        " EMAIL_OAUTH_CLIENT_SECRET and EMAIL_OAUTH_REFRESH_TOKEN, and that the app may use IMAP"
+    )
 
 
 _CONNECT_FIX = "check email.imap_host, imap_port and imap_security (tls: 993, starttls/plain: 143), and tls_ca_file"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+from typing import Any
 
 import aiosmtplib
 
 from bot.config import EmailConfig
+from bot.mail import oauth
 from bot.probe import ProbeFailed
 
 _DEFAULT_PORTS = {"tls": 465, "starttls": 587, "plain": 25}
@@ -22,20 +25,24 @@ class SendError(Exception):
 
 async def send(config: EmailConfig, raw: bytes, sender: str, to: str) -> None:
     """Hand ``raw`` to the SMTP server for ``to``; raises SendError or an aiosmtplib error if it is not taken."""
-    user = _user(config)
-    errors, _ = await aiosmtplib.send(
-        raw,
-        sender=sender,
-        recipients=[to],
-        hostname=config.smtp_host or config.imap_host,
-        port=config.smtp_port or _DEFAULT_PORTS[config.smtp_security],
-        username=user,
-        password=_password(config) if user else None,
-        use_tls=config.smtp_security == "tls",
-        start_tls=config.smtp_security == "starttls",
-        tls_context=config.tls_context() if config.smtp_security != "plain" else None,
-        timeout=config.command_timeout_s,
-    )
+    try:
+        errors, _ = await aiosmtplib.send(
+            raw,
+            sender=sender,
+            recipients=[to],
+            hostname=config.smtp_host or config.imap_host,
+            port=config.smtp_port or _DEFAULT_PORTS[config.smtp_security],
+            use_tls=config.smtp_security == "tls",
+            start_tls=config.smtp_security == "starttls",
+            tls_context=config.tls_context() if config.smtp_security != "plain" else None,
+            timeout=config.command_timeout_s,
+            **_credentials(config),
+        )
+    except aiosmtplib.SMTPAuthenticationError:
+        _token_refused(config)
+        raise
+    except oauth.TokenError as exc:
+        raise aiosmtplib.SMTPException(f"no OAuth2 token for SMTP: {exc}") from None
     if errors:
         code = min(response.code for response in errors.values())
         raise SendError(f"recipients refused: {errors}", code)
@@ -64,6 +71,21 @@ def _user(config: EmailConfig) -> str | None:
     return user or None
 
 
+def _credentials(config: EmailConfig) -> dict[str, Any]:
+    """aiosmtplib's login arguments: a password, an OAuth2 token source (XOAUTH2), or none."""
+    user = _user(config)
+    if user is None:
+        return {}
+    if config.auth == "password":
+        return {"username": user, "password": _password(config)}
+    return {"username": user, "oauth_token_generator": functools.partial(oauth.access_token, config)}
+
+
+def _token_refused(config: EmailConfig) -> None:
+    if config.auth != "password":
+        oauth.refused(config)  # revoked or expired early: the next attempt fetches a new token
+
+
 def _password(config: EmailConfig) -> str | None:
     secret = config.smtp_password or config.imap_password
     return secret.get_secret_value() if secret else None
@@ -86,7 +108,7 @@ async def probe(config: EmailConfig) -> str:
     try:
         await _connect(client, where)
         if user:
-            await _login(client, user, _password(config) or "", where)
+            await _login(client, config, user, where)
     finally:
         if client.is_connected:
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
@@ -105,10 +127,18 @@ async def _connect(client: aiosmtplib.SMTP, where: str) -> None:
         ) from None
 
 
-async def _login(client: aiosmtplib.SMTP, user: str, password: str, where: str) -> None:
+async def _login(client: aiosmtplib.SMTP, config: EmailConfig, user: str, where: str) -> None:
     try:
-        await client.login(user, password)
+        if config.auth == "password":
+            await client.login(user, _password(config) or "")
+        else:
+            await client.auth_xoauth2(user, await oauth.access_token(config))
+    except oauth.TokenError as exc:
+        raise ProbeFailed(
+            f"no OAuth2 token for SMTP: {exc}", "check email.oauth_token_url and its credentials"
+        ) from None
     except aiosmtplib.SMTPAuthenticationError as exc:
+        _token_refused(config)
         raise ProbeFailed(
             f"SMTP refused the login of {user} ({exc.code} {exc.message})", "check email.smtp_user and SMTP_PASSWORD"
         ) from None

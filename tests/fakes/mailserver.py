@@ -8,6 +8,7 @@ recipients' mailboxes and also kept in ``sent`` for inspection.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email
 import email.policy
@@ -23,13 +24,15 @@ import ssl
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
+from tests.fakes.oauth import OAuthServer
 from tests.fakes.redis_server import free_port
 
 DOMAIN = "example.test"
@@ -45,7 +48,7 @@ log_path = {root}/dovecot.log
 info_log_path = {root}/dovecot.log
 {ssl}
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 auth_username_format = %Ln
 mail_location = maildir:{root}/mail/%u/Maildir
 mail_uid = {uid}
@@ -54,7 +57,7 @@ default_internal_user = {user}
 default_login_user = {login_user}
 default_internal_group = {group}
 imap_idle_notify_interval = 1 secs
-passdb {{
+{oauth_passdb}passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%Ln {root}/passwd
 }}
@@ -81,6 +84,21 @@ service lmtp {{
     mode = 0666
   }}
 }}
+"""
+
+
+# Dovecot asks the token's issuer whether it is active (RFC 7662) and whose it is.
+OAUTH_PASSDB = """passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {root}/oauth2.conf
+}}
+"""
+OAUTH_CONF = """introspection_mode = post
+introspection_url = {url}/introspect
+username_attribute = username
+active_attribute = active
+active_value = true
 """
 
 
@@ -116,15 +134,33 @@ class Relay:
             lmtp.sendmail(sender, recipients, raw)
 
 
+class OAuthRelay(Relay):
+    """The SMTP hop, taking XOAUTH2 with tokens the issuer still calls active."""
+
+    def __init__(self, lmtp_socket: Path, active: Callable[[str], bool]) -> None:
+        super().__init__(lmtp_socket)
+        self.active = active
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) < 2:
+            return AuthResult(success=False, handled=False)
+        fields = dict(part.split("=", 1) for part in base64.b64decode(args[1]).decode().split("\x01") if "=" in part)
+        token = fields.get("auth", "").removeprefix("Bearer ")
+        return AuthResult(success=self.active(token), handled=False, auth_data=fields.get("user"))
+
+
 class MailServer:
-    def __init__(self, tls: bool = False) -> None:
+    def __init__(self, tls: bool = False, oauth: OAuthServer | None = None) -> None:
+        # IMAP (Dovecot's oauth2 passdb) and the SMTP hop also take XOAUTH2 tokens this issuer calls active.
+        self.oauth_url = oauth.url if oauth is not None else None
         # Dovecot's unprivileged processes must reach their sockets: a world-traversable dir of our own.
         self.root = Path(tempfile.mkdtemp(prefix="agentd-mail-"))
         self.root.chmod(0o755)
         self.imap_port = free_port()
         self.smtp_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
-        self.relay = Relay(self.root / "run" / "lmtp")
+        lmtp = self.root / "run" / "lmtp"
+        self.relay = Relay(lmtp) if oauth is None else OAuthRelay(lmtp, oauth.active)
         self.tls = tls
         self.imaps_port = free_port() if tls else 0
         self.cert = self.root / "cert.pem"
@@ -136,7 +172,9 @@ class MailServer:
         self._write_config()
         self._start_dovecot()
         # With TLS the hop offers STARTTLS (not required, so the tests' own plain submissions still work).
-        tls = {"tls_context": self._server_context()} if self.tls else {}
+        tls: dict[str, Any] = {"tls_context": self._server_context()} if self.tls else {}
+        if self.oauth_url is not None:
+            tls["auth_require_tls"] = False
         self._smtp = Controller(self.relay, hostname="127.0.0.1", port=self.smtp_port, data_size_limit=64 << 20, **tls)
         self._smtp.start()
 
@@ -146,6 +184,12 @@ class MailServer:
             self._smtp = None
         self._stop_dovecot()
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def kick(self, user: str = "agent") -> None:
+        """Disconnect every IMAP session of ``user``, as a server restart or failover does."""
+        subprocess.run(
+            ["doveadm", "-c", str(self.root / "dovecot.conf"), "kick", user], check=True, capture_output=True
+        )
 
     def restart_dovecot(self) -> None:
         self._stop_dovecot()
@@ -161,8 +205,18 @@ class MailServer:
         if self.tls:
             self._make_certificate()
             ssl_settings = f"ssl = yes\nssl_cert = <{self.cert}\nssl_key = <{self.root / 'key.pem'}"
+        mechanisms, oauth_passdb = "plain login", ""
+        if self.oauth_url is not None:
+            mechanisms, oauth_passdb = "plain login xoauth2 oauthbearer", OAUTH_PASSDB.format(root=self.root)
+            (self.root / "oauth2.conf").write_text(OAUTH_CONF.format(url=self.oauth_url))
         text = CONFIG.format(
-            root=self.root, imap_port=self.imap_port, imaps_port=self.imaps_port, ssl=ssl_settings, **ids
+            root=self.root,
+            imap_port=self.imap_port,
+            imaps_port=self.imaps_port,
+            ssl=ssl_settings,
+            mechanisms=mechanisms,
+            oauth_passdb=oauth_passdb,
+            **ids,
         )
         (self.root / "dovecot.conf").write_text(text)
 
