@@ -112,6 +112,8 @@ class PoolConfig(_Section):
     admission_timeout_s: float = Field(default=120.0, gt=0)
     rss_sample_s: float = Field(default=2.0, gt=0)
     spawn_estimate_mb: int = Field(default=256, ge=1)
+    # Which idle process gives room: lfu (used least lately, then least recently) or plain lru.
+    eviction: Literal["lfu", "lru"] = "lfu"
 
     @property
     def prewarm_by_profile(self) -> dict[str, int]:

@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import structlog
 
-from bot import fairness, files, metrics, procs
+from bot import eviction, fairness, files, metrics, procs
 from bot.config import Settings
 from bot.core import (
     AgentCrashed,
@@ -545,6 +545,8 @@ class Pool:
         # Conversations waiting for room, in arrival order; the fair one among them goes first.
         self._waiting: dict[Worker, fairness.Waiter] = {}
         self._arrivals = itertools.count()
+        # How often each conversation is used lately: eviction keeps the busy ones warm (bot/eviction.py).
+        self._frequency = eviction.Frequency(window=10 * settings.pool.max_sessions)
         self._stopping = False
         self._background: set[asyncio.Task[None]] = set()
         self._monitor: asyncio.Task[None] | None = None
@@ -605,6 +607,7 @@ class Pool:
 
     async def submit(self, inbound: Inbound) -> Turn:
         turn = Turn(inbound)
+        self._frequency.touch(inbound.conversation_id)
         if self._stopping:
             turn.fail(Failure.SHUTDOWN)
             return turn
@@ -856,7 +859,12 @@ class Pool:
             idle = [w for w in idle if not w.spare]
         elif not (processes_short or memory_short):
             return None
-        return min(idle, key=lambda w: (not w.spare, w.last_used), default=None)
+        return min(idle, key=self._eviction_order, default=None)
+
+    def _eviction_order(self, worker: Worker) -> tuple[bool, int, float]:
+        """Spares first; then the least used lately (``lfu``; all equal under ``lru``); then the least recent."""
+        used = self._frequency.count(worker.record.conversation_id) if self.settings.pool.eviction == "lfu" else 0
+        return (not worker.spare, used, worker.last_used)
 
     @property
     def stopping(self) -> bool:
