@@ -8,13 +8,16 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bot import workdir_fs
+from bot import procs, workdir_fs
 from bot.files import INBOX, OUTBOX, move_into_inbox, take_outbox
+from tests.helpers import wait_until
 
 SECRET = "the daemon's secret"
 
@@ -173,3 +176,23 @@ def test_outbox_gone_or_a_link_gives_nothing(tmp_path: Path, workdir: Path, outs
     os.symlink(outside, workdir / OUTBOX)
     assert take_outbox(workdir, tmp_path / "parking") == ()
     assert_untouched(outside)
+
+
+async def test_helper_socket_cleanup_removes_no_file_a_process_names(tmp_path: Path, outside: Path) -> None:
+    """A descendant's argv (the agent's Bash too) can name any ``claude-http-*.sock``: only temp-dir sockets go."""
+    planted = outside / "claude-http-1.sock"
+    planted.write_text(SECRET)
+    in_temp = Path(tempfile.gettempdir()) / f"claude-http-test-{uuid.uuid4().hex}.sock"
+    in_temp.write_text(SECRET)
+    args = [f"UNIX-LISTEN:{planted},fork", f"UNIX-LISTEN:{in_temp},fork"]
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", *args]
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])", *sleeper])
+    try:
+        tree = procs.ProcessTree()
+        await wait_until(lambda: (tree.remember(parent.pid), tree.pids)[1] != [], what="the child to start")
+        await tree.sweep()
+        assert planted.read_text() == SECRET and in_temp.read_text() == SECRET
+    finally:
+        parent.kill()
+        parent.wait()
+        in_temp.unlink()
