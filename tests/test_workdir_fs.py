@@ -16,8 +16,12 @@ from pathlib import Path
 import pytest
 
 from bot import procs, workdir_fs
+from bot.core import Inbound
 from bot.files import INBOX, OUTBOX, move_into_inbox, take_outbox
+from tests.conftest import PoolFactory
+from tests.fakes.model import FakeModel, ToolUse
 from tests.helpers import wait_until
+from tests.test_security import needs_bwrap
 
 SECRET = "the daemon's secret"
 
@@ -196,3 +200,26 @@ async def test_helper_socket_cleanup_removes_no_file_a_process_names(tmp_path: P
         parent.kill()
         parent.wait()
         in_temp.unlink()
+
+
+@needs_bwrap
+async def test_the_daemons_own_dirs_are_out_of_the_agents_reach(
+    make_pool: PoolFactory, fake_model: FakeModel, tmp_path: Path
+) -> None:
+    """The daemon works by path only in dirs the agent cannot change: its Claude state, staging and parking."""
+    pool = await make_pool(agent={"sandbox": True})
+    assert (await pool.ask(Inbound("api:d", "hello"))).ok
+    record = await pool.store.get("api:d")
+    assert record is not None
+    data = tmp_path / "data"
+    state = Path(record.config_dir)
+    targets = [state / "projects", state, data / "incoming", data / "sent", data / "work", data / "state"]
+    # Built at run time from $PWD, so that no path outside the workdir appears in the command: the sandbox decides.
+    relative = [str(t.relative_to(data)) for t in targets]
+    command = 'ln -s / control; d=$(dirname "$(dirname "$PWD")"); ' + "; ".join(
+        f'mkdir -p "$d/{r}"; ln -s / "$d/{r}/planted"' for r in relative
+    )
+    fake_model.add("escape", tool=ToolUse("Bash", {"command": command, "description": "escape"}))
+    assert (await pool.ask(Inbound("api:d", "escape"))).ok
+    assert (Path(record.workdir) / "control").is_symlink(), "the Bash call never ran"
+    assert [t for t in targets if (t / "planted").is_symlink()] == []
