@@ -82,11 +82,11 @@ def move_into_inbox(files: tuple[Path, ...], workdir: Path) -> list[str]:
 
 
 def take_outbox(workdir: Path, parking: Path) -> tuple[Path, ...]:
-    """Copy the regular files the agent left in ``outbox/`` out of its reach, then remove them there.
+    """Move the regular files the agent left in ``outbox/`` out of its reach, so a later turn cannot swap them.
 
-    Every step is relative to the outbox's handle and each file's own handle: a link, FIFO, socket,
-    device, hard link or file on another device is refused, and swapping ``outbox`` for a link
-    mid-way changes nothing the daemon reads.
+    Every step is relative to the outbox's handle and each file's own handle (``bot.workdir_fs``):
+    a link, FIFO, socket, device, hard link or file on another device is refused and left, and
+    swapping ``outbox`` or a file in it for a link mid-way moves nothing from outside.
     """
     with workdir_fs.opened_dir(workdir) as workdir_fd, workdir_fs.existing_subdir(workdir_fd, OUTBOX) as outbox_fd:
         if outbox_fd is None:
@@ -96,25 +96,25 @@ def take_outbox(workdir: Path, parking: Path) -> tuple[Path, ...]:
             return ()
         batch = parking / uuid.uuid4().hex[:12]
         batch.mkdir(parents=True)
-        moved = []
-        for name in names:
-            taken = _take_one(outbox_fd, name, batch)
-            if taken is not None:
-                moved.append(taken)
-        return tuple(moved)
+        with workdir_fs.opened_dir(batch) as batch_fd:
+            taken = [_take_one(outbox_fd, name, batch, batch_fd) for name in names]
+        if not any(taken):
+            batch.rmdir()
+        return tuple(path for path in taken if path is not None)
 
 
-def _take_one(outbox_fd: int, name: str, batch: Path) -> Path | None:
+def _take_one(outbox_fd: int, name: str, batch: Path, batch_fd: int) -> Path | None:
     try:
         source_fd = workdir_fs.open_regular(outbox_fd, name)
     except OSError as exc:  # Refused; ELOOP: swapped for a link since listed; ENXIO: a socket; gone
         log.warning("outbox_file_refused", name=safe_filename(name), reason=exc.strerror)
         return None
+    target = unique_path(batch, safe_filename(name))  # batch is the daemon's: no one else names files there
     try:
-        target = unique_path(batch, safe_filename(name))
-        with target.open("xb") as out:
-            workdir_fs.copy_fd(source_fd, out.fileno())
-        workdir_fs.unlink_if_same(outbox_fd, name, source_fd)
+        workdir_fs.move_checked(outbox_fd, name, batch_fd, target.name, source_fd)
+    except OSError as exc:
+        log.warning("outbox_file_refused", name=safe_filename(name), reason=exc.strerror)
+        return None
     finally:
         os.close(source_fd)
     return target

@@ -149,6 +149,44 @@ def copy_fd(source: int, target: int) -> None:
         shutil.copyfileobj(reading, writing)
 
 
+def move_checked(src_fd: int, name: str, dst_fd: int, new_name: str, opened: int) -> None:
+    """Rename ``name`` to ``new_name`` (a fresh name in a daemon-only directory), then make sure it moved ``opened``.
+
+    The rename is relative to both handles and moves the entry itself, never a link's target.  If
+    the agent swapped the name between ``open_regular`` and the rename, what arrived is not the file
+    that was checked: it is removed from the daemon's directory again (only that name; a link's
+    target is untouched) and refused.  Across file systems the checked handle's content is copied.
+    """
+    try:
+        os.rename(name, new_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy_out(src_fd, name, dst_fd, new_name, opened)
+        return
+    moved, checked = os.stat(new_name, dir_fd=dst_fd, follow_symlinks=False), os.fstat(opened)
+    if (moved.st_dev, moved.st_ino) == (checked.st_dev, checked.st_ino) and moved.st_nlink == 1:
+        return
+    _discard(dst_fd, new_name)
+    raise Refused(errno.EBUSY, "replaced while it was being taken", name)
+
+
+def _copy_out(src_fd: int, name: str, dst_fd: int, new_name: str, opened: int) -> None:
+    target = os.open(new_name, CREATE_FLAGS, FILE_MODE, dir_fd=dst_fd)
+    try:
+        copy_fd(opened, target)
+    finally:
+        os.close(target)
+    unlink_if_same(src_fd, name, opened)
+
+
+def _discard(dir_fd: int, name: str) -> None:
+    if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)  # descriptor-based: enters no link (see ``remove_tree``)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
 def unlink_if_same(dir_fd: int, name: str, opened: int) -> None:
     """Remove ``name`` only while it is still the file ``opened`` (the agent may have swapped it since)."""
     with contextlib.suppress(FileNotFoundError):

@@ -223,3 +223,54 @@ async def test_the_daemons_own_dirs_are_out_of_the_agents_reach(
     assert (await pool.ask(Inbound("api:d", "escape"))).ok
     assert (Path(record.workdir) / "control").is_symlink(), "the Bash call never ran"
     assert [t for t in targets if (t / "planted").is_symlink()] == []
+
+
+@pytest.mark.parametrize("swap", ["link_outside", "hard_link_outside", "directory"])
+def test_a_file_swapped_after_its_check_is_not_taken(tmp_path: Path, workdir: Path, outside: Path, swap: str) -> None:
+    """The race's last window, made deterministic: the name changes between the check and the move."""
+    outbox, parking = workdir / OUTBOX, tmp_path / "parking"
+    outbox.mkdir()
+    parking.mkdir()
+    (outbox / "report.txt").write_text("checked")
+    with workdir_fs.opened_dir(outbox) as outbox_fd, workdir_fs.opened_dir(parking) as parking_fd:
+        opened = workdir_fs.open_regular(outbox_fd, "report.txt")
+        (outbox / "report.txt").unlink()
+        if swap == "link_outside":
+            os.symlink(outside / "secret.txt", outbox / "report.txt")
+        elif swap == "hard_link_outside":
+            os.link(outside / "secret.txt", outbox / "report.txt")
+        else:
+            (outbox / "report.txt").mkdir()
+            os.symlink(outside, outbox / "report.txt" / "inner")
+        with pytest.raises(workdir_fs.Refused):
+            workdir_fs.move_checked(outbox_fd, "report.txt", parking_fd, "report.txt", opened)
+        os.close(opened)
+    assert list(parking.iterdir()) == []
+    assert_untouched(outside)
+
+
+def test_a_hard_link_made_after_the_check_is_not_taken(tmp_path: Path, workdir: Path) -> None:
+    outbox, parking = workdir / OUTBOX, tmp_path / "parking"
+    outbox.mkdir()
+    parking.mkdir()
+    (outbox / "report.txt").write_text("checked")
+    with workdir_fs.opened_dir(outbox) as outbox_fd, workdir_fs.opened_dir(parking) as parking_fd:
+        opened = workdir_fs.open_regular(outbox_fd, "report.txt")
+        os.link(outbox / "report.txt", workdir / "keeps-a-handle")  # a name the agent could write through later
+        with pytest.raises(workdir_fs.Refused):
+            workdir_fs.move_checked(outbox_fd, "report.txt", parking_fd, "report.txt", opened)
+        os.close(opened)
+    assert list(parking.iterdir()) == []
+    assert (workdir / "keeps-a-handle").read_text() == "checked"
+
+
+def test_across_file_systems_the_checked_content_is_copied(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a second file system")
+    with tempfile.TemporaryDirectory(dir=shm) as other:
+        workdir = Path(other)
+        (workdir / OUTBOX).mkdir()
+        (workdir / OUTBOX / "report.txt").write_text("ok")
+        (taken,) = take_outbox(workdir, tmp_path / "parking")
+        assert taken.read_text() == "ok" and not (workdir / OUTBOX / "report.txt").exists()
