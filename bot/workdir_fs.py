@@ -28,6 +28,8 @@ FILE_MODE = 0o644
 DIR_MODE = 0o755
 # A link or a file planted where the daemon expects its directory is kept under this prefix.
 REPLACED_PREFIX = ".replaced-"
+# What opening a name with ``DIR_FLAGS`` says when it is a symlink (ELOOP) or a file (ENOTDIR).
+_NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)
 
 
 class Refused(OSError):
@@ -50,45 +52,51 @@ def own_subdir(parent_fd: int, name: str) -> Iterator[int]:
 
     When the agent left something else there (a link, a file), it is renamed away, never followed,
     and a fresh directory takes its place: the agent keeps what it made, the daemon writes only
-    where it means to.  A second swap during that is refused.
+    where it means to.  Replaced once more during that, it is refused (the ``OSError`` propagates).
     """
-    for attempt in range(2):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, DIR_MODE, dir_fd=parent_fd)
-        try:
-            fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
-        except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or attempt:
-                raise
-            os.rename(name, REPLACED_PREFIX + uuid.uuid4().hex[:8], src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-            continue
-        try:
-            _same_device(fd, parent_fd, name)
-            yield fd
-        finally:
-            os.close(fd)
-        return
-    raise Refused(errno.ELOOP, "the directory kept being replaced", name)  # pragma: no cover - loop returns
-
-
-@contextlib.contextmanager
-def existing_subdir(parent_fd: int, name: str) -> Iterator[int | None]:
-    """``name`` below ``parent_fd`` if it is a real directory on the parent's device, else None."""
     try:
-        fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
-    except (FileNotFoundError, NotADirectoryError):
-        yield None
-        return
+        fd = _make_and_open(parent_fd, name)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:  # a symlink: never followed
-            yield None
-            return
-        raise
+        if exc.errno not in _NOT_A_DIR:
+            raise
+        os.rename(name, REPLACED_PREFIX + uuid.uuid4().hex[:8], src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        fd = _make_and_open(parent_fd, name)
     try:
         _same_device(fd, parent_fd, name)
         yield fd
     finally:
         os.close(fd)
+
+
+def _make_and_open(parent_fd: int, name: str) -> int:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, DIR_MODE, dir_fd=parent_fd)
+    return os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+
+
+@contextlib.contextmanager
+def existing_subdir(parent_fd: int, name: str) -> Iterator[int | None]:
+    """``name`` below ``parent_fd`` if it is a real directory on the parent's device, else None."""
+    fd = _open_existing(parent_fd, name)
+    if fd is None:
+        yield None
+        return
+    try:
+        _same_device(fd, parent_fd, name)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _open_existing(parent_fd: int, name: str) -> int | None:
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in _NOT_A_DIR:
+            return None
+        raise
 
 
 def _same_device(fd: int, parent_fd: int, name: str) -> None:
