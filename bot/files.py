@@ -7,13 +7,16 @@ picks up must be a regular file, never a link the agent planted.
 
 from __future__ import annotations
 
+import os
 import re
-import shutil
 import unicodedata
 import uuid
 from pathlib import Path
 
+import structlog
 from pathvalidate import sanitize_filename
+
+from bot import workdir_fs
 
 INBOX = "inbox"
 OUTBOX = "outbox"
@@ -21,6 +24,7 @@ MAX_OUTBOX_FILES = 20
 # Below the usual 255-byte limit, leaving room for ``unique_path``'s ``-N`` suffix.
 MAX_NAME_BYTES = 200
 MAX_SUFFIX_BYTES = 16
+log = structlog.get_logger(__name__)
 _UNSAFE = re.compile(r"[^\w.\- ]+")
 
 
@@ -57,33 +61,63 @@ def unique_path(directory: Path, name: str) -> Path:
 
 
 def move_into_inbox(files: tuple[Path, ...], workdir: Path) -> list[str]:
-    """Move staged attachments into ``workdir/inbox``; return their paths relative to the workdir."""
-    inbox = workdir / INBOX
-    inbox.mkdir(parents=True, exist_ok=True)
+    """Move staged attachments into ``workdir/inbox``; return their paths relative to the workdir.
+
+    Written through directory handles (``bot.workdir_fs``): an ``inbox`` the agent replaced with a
+    link or a file is renamed away and recreated, and each file is created anew (``O_EXCL``), so the
+    user's content lands in the workdir and nowhere else.
+    """
     placed = []
-    for source in files:
-        target = unique_path(inbox, safe_filename(source.name))
-        shutil.move(source, target)
-        placed.append(str(target.relative_to(workdir)))
+    with workdir_fs.opened_dir(workdir) as workdir_fd, workdir_fs.own_subdir(workdir_fd, INBOX) as inbox_fd:
+        for source in files:
+            target_fd, name = workdir_fs.create_file(inbox_fd, safe_filename(source.name))
+            try:
+                with source.open("rb") as staged:  # staged by the daemon under data_dir, out of the agent's reach
+                    workdir_fs.copy_fd(staged.fileno(), target_fd)
+            finally:
+                os.close(target_fd)
+            source.unlink()
+            placed.append(f"{INBOX}/{name}")
     return placed
 
 
 def take_outbox(workdir: Path, parking: Path) -> tuple[Path, ...]:
-    """Move the regular files the agent left in ``outbox/`` out of its reach, so a later turn cannot swap them."""
-    outbox = workdir / OUTBOX
-    if not outbox.is_dir() or outbox.is_symlink():
-        return ()
-    found = sorted(p for p in outbox.iterdir() if p.is_file() and not p.is_symlink())[:MAX_OUTBOX_FILES]
-    if not found:
-        return ()
-    batch = parking / uuid.uuid4().hex[:12]
-    batch.mkdir(parents=True)
-    moved = []
-    for path in found:
-        target = unique_path(batch, safe_filename(path.name))
-        shutil.move(path, target)
-        moved.append(target)
-    return tuple(moved)
+    """Move the regular files the agent left in ``outbox/`` out of its reach, so a later turn cannot swap them.
+
+    Every step is relative to the outbox's handle and each file's own handle (``bot.workdir_fs``):
+    a link, FIFO, socket, device, hard link or file on another device is refused and left, and
+    swapping ``outbox`` or a file in it for a link mid-way moves nothing from outside.
+    """
+    with workdir_fs.opened_dir(workdir) as workdir_fd, workdir_fs.existing_subdir(workdir_fd, OUTBOX) as outbox_fd:
+        if outbox_fd is None:
+            return ()
+        names = workdir_fs.list_regular(outbox_fd)[:MAX_OUTBOX_FILES]
+        if not names:
+            return ()
+        batch = parking / uuid.uuid4().hex[:12]
+        batch.mkdir(parents=True)
+        with workdir_fs.opened_dir(batch) as batch_fd:
+            taken = [_take_one(outbox_fd, name, batch, batch_fd) for name in names]
+        if not any(taken):
+            batch.rmdir()
+        return tuple(path for path in taken if path is not None)
+
+
+def _take_one(outbox_fd: int, name: str, batch: Path, batch_fd: int) -> Path | None:
+    try:
+        source_fd = workdir_fs.open_regular(outbox_fd, name)
+    except OSError as exc:  # Refused; ELOOP: swapped for a link since listed; ENXIO: a socket; gone
+        log.warning("outbox_file_refused", name=safe_filename(name), reason=exc.strerror)
+        return None
+    target = unique_path(batch, safe_filename(name))  # batch is the daemon's: no one else names files there
+    try:
+        workdir_fs.move_checked(outbox_fd, name, batch_fd, target.name, source_fd)
+    except OSError as exc:
+        log.warning("outbox_file_refused", name=safe_filename(name), reason=exc.strerror)
+        return None
+    finally:
+        os.close(source_fd)
+    return target
 
 
 def attachment_note(placed: list[str]) -> str:

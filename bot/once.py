@@ -16,7 +16,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bot import procs
+import structlog
+
+from bot import procs, workdir_fs
 from bot.agent import ClaudeLauncher
 from bot.config import ConfigError, Settings
 from bot.core import (
@@ -34,6 +36,8 @@ from bot.daemon import open_store
 from bot.gateway import Gateway
 from bot.ledger import Ledger, Prices
 from bot.telemetry import Telemetry
+
+log = structlog.get_logger(__name__)
 
 CHANNEL = "once"
 
@@ -113,7 +117,7 @@ async def run_once(settings: Settings, request: OnceRequest) -> OnceResult:
     finally:
         shutil.rmtree(spec.config_dir.parent, ignore_errors=True)
         if temporary:
-            shutil.rmtree(workdir, ignore_errors=True)
+            _remove_workdir(workdir)
     return _result(outcome, done, workdir, time.monotonic() - started)
 
 
@@ -178,6 +182,14 @@ def _outcome(spec: SessionSpec, done: TurnDone | _Failed) -> Outcome:
     cost = done.metered_usd if done.metered_usd is not None else done.total_cost_usd
     error = done.budget or done.error or ("interrupted" if done.interrupted else None)
     return Outcome(spec.conversation_id, done.reply, done.session_id, cost, 1, failure=failure, error=error)
+
+
+def _remove_workdir(workdir: Path) -> None:
+    """The temp workdir goes, and nothing its links point to (``workdir_fs.remove_tree``)."""
+    try:
+        workdir_fs.remove_tree(workdir)
+    except OSError as exc:
+        log.warning("workdir_not_removed", workdir=str(workdir), error=str(exc)[:200])
 
 
 def _result(outcome: Outcome, done: TurnDone | _Failed, workdir: Path, seconds: float) -> OnceResult:

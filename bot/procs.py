@@ -7,16 +7,21 @@ import contextlib
 import ctypes
 import fnmatch
 import os
+import stat
+import tempfile
 import time
 from pathlib import Path
 
 import psutil
+
+from bot import workdir_fs
 
 MIB = 1024 * 1024
 _PR_SET_CHILD_SUBREAPER = 36
 # The sandbox helper's listening socket: ``socat UNIX-LISTEN:<tmp>/claude-http-<id>.sock,... TCP:...``.
 _SOCKET_ARG = "UNIX-LISTEN:"
 _SOCKET_NAME = "claude-http-*.sock"
+_SOCKET_DIR = Path(tempfile.gettempdir())
 REAP_DEADLINE_S = 5.0
 
 
@@ -154,8 +159,7 @@ class ProcessTree:
             if waiting:
                 await asyncio.sleep(0.02)
         for socket in self._sockets:
-            with contextlib.suppress(OSError):
-                socket.unlink(missing_ok=True)
+            _remove_socket(socket)
         self._members.clear()
         return killed
 
@@ -191,4 +195,13 @@ def _helper_sockets(proc: psutil.Process) -> list[Path]:
     except psutil.Error:
         return []
     paths = [Path(arg.removeprefix(_SOCKET_ARG).split(",", 1)[0]) for arg in args if arg.startswith(_SOCKET_ARG)]
-    return [p for p in paths if fnmatch.fnmatch(p.name, _SOCKET_NAME)]
+    # Any descendant's argv can name a path (the agent's Bash runs there too): only the temp dir's
+    # own sockets are the helper's, so the daemon never removes a file the agent points it at.
+    return [p for p in paths if fnmatch.fnmatch(p.name, _SOCKET_NAME) and p.parent == _SOCKET_DIR]
+
+
+def _remove_socket(path: Path) -> None:
+    """Unlink ``path`` (a name directly in the temp dir) only if it is a socket; no link is followed."""
+    with contextlib.suppress(OSError), workdir_fs.opened_dir(_SOCKET_DIR) as temp_fd:
+        if stat.S_ISSOCK(os.stat(path.name, dir_fd=temp_fd, follow_symlinks=False).st_mode):
+            os.unlink(path.name, dir_fd=temp_fd)

@@ -233,3 +233,17 @@ async def test_ctrl_c_stops_the_task_and_its_process(
     assert process.returncode == 130, err
     assert err.decode().strip().splitlines()[-1] == "agentd: once: interrupted"
     assert clis_in(tmp_path) == []
+
+
+async def test_the_temp_workdir_goes_without_following_the_agents_links(tmp_path: Path, fake_model: FakeModel) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("keep me")
+    plant = f"ln -s {outside} out; mkdir -p d && ln -s {outside} d/deeper; ln -s {outside}/secret.txt f; ls -l"
+    fake_model.add("plant", tool=ToolUse("Bash", {"command": plant, "description": "plant"}))
+    once = Once(tmp_path, fake_model)
+    ran = await once.run("--prompt", "plant links", "--output", "json")
+    assert ran.code == 0, ran.stderr
+    assert f"out -> {outside}" in fake_model.tool_results(), "the links were planted"
+    assert not Path(json.loads(ran.stdout)["workdir"]).exists()
+    assert [p.name for p in outside.iterdir()] == ["secret.txt"] and (outside / "secret.txt").read_text() == "keep me"

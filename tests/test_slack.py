@@ -253,6 +253,27 @@ async def test_files_in_and_out(tmp_path: Path, fake_model: FakeModel, slack: Fa
         assert not list(tmp_path.glob("etc/passwd.txt")) and not (tmp_path / "data" / "etc").exists()
 
 
+async def test_a_file_shared_after_the_agent_linked_inbox_out_stays_in_the_workdir(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    """Issue 17's reproduction through Slack: the agent's Bash links ``inbox`` out, then a member shares a file."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    plant = f"rm -rf inbox; ln -s {outside} inbox && echo planted"
+    fake_model.add("tidy up", tool=ToolUse("Bash", {"command": plant, "description": "tidy"}))
+    async with running(tmp_path, fake_model, slack):
+        root = await mention(slack, "tidy up")
+        await wait_done(slack, CHANNEL, root)
+        assert "planted" in fake_model.tool_results()
+        shared = slack.add_file("evil.pth", b"import os; os.system('id > /tmp/pwned')\n", "text/plain")
+        follow = slack.message_event("here is a file", thread_ts=root, files=[shared])
+        await slack.send_event(follow)
+        assert await wait_done(slack, CHANNEL, str(follow["ts"])) == ["white_check_mark"]
+        assert list(outside.iterdir()) == []
+        (inbox,) = (tmp_path / "data" / "work").glob("*/inbox")
+        assert not inbox.is_symlink() and (inbox / "evil.pth").read_bytes().startswith(b"import os")
+
+
 async def test_too_large_or_wrong_type_file_gets_a_clear_reply_and_no_turn(
     tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
 ) -> None:

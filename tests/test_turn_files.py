@@ -112,3 +112,26 @@ async def test_cancel_stops_the_running_turn(make_pool: PoolFactory, fake_model:
     assert outcome.failure is Failure.INTERRUPTED
     assert not await pool.cancel("api:c")
     assert (await pool.ask(Inbound("api:c", "after"))).ok
+
+
+async def test_inbox_link_planted_by_the_agent_is_not_followed(
+    make_pool: PoolFactory, fake_model: FakeModel, tmp_path: Path
+) -> None:
+    """Issue 17's reproduction: the agent's Bash swaps ``inbox`` for a link out, then a user shares a file."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    pool = await make_pool()
+    plant = f"rm -rf inbox; ln -s {outside} inbox"
+    fake_model.add("plant", tool=ToolUse("Bash", {"command": plant, "description": "plant"}))
+    assert (await pool.ask(Inbound("api:l", "plant it"))).ok
+    (workdir,) = (tmp_path / "data" / "work").iterdir()
+    assert (workdir / "inbox").is_symlink(), "the agent's Bash did not plant the link"
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "evil.pth").write_text("import os; os.system('touch /tmp/pwned')")
+    outcome = await pool.ask(Inbound("api:l", "here is a file", files=(staged / "evil.pth",)))
+    assert outcome.ok, outcome.error
+    assert list(outside.iterdir()) == []
+    assert not (workdir / "inbox").is_symlink()
+    assert (workdir / "inbox" / "evil.pth").read_text().startswith("import os")
+    assert "inbox/evil.pth" in fake_model.find("here is a file")[0].last_said()
