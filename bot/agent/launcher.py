@@ -35,6 +35,7 @@ from claude_agent_sdk import (
 )
 from claude_agent_sdk.types import HookInput, HookJSONOutput, PermissionResult
 
+from bot import procs
 from bot.agent.binary import launch
 from bot.agent.tools import Servers, mcp_servers
 from bot.agent.transcripts import Transcripts
@@ -374,7 +375,7 @@ class ClaudeLauncher:
             resume=spec.session_id if spec.resume else None,
             session_id=None if spec.resume else spec.session_id,
             settings=str(self._write_settings(spec, reach)),
-            env={**self.environment(spec, meter), **self._cli_env},
+            env={**self.environment(spec, meter), **self._cli_env, **procs.owner_env(spec.data_dir)},
             can_use_tool=gate.can_use_tool,
             hooks={"PreToolUse": [HookMatcher(matcher=None, hooks=[gate.hook])]},
             stderr=_stderr_logger(spec),
