@@ -392,6 +392,10 @@ class ClaudeLauncher:
             "DISABLE_AUTOUPDATER": "1",
             "DISABLE_TELEMETRY": "1",
             "DISABLE_ERROR_REPORTING": "1",
+            # Bash reads ~/.bashrc even non-interactively when its stdin is a socket (it takes itself for one
+            # started by rshd) and it is a top-level shell; the CLI's stdin is one, and the sandbox denies
+            # home's dotfiles: every result began with ".bashrc: Permission denied". Level 1 makes it a subshell.
+            "SHLVL": "1",
         }
         if meter is not None:
             # The real key and upstream never enter the process: only the gateway and a credential.
