@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bot import procs
 from tests.daemon_proc import DaemonProcess
 from tests.fakes.model import FakeModel
 from tests.helpers import gone, wait_until
@@ -82,3 +83,15 @@ async def test_a_restart_reaps_what_a_dead_daemon_of_its_data_dir_left(daemon: D
         for proc in planted:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("mark", ["", "garbage", "x:1.00", ":1.00", "-1:1.00", "1.00"])
+def test_a_malformed_owner_mark_is_left_alone(tmp_path: Path, mark: str) -> None:
+    data_dir = tmp_path.resolve()
+    planted = plant(data_dir, mark)
+    try:
+        assert procs.sweep_leftovers(data_dir) == []
+        assert planted.poll() is None
+    finally:
+        planted.kill()
+        planted.wait()
