@@ -561,6 +561,10 @@ class Pool:
         # A CLI killed from outside leaves its sandbox helper behind; as subreaper we inherit and reap it.
         if not procs.become_subreaper():
             log.warning("subreaper_unavailable")
+        # What a crashed daemon of this data dir left behind (processes a parent-death signal missed).
+        leftovers = await asyncio.to_thread(procs.sweep_leftovers, self.data_dir)
+        if leftovers:
+            log.warning("leftovers_reaped", processes=[f"{pid} {name}" for pid, name in leftovers])
         self._monitor = asyncio.create_task(self._sample_forever(), name="pool:rss")
         self.fill_spares()
 

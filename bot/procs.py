@@ -205,3 +205,54 @@ def _remove_socket(path: Path) -> None:
     with contextlib.suppress(OSError), workdir_fs.opened_dir(_SOCKET_DIR) as temp_fd:
         if stat.S_ISSOCK(os.stat(path.name, dir_fd=temp_fd, follow_symlinks=False).st_mode):
             os.unlink(path.name, dir_fd=temp_fd)
+
+
+# Every CLI carries its daemon's identity; the CLI's helpers (socat, bwrap) inherit it.
+OWNER_ENV = "AGENTD_OWNER"
+LEFTOVER_KILL_DEADLINE_S = 5.0
+
+
+def owner_env(data_dir: Path) -> dict[str, str]:
+    """``AGENTD_OWNER=<pid>:<start time>:<data_dir>`` for the CLI: who started it, so a restart can tell leftovers."""
+    me = psutil.Process()
+    return {OWNER_ENV: f"{me.pid}:{me.create_time():.2f}:{data_dir.resolve()}"}
+
+
+def sweep_leftovers(data_dir: Path) -> list[tuple[int, str]]:
+    """Kill what a dead daemon of this data dir left behind (CLIs the parent-death signal missed, their helpers).
+
+    A process is a leftover when its owner mark names this data dir and a daemon that no longer runs: the pid
+    and start time together, so a recycled pid is no owner, and a live daemon's processes are never touched.
+    Returns (pid, name) of those killed.
+    """
+    mine = str(data_dir.resolve())
+    doomed = [proc for proc in psutil.process_iter() if _left_by_dead_owner(proc, mine)]
+    killed = []
+    for proc in doomed:
+        with contextlib.suppress(psutil.Error):
+            name = proc.name()
+            proc.kill()
+            killed.append((proc.pid, name))
+    psutil.wait_procs(doomed, timeout=LEFTOVER_KILL_DEADLINE_S)
+    return killed
+
+
+def _left_by_dead_owner(proc: psutil.Process, data_dir: str) -> bool:
+    try:
+        mark = proc.environ().get(OWNER_ENV)
+    except psutil.Error:  # another user's process, or gone
+        return False
+    if mark is None:
+        return False
+    pid, _, rest = mark.partition(":")
+    started, _, where = rest.partition(":")
+    if where != data_dir or not pid.isdigit():
+        return False
+    return not _is_running(int(pid), started)
+
+
+def _is_running(pid: int, started: str) -> bool:
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}" == started
+    except psutil.Error:
+        return False

@@ -13,6 +13,9 @@ import claude_agent_sdk
 from bot.config import AgentConfig
 from bot.probe import ProbeFailed
 
+# Runs the CLI under ``setpriv --pdeathsig TERM`` (util-linux), the real path in $AGENTD_REAL_CLI.
+DIE_WITH_PARENT = Path(__file__).with_name("die-with-parent")
+
 
 @dataclass(frozen=True)
 class CliBinary:
@@ -34,6 +37,18 @@ def cli_path(config: AgentConfig) -> Path | None:
         return bundled_cli()
     found = shutil.which("claude")
     return Path(found) if found else None
+
+
+def launch(config: AgentConfig) -> tuple[Path | None, dict[str, str]]:
+    """The ``cli_path`` for the SDK and the variables it needs: the CLI dies with the daemon where setpriv exists.
+
+    The SDK spawns the CLI itself (no preexec hook), so a tiny launcher sets the parent-death signal and
+    execs it. The signal fires when the forking thread ends: the event loop's, which lives as long as the daemon.
+    """
+    real = cli_path(config)
+    if real is None or shutil.which("setpriv") is None:
+        return config.cli_path, {}
+    return DIE_WITH_PARENT, {"AGENTD_REAL_CLI": str(real)}
 
 
 async def probe_cli(config: AgentConfig, timeout_s: float) -> CliBinary:

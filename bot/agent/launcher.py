@@ -35,6 +35,8 @@ from claude_agent_sdk import (
 )
 from claude_agent_sdk.types import HookInput, HookJSONOutput, PermissionResult
 
+from bot import procs
+from bot.agent.binary import launch
 from bot.agent.tools import Servers, mcp_servers
 from bot.agent.transcripts import Transcripts
 from bot.config import AgentConfig, TelemetryConfig
@@ -298,6 +300,10 @@ class ClaudeLauncher:
         self._config_file = config_file
         # In-process tool sets by name (``mail``, ``slack``), offered to the profiles that name them.
         self._toolsets = dict(toolsets or {})
+        # Under a parent-death signal, so a daemon killed by SIGKILL takes its CLIs (and their helpers) along.
+        self._cli_path, self._cli_env = launch(config)
+        if not self._cli_env:
+            log.warning("cli_pdeathsig_unavailable", note="no setpriv (util-linux): a crashed daemon leaves its CLIs")
 
     def add_toolset(self, name: str, tools: Sequence[ToolSpec]) -> None:
         """A channel offers its in-process tools; processes started from now on may get them."""
@@ -360,7 +366,7 @@ class ClaudeLauncher:
             permission_mode=c.permission_mode,
             max_turns=profile.max_turns,
             max_budget_usd=profile.max_budget_usd,
-            cli_path=c.cli_path,
+            cli_path=self._cli_path,
             setting_sources=[],
             # Every user message is stamped verbatim by ``_verbatim`` instead: the option would make
             # the spare's own ``/clear`` (see ``preheat``) plain text too.
@@ -369,7 +375,7 @@ class ClaudeLauncher:
             resume=spec.session_id if spec.resume else None,
             session_id=None if spec.resume else spec.session_id,
             settings=str(self._write_settings(spec, reach)),
-            env=self.environment(spec, meter),
+            env={**self.environment(spec, meter), **self._cli_env, **procs.owner_env(spec.data_dir)},
             can_use_tool=gate.can_use_tool,
             hooks={"PreToolUse": [HookMatcher(matcher=None, hooks=[gate.hook])]},
             stderr=_stderr_logger(spec),
@@ -386,6 +392,10 @@ class ClaudeLauncher:
             "DISABLE_AUTOUPDATER": "1",
             "DISABLE_TELEMETRY": "1",
             "DISABLE_ERROR_REPORTING": "1",
+            # Bash reads ~/.bashrc even non-interactively when its stdin is a socket (it takes itself for one
+            # started by rshd) and it is a top-level shell; the CLI's stdin is one, and the sandbox denies
+            # home's dotfiles: every result began with ".bashrc: Permission denied". Level 1 makes it a subshell.
+            "SHLVL": "1",
         }
         if meter is not None:
             # The real key and upstream never enter the process: only the gateway and a credential.
