@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import html
 import json
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from bot import guard
 from bot.config import ConfigError, HttpConfig
 from bot.core import Channel, Failure, Inbound, Outcome
 from bot.jobs import JobError, JobInfo, Scheduler
@@ -91,14 +93,18 @@ class Api:
         self.ledger: Ledger | None = None
         self.mirror: MirrorHealth | None = None  # the Redis transcript mirror, when there is one
         self.channels: list[Channel] = []
-        self._page = StatusPage.load()
+        self._page = StatusPage.load(config)
+        self._sign_ins = guard.SignInLimiter()
+        self._hosts = guard.allowed_hosts(config.host)
 
     def add_route(self, method: str, path: str, handler: Handler) -> None:
         """A channel's own endpoint (Slack HTTP Events); it does its own authentication."""
         self._extra.append((method, path, handler))
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth], client_max_size=self._config.max_text_chars * 4 + 65536)
+        app = web.Application(
+            middlewares=[self._guard, self._auth], client_max_size=self._config.max_text_chars * 4 + 65536
+        )
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
@@ -129,6 +135,31 @@ class Api:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Refuses, before any handler or parser: foreign browsers, non-JSON API bodies, nesting bombs."""
+        if self._config.api_token is None and (refusal := self._foreign(request)) is not None:
+            log.warning("http_refused", reason=refusal, host=request.host[:100], path=request.path[:100])
+            return web.json_response({"error": refusal}, status=403)
+        if not request.body_exists:
+            return await handler(request)
+        form = request.content_type == "application/x-www-form-urlencoded"
+        if request.path.startswith("/v1/") and request.content_type != "application/json":
+            return web.json_response({"error": "the API takes only application/json bodies"}, status=415)
+        body = await request.read()  # bounded by client_max_size (413 above it)
+        if (guard.form_depth_exceeds if form else guard.json_depth_exceeds)(body):
+            return web.json_response({"error": f"body nested deeper than {guard.MAX_JSON_DEPTH} levels"}, status=400)
+        return await handler(request)
+
+    def _foreign(self, request: web.Request) -> str | None:
+        """Why a request is not from this machine's own clients (checked only without an API token)."""
+        if guard.host_name(request.headers.get("Host", "")) not in self._hosts:
+            return "Host is not this daemon's address (a loopback name or http.listen)"
+        origin = request.headers.get("Origin")
+        if origin is not None and guard.origin_host(origin) not in self._hosts:
+            return "cross-site requests are refused (Origin is not this daemon)"
+        return None
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -178,6 +209,10 @@ class Api:
         expected = self._cookie_value()
         if token is None or expected is None:
             raise web.HTTPSeeOther("/status")
+        if wait := self._sign_ins.take(request.remote or ""):
+            log.warning("status_sign_in_limited", client=request.remote)
+            retry_after = {"Retry-After": str(math.ceil(wait))}
+            return web.json_response({"error": "too many sign-in attempts"}, status=429, headers=retry_after)
         if request.content_type != "application/x-www-form-urlencoded":
             raise BadRequest("sign in with the page's form (application/x-www-form-urlencoded)")
         try:
@@ -350,9 +385,12 @@ class StatusPage:
         )
 
     @classmethod
-    def load(cls) -> StatusPage:
+    def load(cls, config: HttpConfig) -> StatusPage:
         static = resources.files("bot") / "static"
-        return cls((static / "status.html").read_text("utf-8"), (static / "login.html").read_text("utf-8"))
+        where = "only on loopback" if config.is_loopback else "beyond loopback"
+        reach = f"This daemon listens {where} ({html.escape(config.listen)}) and has an API token set"
+        login = (static / "login.html").read_text("utf-8").replace("{reach}", reach)
+        return cls((static / "status.html").read_text("utf-8"), login)
 
     def page(self) -> web.Response:
         return self._html(self._page, 200)

@@ -39,9 +39,7 @@ SESSIONS_BY_STATE = Gauge(
 )
 SESSIONS_BY_PROFILE = Gauge("agentd_sessions_by_profile", "Live CLI processes by profile", ["profile"])
 QUEUE_DEPTH = Gauge("agentd_queue_depth", "Messages waiting behind a running turn, all conversations together")
-PROCESS_RSS_BYTES = Gauge(
-    "agentd_process_rss_bytes", "Sampled RSS of one CLI process tree, bytes (by pid)", ["pid"]
-)
+PROCESS_RSS_BYTES = Gauge("agentd_process_rss_bytes", "Sampled RSS of one CLI process tree, bytes (by pid)", ["pid"])
 MIB = 1 << 20
 CRASHES = Counter(
     "agentd_crashes_total", "CLI processes that died unasked: during a turn, killed over memory, or idle", ["kind"]

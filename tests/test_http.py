@@ -8,11 +8,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bot import guard
 from bot.config import ConfigError, HttpConfig
 from bot.http import Api
 from tests.conftest import PoolFactory
 from tests.fakes.model import FakeModel
+from tests.fakes.slack import FakeSlack
 from tests.helpers import wait_until
+from tests.hostile import assert_linear
+from tests.slack_harness import running as slack_running
+from tests.slack_harness import wait_reply
 
 TOKEN = "test-api-token-123"
 
@@ -98,7 +103,9 @@ async def test_api_requires_bearer_token(api: str, headers: dict[str, str]) -> N
 )
 async def test_bad_requests_get_clear_400(api: str, path_id: str, body: bytes, message: str) -> None:
     async with aiohttp.ClientSession(headers=auth()) as http:
-        async with http.post(f"{api}/v1/conversations/{path_id}/messages", data=body) as response:
+        async with http.post(
+            f"{api}/v1/conversations/{path_id}/messages", data=body, headers={"Content-Type": "application/json"}
+        ) as response:
             assert response.status == 400
             assert message in (await response.json())["error"]
         async with http.post(f"{api}/v1/conversations/ok/messages", json={"text": "still alive"}) as response:
@@ -140,3 +147,85 @@ async def test_draining_refuses_new_messages_while_running_turns_finish(
         status, body = await running
     assert status == 200 and body["reply"] == "finished anyway"
     assert not fake_model.find("too late")
+
+
+@pytest.fixture
+async def open_api(make_pool: PoolFactory) -> AsyncIterator[str]:
+    """The quick start's defaults: loopback, no token."""
+    pool = await make_pool()
+    server = Api(HttpConfig(listen="127.0.0.1:0"), pool, pool.store)
+    await server.start()
+    yield f"http://127.0.0.1:{server.port}"
+    await server.stop()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://evil.example", "Content-Type": "text/plain"},
+        {"Origin": "https://evil.example", "Content-Type": "application/json"},
+        {"Origin": "null", "Content-Type": "application/json"},
+        {"Host": "evil.example", "Content-Type": "application/json"},
+        {"Host": "evil.example:8080", "Content-Type": "application/json"},
+        {"Host": "127.0.0.1.evil.example", "Content-Type": "application/json"},
+    ],
+)
+async def test_without_a_token_foreign_pages_are_refused(
+    open_api: str, fake_model: FakeModel, headers: dict[str, str]
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        body = json.dumps({"text": "run a turn"})
+        async with http.post(f"{open_api}/v1/conversations/x/messages", data=body, headers=headers) as response:
+            assert response.status == 403, await response.text()
+        assert fake_model.requests == []
+        # This machine's own clients still get in, under every loopback name.
+        port = open_api.rsplit(":", 1)[1]
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+            own = {"Host": host, "Origin": f"http://{host}"}
+            async with http.get(f"{open_api}/v1/sessions", headers=own) as response:
+                assert response.status == 200, host
+
+
+async def test_the_api_takes_only_json_bodies(api: str) -> None:
+    async with aiohttp.ClientSession(headers=auth()) as http:
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            body = json.dumps({"text": "hi"})
+            async with http.post(
+                f"{api}/v1/conversations/c/messages", data=body, headers={"Content-Type": kind}
+            ) as response:
+                assert response.status == 415, kind
+        async with http.post(f"{api}/v1/conversations/c/messages", json={"text": "still alive"}) as response:
+            assert response.status == 200
+
+
+def nested(depth: int) -> bytes:
+    return b'{"text": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+async def test_nesting_bombs_get_400_before_any_parser(api: str) -> None:
+    async with aiohttp.ClientSession(headers=auth()) as http:
+        for body in (nested(30_000), b"[" * 60_000, b'{"a": "' + b"[" * 1000 + b'", "text": ' + nested(65)[9:]):
+            async with http.post(
+                f"{api}/v1/conversations/c/messages", data=body, headers={"Content-Type": "application/json"}
+            ) as response:
+                assert response.status == 400 and "nested deeper" in (await response.json())["error"]
+        # Brackets inside strings do not count, and ordinary nesting passes.
+        text = {"text": "[" * 500 + '\\"{' * 100}
+        async with http.post(f"{api}/v1/conversations/c/messages", json=text) as response:
+            assert response.status == 200
+
+
+def test_the_depth_scan_is_linear() -> None:
+    assert_linear(guard.json_depth_exceeds, lambda n: b'["a\\"[",' * n + b"1" + b"]" * n, n=5000)
+    assert_linear(guard.form_depth_exceeds, lambda n: b"payload=" + b"%5B" * n, n=5000)
+
+
+async def test_a_nesting_bomb_to_slack_events_is_a_400_and_slack_goes_on(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with slack_running(tmp_path, fake_model, slack, mode="http") as daemon:
+        assert await daemon.post_event(b"[" * 400_000) == 400  # was an uncaught RecursionError, a 500
+        assert await daemon.post_event(b'{"type": "event_callback", "event": ' + b"{" * 200_000 + b"}") == 400
+        event = slack.message_event("after the bomb", mention=True)
+        assert await daemon.post_event(json.dumps(slack.event_payload(event)).encode()) == 200
+        await wait_reply(slack, "C0GENERAL", str(event["ts"]), "after the bomb")
