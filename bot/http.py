@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
@@ -86,6 +87,7 @@ class Api:
             )
         self._config, self._pool, self._store = config, pool, store
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._extra: list[tuple[str, str, Handler]] = []
         self.port: int | None = None
         self.draining = False
@@ -122,16 +124,28 @@ class Api:
         return app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=5.0)
+        # aiohttp's keep-alive timer runs from the connection's start until a request's headers are
+        # complete, so it is also the header timeout: a client that sends one header and stops is closed.
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, shutdown_timeout=5.0, keepalive_timeout=self._config.header_timeout_s
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._config.host, self._config.port)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self._config.port
+        server, cap = self._runner.server, self._config.max_connections
+        assert server is not None
+
+        def connection() -> asyncio.BaseProtocol:
+            return _Refuse() if len(server.connections) >= cap else server()
+
+        self._listener = await asyncio.get_running_loop().create_server(
+            connection, self._config.host, self._config.port, reuse_address=True
+        )
+        self.port = self._listener.sockets[0].getsockname()[1]
         log.info("http_listening", host=self._config.host, port=self.port, auth=self._config.api_token is not None)
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -147,7 +161,11 @@ class Api:
         form = request.content_type == "application/x-www-form-urlencoded"
         if request.path.startswith("/v1/") and request.content_type != "application/json":
             return web.json_response({"error": "the API takes only application/json bodies"}, status=415)
-        body = await request.read()  # bounded by client_max_size (413 above it)
+        try:
+            async with asyncio.timeout(self._config.body_timeout_s):
+                body = await request.read()  # bounded by client_max_size (413 above it)
+        except TimeoutError:
+            return web.json_response({"error": "the request body was not sent in time"}, status=408)
         if (guard.form_depth_exceeds if form else guard.json_depth_exceeds)(body):
             return web.json_response({"error": f"body nested deeper than {guard.MAX_JSON_DEPTH} levels"}, status=400)
         return await handler(request)
@@ -340,7 +358,15 @@ class Api:
             )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        async for text in turn.stream():
+        while True:
+            try:
+                # A comment while the turn is silent (a long tool call), so idle-timeout proxies keep the stream.
+                text = await asyncio.wait_for(turn.deltas.get(), self._config.sse_keepalive_s)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if text is None:
+                break
             await response.write(_sse("delta", {"text": text}))
         outcome = await turn.outcome
         await response.write(_sse("result" if outcome.ok else "error", outcome_body(outcome)))
@@ -413,6 +439,17 @@ def _inline_hash(document: str, tag: str) -> str:
     start = document.index(f"<{tag}>") + len(tag) + 2
     body = document[start : document.index(f"</{tag}>", start)]
     return f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection beyond ``http.max_connections``: answered 503 and closed, before any parsing."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        )
+        transport.close()
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
