@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp_sse_client2 import client as sse_client
 
 from bot import guard
 from bot.config import ConfigError, HttpConfig
@@ -229,3 +232,53 @@ async def test_a_nesting_bomb_to_slack_events_is_a_400_and_slack_goes_on(
         event = slack.message_event("after the bomb", mention=True)
         assert await daemon.post_event(json.dumps(slack.event_payload(event)).encode()) == 200
         await wait_reply(slack, "C0GENERAL", str(event["ts"]), "after the bomb")
+
+
+@contextlib.asynccontextmanager
+async def served(make_pool: PoolFactory, **http: Any) -> AsyncIterator[str]:
+    pool = await make_pool()
+    server = Api(HttpConfig(listen="127.0.0.1:0", api_token=TOKEN, **http), pool, pool.store)
+    await server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.stop()
+
+
+async def test_a_silent_turn_keeps_its_sse_stream_alive_through_an_idle_timeout(
+    make_pool: PoolFactory, fake_model: FakeModel
+) -> None:
+    """A proxy that cuts a stream silent for 2 s (the client's read timeout) keeps a 4 s silent turn."""
+    fake_model.add("think long", text="thought it over", delay_s=4)
+    idle_proxy = aiohttp.ClientTimeout(total=None, sock_read=2)
+    async with (
+        served(make_pool, sse_keepalive_s=0.2) as url,
+        aiohttp.ClientSession(headers=auth(), timeout=idle_proxy) as http,
+        sse_client.EventSource(
+            f"{url}/v1/conversations/sse/messages",
+            option={"method": "POST"},
+            session=http,
+            max_connect_retry=0,
+            json={"text": "think long"},
+        ) as source,
+    ):
+        events = []
+        async for event in source:
+            events.append((event.type, json.loads(event.data)))
+            if event.type in ("result", "error"):
+                break
+    assert events[-1] == ("result", events[-1][1]) and events[-1][1]["reply"] == "thought it over"
+    assert "".join(str(data["text"]) for kind, data in events if kind == "delta") == "thought it over"
+
+
+async def test_the_keep_alive_is_an_sse_comment(make_pool: PoolFactory, fake_model: FakeModel) -> None:
+    fake_model.add("pause", text="after a pause", delay_s=1)
+    async with (
+        served(make_pool, sse_keepalive_s=0.1) as url,
+        aiohttp.ClientSession(headers=auth()) as http,
+        http.post(
+            f"{url}/v1/conversations/c/messages", json={"text": "pause"}, headers={"Accept": "text/event-stream"}
+        ) as response,
+    ):
+        raw = await response.read()
+    assert b"\n\n: keep-alive\n\n" in b"\n\n" + raw and raw.endswith(b"\n\n")
