@@ -17,7 +17,7 @@ from bot.http import Api
 from tests.conftest import PoolFactory
 from tests.fakes.model import FakeModel
 from tests.fakes.slack import FakeSlack
-from tests.helpers import wait_until
+from tests.helpers import wait_for, wait_until
 from tests.hostile import assert_linear
 from tests.slack_harness import running as slack_running
 from tests.slack_harness import wait_reply
@@ -282,3 +282,63 @@ async def test_the_keep_alive_is_an_sse_comment(make_pool: PoolFactory, fake_mod
     ):
         raw = await response.read()
     assert b"\n\n: keep-alive\n\n" in b"\n\n" + raw and raw.endswith(b"\n\n")
+
+
+async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port))
+
+
+async def healthy(url: str) -> bool:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as response:
+        return response.status == 200
+
+
+async def test_clients_that_stop_mid_header_are_closed_and_others_are_served(make_pool: PoolFactory) -> None:
+    async with served(make_pool, header_timeout_s=0.5) as url:
+        slow = [await connect(url) for _ in range(30)]
+        for _, writer in slow:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+        assert await healthy(url)
+        # Each one is closed by the server: its read ends (EOF) without an answer.
+        said = await asyncio.wait_for(asyncio.gather(*(reader.read() for reader, _ in slow)), 30)
+        assert said == [b""] * 30
+        for _, writer in slow:
+            writer.close()
+        assert await healthy(url)
+
+
+async def test_a_body_that_stops_coming_is_a_408(make_pool: PoolFactory) -> None:
+    async with served(make_pool, body_timeout_s=0.5) as url:
+        reader, writer = await connect(url)
+        writer.write(
+            b"POST /v1/conversations/c/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\n".encode()
+            + b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"text": "'
+        )
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+        writer.close()
+        assert status_line.split()[1] == b"408"
+        assert await healthy(url)
+
+
+async def test_connections_beyond_the_cap_are_refused_at_once(make_pool: PoolFactory) -> None:
+    async with served(make_pool, max_connections=5, header_timeout_s=60) as url:
+        held = [await connect(url) for _ in range(5)]
+        for _, writer in held:
+            writer.write(b"GET /healthz HTTP/1.1\r\n")
+        # The next one is answered 503 and closed, without waiting for its request.
+        reader, writer = await connect(url)
+        answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        for _, held_writer in held:
+            held_writer.close()
+
+        async def served_again() -> bool:
+            try:
+                return await healthy(url)
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(served_again, what="room again once the held connections are gone")
