@@ -159,6 +159,10 @@ class HttpConfig(_Section):
     api_token: SecretStr | None = None
     max_text_chars: int = Field(default=100_000, ge=1)
     drain_grace_s: float = Field(default=30.0, ge=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=256, ge=1)
+    sse_keepalive_s: float = Field(default=15.0, gt=0)
 
     @property
     def host(self) -> str:

@@ -4,7 +4,9 @@ Each CLI process gets the gateway's loopback URL as ``ANTHROPIC_BASE_URL`` and a
 random credential of its own as ``ANTHROPIC_API_KEY``.  The gateway maps that
 credential to the process's conversation (and the current turn's user and
 channel), refuses unknown ones with 401, checks the budgets before each model
-request, forwards every path and method to the upstream unchanged (SSE streamed
+request, forwards only the paths the CLI really uses (see ``FORWARDED``; anything
+else, dot segments and encoded slashes included, is refused with 403, since it would
+reach the upstream with the real key, unmetered) to the upstream (SSE streamed
 through byte for byte, errors passed through with their headers so the CLI's
 own retries still work), and meters the ``usage`` of each response.
 """
@@ -52,6 +54,11 @@ _DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "co
 MAX_METERED_LINE = 1 << 20
 MAX_METERED_BODY = 16 << 20
 CREDENTIAL_PREFIX = "agentd-gw-"
+# The only requests forwarded, compared with the raw request target (before any decoding or dot
+# removal), so what is checked is exactly what is forwarded. Logged from the bundled CLI: a turn and a
+# warm-up send only ``POST /v1/messages?beta=true``; count_tokens is the one other endpoint it may call.
+FORWARDED = frozenset({("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")})
+FORWARDED_QUERIES = frozenset({"", "beta=true"})
 
 
 @dataclass
@@ -219,6 +226,9 @@ class Gateway:
         line = self._lines.get(_credential(request))
         if line is None:
             return _error(401, "authentication_error", "unknown credential")
+        if (refusal := _path_refusal(request)) is not None:
+            log.warning("gateway_path_refused", method=request.method, path=request.raw_path[:200])
+            return _error(403, "permission_error", f"agentd gateway: {refusal}", retry=False)
         if line.local and _is_model_request(request):
             return await _local_answer(request)
         if _is_model_request(request):
@@ -254,7 +264,7 @@ class Gateway:
         try:
             upstream = await self._session.request(
                 request.method,
-                self.agent.upstream + request.path_qs,
+                self.agent.upstream + request.raw_path,  # checked by _path_refusal: exact, no dot segments
                 headers=self._upstream_headers(request),
                 data=body or None,
                 allow_redirects=False,
@@ -381,8 +391,21 @@ def _credential(request: web.Request) -> str:
     return given.strip()
 
 
+def _path_refusal(request: web.Request) -> str | None:
+    """Why this request is not forwarded, or None for an allowlisted one (checked on the raw target)."""
+    path, _, query = request.raw_path.partition("?")
+    lowered = path.lower()
+    if "%2f" in lowered or "%2e" in lowered or "%5c" in lowered or "\\" in path:
+        return "encoded slashes and dots are refused in the path"
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return "dot segments are refused in the path"
+    if (request.method, path) not in FORWARDED or query not in FORWARDED_QUERIES:
+        return f"{request.method} {path} is not forwarded (only the Messages API is)"
+    return None
+
+
 def _is_model_request(request: web.Request) -> bool:
-    return request.method == "POST" and request.path.rstrip("/") == "/v1/messages"
+    return request.method == "POST" and request.raw_path.partition("?")[0] == "/v1/messages"
 
 
 def _model_of(body: bytes) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
 import hmac
 import html
 import json
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +20,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from bot import guard
 from bot.config import ConfigError, HttpConfig
 from bot.core import Channel, Failure, Inbound, Outcome
 from bot.jobs import JobError, JobInfo, Scheduler
@@ -86,6 +89,7 @@ class Api:
             )
         self._config, self._pool, self._store = config, pool, store
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._extra: list[tuple[str, str, Handler]] = []
         self.port: int | None = None
         self.draining = False
@@ -93,14 +97,18 @@ class Api:
         self.ledger: Ledger | None = None
         self.mirror: MirrorHealth | None = None  # the Redis transcript mirror, when there is one
         self.channels: list[Channel] = []
-        self._page = StatusPage.load()
+        self._page = StatusPage.load(config)
+        self._sign_ins = guard.SignInLimiter()
+        self._hosts = guard.allowed_hosts(config.host)
 
     def add_route(self, method: str, path: str, handler: Handler) -> None:
         """A channel's own endpoint (Slack HTTP Events); it does its own authentication."""
         self._extra.append((method, path, handler))
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth], client_max_size=self._config.max_text_chars * 4 + 65536)
+        app = web.Application(
+            middlewares=[self._guard, self._auth], client_max_size=self._config.max_text_chars * 4 + 65536
+        )
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
@@ -118,19 +126,60 @@ class Api:
         return app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=5.0)
+        # aiohttp's keep-alive timer runs from the connection's start until a request's headers are
+        # complete, so it is also the header timeout: a client that sends one header and stops is closed.
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, shutdown_timeout=5.0, keepalive_timeout=self._config.header_timeout_s
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._config.host, self._config.port)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self._config.port
+        server, cap = self._runner.server, self._config.max_connections
+        assert server is not None
+
+        def connection() -> asyncio.BaseProtocol:
+            return _Refuse() if len(server.connections) >= cap else server()
+
+        self._listener = await asyncio.get_running_loop().create_server(
+            connection, self._config.host, self._config.port, reuse_address=True
+        )
+        self.port = self._listener.sockets[0].getsockname()[1]
         log.info("http_listening", host=self._config.host, port=self.port, auth=self._config.api_token is not None)
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Refuses, before any handler or parser: foreign browsers, non-JSON API bodies, nesting bombs."""
+        if self._config.api_token is None and (refusal := self._foreign(request)) is not None:
+            log.warning("http_refused", reason=refusal, host=request.host[:100], path=request.path[:100])
+            return web.json_response({"error": refusal}, status=403)
+        if not request.body_exists:
+            return await handler(request)
+        form = request.content_type == "application/x-www-form-urlencoded"
+        if request.path.startswith("/v1/") and request.content_type != "application/json":
+            return web.json_response({"error": "the API takes only application/json bodies"}, status=415)
+        try:
+            async with asyncio.timeout(self._config.body_timeout_s):
+                body = await request.read()  # bounded by client_max_size (413 above it)
+        except TimeoutError:
+            return web.json_response({"error": "the request body was not sent in time"}, status=408)
+        if (guard.form_depth_exceeds if form else guard.json_depth_exceeds)(body):
+            return web.json_response({"error": f"body nested deeper than {guard.MAX_JSON_DEPTH} levels"}, status=400)
+        return await handler(request)
+
+    def _foreign(self, request: web.Request) -> str | None:
+        """Why a request is not from this machine's own clients (checked only without an API token)."""
+        if guard.host_name(request.headers.get("Host", "")) not in self._hosts:
+            return "Host is not this daemon's address (a loopback name or http.listen)"
+        origin = request.headers.get("Origin")
+        if origin is not None and guard.origin_host(origin) not in self._hosts:
+            return "cross-site requests are refused (Origin is not this daemon)"
+        return None
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -180,6 +229,10 @@ class Api:
         expected = self._cookie_value()
         if token is None or expected is None:
             raise web.HTTPSeeOther("/status")
+        if wait := self._sign_ins.take(request.remote or ""):
+            log.warning("status_sign_in_limited", client=request.remote)
+            retry_after = {"Retry-After": str(math.ceil(wait))}
+            return web.json_response({"error": "too many sign-in attempts"}, status=429, headers=retry_after)
         if request.content_type != "application/x-www-form-urlencoded":
             raise BadRequest("sign in with the page's form (application/x-www-form-urlencoded)")
         try:
@@ -307,7 +360,15 @@ class Api:
             )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        async for text in turn.stream():
+        while True:
+            try:
+                # A comment while the turn is silent (a long tool call), so idle-timeout proxies keep the stream.
+                text = await asyncio.wait_for(turn.deltas.get(), self._config.sse_keepalive_s)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if text is None:
+                break
             await response.write(_sse("delta", {"text": text}))
         outcome = await turn.outcome
         await response.write(_sse("result" if outcome.ok else "error", outcome_body(outcome)))
@@ -352,9 +413,12 @@ class StatusPage:
         )
 
     @classmethod
-    def load(cls) -> StatusPage:
+    def load(cls, config: HttpConfig) -> StatusPage:
         static = resources.files("bot") / "static"
-        return cls((static / "status.html").read_text("utf-8"), (static / "login.html").read_text("utf-8"))
+        where = "only on loopback" if config.is_loopback else "beyond loopback"
+        reach = f"This daemon listens {where} ({html.escape(config.listen)}) and has an API token set"
+        login = (static / "login.html").read_text("utf-8").replace("{reach}", reach)
+        return cls((static / "status.html").read_text("utf-8"), login)
 
     def page(self) -> web.Response:
         return self._html(self._page, 200)
@@ -377,6 +441,17 @@ def _inline_hash(document: str, tag: str) -> str:
     start = document.index(f"<{tag}>") + len(tag) + 2
     body = document[start : document.index(f"</{tag}>", start)]
     return f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection beyond ``http.max_connections``: answered 503 and closed, before any parsing."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        )
+        transport.close()
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:

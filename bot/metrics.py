@@ -15,7 +15,7 @@ ADMISSION_REFUSED = Counter(
     "agentd_admission_refused_total", "New conversations refused by fair admission, by reason", ["reason"]
 )
 LIVE_SESSIONS = Gauge("agentd_live_processes", "CLI processes currently running")
-POOL_RSS_MB = Gauge("agentd_pool_rss_mb", "Sum of sampled RSS of all CLI process trees, MiB")
+POOL_RSS_BYTES = Gauge("agentd_pool_rss_bytes", "Sum of sampled RSS of all CLI process trees, bytes")
 STORE_ERRORS = Counter("agentd_store_errors_total", "Store operations that failed")
 MIRROR_ERRORS = Counter("agentd_mirror_errors_total", "Transcript batches the Redis mirror failed to store")
 CHANNEL_MESSAGES = Counter(
@@ -42,7 +42,8 @@ SESSIONS_BY_STATE = Gauge(
 )
 SESSIONS_BY_PROFILE = Gauge("agentd_sessions_by_profile", "Live CLI processes by profile", ["profile"])
 QUEUE_DEPTH = Gauge("agentd_queue_depth", "Messages waiting behind a running turn, all conversations together")
-PROCESS_RSS_MB = Gauge("agentd_process_rss_mb", "Sampled RSS of one CLI process tree, MiB (by pid)", ["pid"])
+PROCESS_RSS_BYTES = Gauge("agentd_process_rss_bytes", "Sampled RSS of one CLI process tree, bytes (by pid)", ["pid"])
+MIB = 1 << 20
 CRASHES = Counter(
     "agentd_crashes_total", "CLI processes that died unasked: during a turn, killed over memory, or idle", ["kind"]
 )

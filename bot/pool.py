@@ -491,7 +491,7 @@ class Worker:
 
 def _remove_series(pid: str) -> None:
     with contextlib.suppress(KeyError):  # another pool in this process may have removed it (tests run several)
-        metrics.PROCESS_RSS_MB.remove(pid)
+        metrics.PROCESS_RSS_BYTES.remove(pid)
 
 
 def transcript_exists(config_dir: Path, session_id: str) -> bool:
@@ -961,7 +961,7 @@ class Pool:
     def _export_gauges(self) -> None:
         live = [w for w in self._admitted if w.state != "closed"]
         metrics.LIVE_SESSIONS.set(len(live))
-        metrics.POOL_RSS_MB.set(sum(w.rss_mb or 0.0 for w in live))
+        metrics.POOL_RSS_BYTES.set(sum(w.rss_mb or 0.0 for w in live) * metrics.MIB)
         metrics.QUEUE_DEPTH.set(sum(len(w.queue) for w in self._all_workers()))
         states = Counter("spare" if w.spare else w.shown_state for w in live)
         for state in ("starting", "warm", "busy", "closing", "spare"):
@@ -973,7 +973,7 @@ class Pool:
         for pid in self._rss_pids - exported.keys():
             _remove_series(pid)
         for pid, rss_mb in exported.items():
-            metrics.PROCESS_RSS_MB.labels(pid=pid).set(rss_mb)
+            metrics.PROCESS_RSS_BYTES.labels(pid=pid).set(rss_mb * metrics.MIB)
         self._rss_pids = set(exported)
 
     def _forget_rss(self, worker: Worker) -> None:

@@ -271,3 +271,45 @@ async def test_a_spare_warms_up_without_a_trace(tmp_path: Path, fake_model: Fake
     assert "first real message" in history and "second message" in history
     # No warm-up text; the CLI does keep a "/clear" command marker at the start of the new history.
     assert "warm-up" not in history and "reply with OK" not in history
+
+
+async def raw_status(url: str, request_line: str, headers: str = "", body: bytes = b"") -> int:
+    """The status of one request sent byte for byte, so no client library normalises its path."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        head = f"{request_line}\r\nHost: {host}:{port}\r\n{headers}Content-Length: {len(body)}\r\n"
+        writer.write(head.encode() + b"Connection: close\r\n\r\n" + body)
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+
+
+async def test_only_the_messages_api_is_forwarded_and_path_tricks_are_refused(
+    tmp_path: Path, fake_model: FakeModel
+) -> None:
+    async with daemon(tmp_path, fake_model) as d:
+        assert (await ask(d, "t", "first turn"))[1]["reply"] == "echo: first turn"
+        used = set(fake_model.paths)
+        credential = d.issue_credential("api:probe")
+        headers = f"x-api-key: {credential}\r\nContent-Type: application/json\r\n"
+        body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []}).encode()
+        fake_model.paths.clear()
+        tricks = [
+            "POST /v1/./messages HTTP/1.1",
+            "POST /v1/x/../messages HTTP/1.1",
+            "POST /v1/%2e/messages HTTP/1.1",
+            "POST /v1%2fmessages HTTP/1.1",
+            "POST /v1/messages/batches HTTP/1.1",
+            "GET /v1/files HTTP/1.1",
+            "GET /v1/messages HTTP/1.1",
+            "POST //v1/messages HTTP/1.1",
+            "POST /v1/messages?beta=true&x=1 HTTP/1.1",
+        ]
+        for line in tricks:
+            assert await raw_status(d.gateway_url(), line, headers, body) == 403, line
+        assert fake_model.paths == [], "nothing refused reached the upstream"
+        assert await raw_status(d.gateway_url(), "POST /v1/messages/count_tokens HTTP/1.1", headers, body) == 200
+        assert await raw_status(d.gateway_url(), "POST /v1/messages?beta=true HTTP/1.1", headers, body) == 200
+    assert used == {"POST /v1/messages?beta=true"}, "what the bundled CLI sends during a warm-up and a turn"

@@ -1,18 +1,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp_sse_client2 import client as sse_client
 
+from bot import guard
 from bot.config import ConfigError, HttpConfig
 from bot.http import Api
 from tests.conftest import PoolFactory
 from tests.fakes.model import FakeModel
-from tests.helpers import wait_until
+from tests.fakes.slack import FakeSlack
+from tests.helpers import wait_for, wait_until
+from tests.hostile import assert_linear
+from tests.slack_harness import running as slack_running
+from tests.slack_harness import wait_reply
 
 TOKEN = "test-api-token-123"
 
@@ -98,7 +106,9 @@ async def test_api_requires_bearer_token(api: str, headers: dict[str, str]) -> N
 )
 async def test_bad_requests_get_clear_400(api: str, path_id: str, body: bytes, message: str) -> None:
     async with aiohttp.ClientSession(headers=auth()) as http:
-        async with http.post(f"{api}/v1/conversations/{path_id}/messages", data=body) as response:
+        async with http.post(
+            f"{api}/v1/conversations/{path_id}/messages", data=body, headers={"Content-Type": "application/json"}
+        ) as response:
             assert response.status == 400
             assert message in (await response.json())["error"]
         async with http.post(f"{api}/v1/conversations/ok/messages", json={"text": "still alive"}) as response:
@@ -140,3 +150,195 @@ async def test_draining_refuses_new_messages_while_running_turns_finish(
         status, body = await running
     assert status == 200 and body["reply"] == "finished anyway"
     assert not fake_model.find("too late")
+
+
+@pytest.fixture
+async def open_api(make_pool: PoolFactory) -> AsyncIterator[str]:
+    """The quick start's defaults: loopback, no token."""
+    pool = await make_pool()
+    server = Api(HttpConfig(listen="127.0.0.1:0"), pool, pool.store)
+    await server.start()
+    yield f"http://127.0.0.1:{server.port}"
+    await server.stop()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://evil.example", "Content-Type": "text/plain"},
+        {"Origin": "https://evil.example", "Content-Type": "application/json"},
+        {"Origin": "null", "Content-Type": "application/json"},
+        {"Host": "evil.example", "Content-Type": "application/json"},
+        {"Host": "evil.example:8080", "Content-Type": "application/json"},
+        {"Host": "127.0.0.1.evil.example", "Content-Type": "application/json"},
+    ],
+)
+async def test_without_a_token_foreign_pages_are_refused(
+    open_api: str, fake_model: FakeModel, headers: dict[str, str]
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        body = json.dumps({"text": "run a turn"})
+        async with http.post(f"{open_api}/v1/conversations/x/messages", data=body, headers=headers) as response:
+            assert response.status == 403, await response.text()
+        assert fake_model.requests == []
+        # This machine's own clients still get in, under every loopback name.
+        port = open_api.rsplit(":", 1)[1]
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+            own = {"Host": host, "Origin": f"http://{host}"}
+            async with http.get(f"{open_api}/v1/sessions", headers=own) as response:
+                assert response.status == 200, host
+
+
+async def test_the_api_takes_only_json_bodies(api: str) -> None:
+    async with aiohttp.ClientSession(headers=auth()) as http:
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            body = json.dumps({"text": "hi"})
+            async with http.post(
+                f"{api}/v1/conversations/c/messages", data=body, headers={"Content-Type": kind}
+            ) as response:
+                assert response.status == 415, kind
+        async with http.post(f"{api}/v1/conversations/c/messages", json={"text": "still alive"}) as response:
+            assert response.status == 200
+
+
+def nested(depth: int) -> bytes:
+    return b'{"text": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+async def test_nesting_bombs_get_400_before_any_parser(api: str) -> None:
+    async with aiohttp.ClientSession(headers=auth()) as http:
+        for body in (nested(30_000), b"[" * 60_000, b'{"a": "' + b"[" * 1000 + b'", "text": ' + nested(65)[9:]):
+            async with http.post(
+                f"{api}/v1/conversations/c/messages", data=body, headers={"Content-Type": "application/json"}
+            ) as response:
+                assert response.status == 400 and "nested deeper" in (await response.json())["error"]
+        # Brackets inside strings do not count, and ordinary nesting passes.
+        text = {"text": "[" * 500 + '\\"{' * 100}
+        async with http.post(f"{api}/v1/conversations/c/messages", json=text) as response:
+            assert response.status == 200
+
+
+def test_the_depth_scan_is_linear() -> None:
+    assert_linear(guard.json_depth_exceeds, lambda n: b'["a\\"[",' * n + b"1" + b"]" * n, n=5000)
+    assert_linear(guard.form_depth_exceeds, lambda n: b"payload=" + b"%5B" * n, n=5000)
+
+
+async def test_a_nesting_bomb_to_slack_events_is_a_400_and_slack_goes_on(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with slack_running(tmp_path, fake_model, slack, mode="http") as daemon:
+        assert await daemon.post_event(b"[" * 400_000) == 400  # was an uncaught RecursionError, a 500
+        assert await daemon.post_event(b'{"type": "event_callback", "event": ' + b"{" * 200_000 + b"}") == 400
+        event = slack.message_event("after the bomb", mention=True)
+        assert await daemon.post_event(json.dumps(slack.event_payload(event)).encode()) == 200
+        await wait_reply(slack, "C0GENERAL", str(event["ts"]), "after the bomb")
+
+
+@contextlib.asynccontextmanager
+async def served(make_pool: PoolFactory, **http: Any) -> AsyncIterator[str]:
+    pool = await make_pool()
+    server = Api(HttpConfig(listen="127.0.0.1:0", api_token=TOKEN, **http), pool, pool.store)
+    await server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.stop()
+
+
+async def test_a_silent_turn_keeps_its_sse_stream_alive_through_an_idle_timeout(
+    make_pool: PoolFactory, fake_model: FakeModel
+) -> None:
+    """A proxy that cuts a stream silent for 2 s (the client's read timeout) keeps a 4 s silent turn."""
+    fake_model.add("think long", text="thought it over", delay_s=4)
+    idle_proxy = aiohttp.ClientTimeout(total=None, sock_read=2)
+    async with (
+        served(make_pool, sse_keepalive_s=0.2) as url,
+        aiohttp.ClientSession(headers=auth(), timeout=idle_proxy) as http,
+        sse_client.EventSource(
+            f"{url}/v1/conversations/sse/messages",
+            option={"method": "POST"},
+            session=http,
+            max_connect_retry=0,
+            json={"text": "think long"},
+        ) as source,
+    ):
+        events = []
+        async for event in source:
+            events.append((event.type, json.loads(event.data)))
+            if event.type in ("result", "error"):
+                break
+    assert events[-1] == ("result", events[-1][1]) and events[-1][1]["reply"] == "thought it over"
+    assert "".join(str(data["text"]) for kind, data in events if kind == "delta") == "thought it over"
+
+
+async def test_the_keep_alive_is_an_sse_comment(make_pool: PoolFactory, fake_model: FakeModel) -> None:
+    fake_model.add("pause", text="after a pause", delay_s=1)
+    async with (
+        served(make_pool, sse_keepalive_s=0.1) as url,
+        aiohttp.ClientSession(headers=auth()) as http,
+        http.post(
+            f"{url}/v1/conversations/c/messages", json={"text": "pause"}, headers={"Accept": "text/event-stream"}
+        ) as response,
+    ):
+        raw = await response.read()
+    assert b"\n\n: keep-alive\n\n" in b"\n\n" + raw and raw.endswith(b"\n\n")
+
+
+async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port))
+
+
+async def healthy(url: str) -> bool:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as response:
+        return response.status == 200
+
+
+async def test_clients_that_stop_mid_header_are_closed_and_others_are_served(make_pool: PoolFactory) -> None:
+    async with served(make_pool, header_timeout_s=0.5) as url:
+        slow = [await connect(url) for _ in range(30)]
+        for _, writer in slow:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+        assert await healthy(url)
+        # Each one is closed by the server: its read ends (EOF) without an answer.
+        said = await asyncio.wait_for(asyncio.gather(*(reader.read() for reader, _ in slow)), 30)
+        assert said == [b""] * 30
+        for _, writer in slow:
+            writer.close()
+        assert await healthy(url)
+
+
+async def test_a_body_that_stops_coming_is_a_408(make_pool: PoolFactory) -> None:
+    async with served(make_pool, body_timeout_s=0.5) as url:
+        reader, writer = await connect(url)
+        writer.write(
+            b"POST /v1/conversations/c/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\n".encode()
+            + b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"text": "'
+        )
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+        writer.close()
+        assert status_line.split()[1] == b"408"
+        assert await healthy(url)
+
+
+async def test_connections_beyond_the_cap_are_refused_at_once(make_pool: PoolFactory) -> None:
+    async with served(make_pool, max_connections=5, header_timeout_s=60) as url:
+        held = [await connect(url) for _ in range(5)]
+        for _, writer in held:
+            writer.write(b"GET /healthz HTTP/1.1\r\n")
+        # The next one is answered 503 and closed, without waiting for its request.
+        reader, writer = await connect(url)
+        answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        for _, held_writer in held:
+            held_writer.close()
+
+        async def served_again() -> bool:
+            try:
+                return await healthy(url)
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(served_again, what="room again once the held connections are gone")

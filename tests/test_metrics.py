@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -49,7 +50,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def rss_pids(samples: Samples) -> set[str]:
-    return {dict(labels)["pid"] for name, labels in samples if name == "agentd_process_rss_mb"}
+    return {dict(labels)["pid"] for name, labels in samples if name == "agentd_process_rss_bytes"}
 
 
 async def test_metrics_cover_sessions_spawns_resumes_crashes_queue_and_rss_by_pid(
@@ -68,7 +69,7 @@ async def test_metrics_cover_sessions_spawns_resumes_crashes_queue_and_rss_by_pi
             return str(pid) in rss_pids(after) and value(after, "agentd_sessions", state="warm") >= 1
 
         await wait_for(sampled, what="the sampler to export the new process")
-        assert value(after, "agentd_process_rss_mb", pid=str(pid)) > 10
+        assert value(after, "agentd_process_rss_bytes", pid=str(pid)) > 10 * 1024 * 1024
         assert value(after, "agentd_sessions_by_profile", profile="chat") == 1
         assert value(after, "agentd_sessions", state="busy") == 0
         spawned = value(after, "agentd_spawns_total", kind="new") - value(before, "agentd_spawns_total", kind="new")
@@ -108,3 +109,21 @@ async def test_metrics_cover_sessions_spawns_resumes_crashes_queue_and_rss_by_pi
         resumes = value(final, "agentd_spawns_total", kind="resume")
         assert (await pool.ask(Inbound("api:m1", "again"))).ok
         assert value(await scrape(url), "agentd_spawns_total", kind="resume") == resumes + 1
+
+
+async def test_promtool_accepts_the_metrics(make_pool: PoolFactory, fake_model: FakeModel) -> None:
+    """Prometheus's own linter (Debian's prometheus package; tests/run installs it) finds nothing to fix."""
+    async with served(make_pool) as (pool, url):
+        assert (await pool.ask(Inbound("api:lint", "first"))).ok
+        await wait_for(lambda: _exported_rss(url), what="the sampler to export the process's RSS")
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
+            text = await response.read()
+    promtool = await asyncio.create_subprocess_exec(
+        "promtool", "check", "metrics", stdin=PIPE, stdout=PIPE, stderr=STDOUT
+    )
+    said, _ = await asyncio.wait_for(promtool.communicate(text), 60)
+    assert promtool.returncode == 0, said.decode()
+
+
+async def _exported_rss(url: str) -> bool:
+    return bool(rss_pids(await scrape(url)))

@@ -138,10 +138,10 @@ async def test_a_hostile_conversation_id_is_shown_as_text(tmp_path: Path, fake_m
 
 
 @contextlib.asynccontextmanager
-async def exposed_api(make_pool: PoolFactory) -> AsyncIterator[str]:
+async def exposed_api(make_pool: PoolFactory, listen: str = "0.0.0.0:0") -> AsyncIterator[str]:
     """The HTTP server listening on every interface (beyond loopback), with its required token."""
     pool = await make_pool()
-    server = Api(HttpConfig(listen="0.0.0.0:0", api_token=TOKEN), pool, pool.store)
+    server = Api(HttpConfig(listen=listen, api_token=TOKEN), pool, pool.store)
     await server.start()
     try:
         yield f"http://127.0.0.1:{server.port}"
@@ -211,6 +211,32 @@ async def test_the_browser_without_the_token_sees_only_the_sign_in_form(make_poo
         assert await page.locator("#sessions").count() == 0
         data = await page.evaluate("fetch('/v1/status').then((r) => r.status)")
         assert data == 401
+        assert "listens beyond loopback (0.0.0.0:0)" in await page.inner_text("body")
+
+
+async def test_the_sign_in_page_says_where_the_daemon_listens(make_pool: PoolFactory) -> None:
+    async with exposed_api(make_pool, listen="127.0.0.1:0") as url, chromium() as browser:
+        page = await browser.new_page()
+        response = await page.goto(f"{url}/status")
+        assert response is not None and response.status == 401
+        said = await page.inner_text("body")
+        assert "listens only on loopback (127.0.0.1:0)" in said and "beyond" not in said
+
+
+async def test_sign_in_attempts_are_rate_limited_per_client(make_pool: PoolFactory) -> None:
+    async with exposed_api(make_pool) as url, aiohttp.ClientSession() as http:
+        statuses = []
+        for _ in range(8):
+            async with http.post(f"{url}/status/login", data={"token": "guess"}, allow_redirects=False) as response:
+                statuses.append(response.status)
+                retry_after = response.headers.get("Retry-After")
+        assert statuses[:5] == [401] * 5 and set(statuses[5:]) == {429}, statuses
+        assert retry_after is not None and 1 <= int(retry_after) <= 10
+        # Even the right token waits: the limit is on attempts, so guessing gains nothing.
+        async with http.post(f"{url}/status/login", data={"token": TOKEN}, allow_redirects=False) as response:
+            assert response.status == 429
+        async with http.get(f"{url}/v1/status", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+            assert response.status == 200, "the API itself is not limited"
 
 
 async def channel_status(url: str, name: str) -> dict[str, Any]:

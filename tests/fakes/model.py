@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +102,7 @@ class FakeModel:
     chunk_size: int = 40
     on_request: Callable[[RecordedRequest], None] | None = None
     api_keys: set[str] | None = None  # when set, any other key is refused with 401 as the real API does
+    paths: list[str] = field(default_factory=list)  # "METHOD path?query" of every request, in order
     _ids: itertools.count[int] = field(default_factory=itertools.count)
     _runner: web.AppRunner | None = None
 
@@ -127,7 +128,7 @@ class FakeModel:
         return [r for r in self.turn_requests() if needle in r.last_said()]
 
     async def start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._note_path])
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_route("*", "/{tail:.*}", self._other)
@@ -142,6 +143,13 @@ class FakeModel:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    @web.middleware
+    async def _note_path(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        self.paths.append(f"{request.method} {request.raw_path}")
+        return await handler(request)
 
     async def _other(self, request: web.Request) -> web.Response:
         return web.json_response({}, status=404)
