@@ -399,8 +399,28 @@ OWN = EmailConfig(address="Agent@Agent.Example.org", own_addresses=["Alias@agent
         ({"Precedence": "junk"}, "Precedence: junk"),
         ({"List_Id": "Developers <dev.lists.example.org>"}, "mailing list"),
         ({"List_Unsubscribe": "<mailto:leave@lists.example.org>"}, "mailing list"),
-        ({"X_Autoreply": "yes"}, "auto-reply header"),
-        ({"X_Autorespond": "yes"}, "auto-reply header"),
+        ({"X_Autoreply": "yes"}, "auto-reply header (x-autoreply)"),
+        ({"X_Autorespond": "yes"}, "auto-reply header (x-autorespond)"),
+        # iCloud's vacation reply: no Auto-Submitted, only its own header (and a subject, checked later).
+        ({"X_Apple_Action": "VACATION", "subject": "Mail about plans"}, "auto-reply header (x-apple-action)"),
+        ({"X_Auto_Response_Suppress": "All"}, "auto-reply header (x-auto-response-suppress)"),
+        ({"subject": "Auto reply: Plans"}, "auto-reply or bounce subject"),
+        ({"subject": "Automatic reply: Plans"}, "auto-reply or bounce subject"),
+        ({"subject": "Undeliverable: Plans"}, "auto-reply or bounce subject"),
+        ({"Precedence": "auto_reply"}, "Precedence: auto_reply"),
+        ({"Auto_Submitted": "auto-replied; owner-email=a@b.c"}, "Auto-Submitted: auto-replied"),
+        # A list manager's notice ("not member", "Loop Alert"): no List-Id, no List-Unsubscribe.
+        ({"Mailing_List": "contact ml-help@ml.example; run by ezmlm"}, "mailing list"),
+        ({"List_Subscribe": "<mailto:ml-ctl@ml.example?body=subscribe>"}, "mailing list"),
+        ({"X_MLServer": "fml [fml 4.0]"}, "mailing list"),
+        ({"X_ML_Info": "If you have a question, send e-mail"}, "mailing list"),
+        ({"X_Mailing_List": "<dev@lists.example>"}, "mailing list"),
+        ({"sender": "post_master@mx.example.com"}, "robot sender"),
+        ({"sender": "Mailer_Daemon@mx.example.com"}, "robot sender"),
+        ({"sender": "bounces+123@mail.example.com"}, "robot sender"),
+        ({"sender": "abuse@isp.example"}, "robot sender"),
+        ({"sender": "do_not_reply@shop.example"}, "robot sender"),
+        ({"sender": "dev-bounces@lists.example"}, "robot sender"),
         ({"sender": "MAILER-DAEMON@mx.example.com"}, "robot sender"),
         ({"sender": "postmaster@example.com"}, "robot sender"),
         ({"sender": "noreply@example.com"}, "robot sender"),
@@ -424,7 +444,29 @@ def test_delivery_status_report_is_a_loop_risk() -> None:
 
 
 def test_mail_without_sender_is_a_robot() -> None:
-    assert policy.loop_reason(parsed(b"Subject: who?\r\n\r\nhi\r\n"), OWN) == "robot sender"
+    assert policy.loop_reason(parsed(b"Subject: who?\r\n\r\nhi\r\n"), OWN) == "no From address"
+
+
+def test_reports_sent_as_multipart_mixed_are_reports() -> None:
+    """Abuse (ARF) and DMARC failure reports from abuse@ or staff@ senders, not shaped as multipart/report."""
+    arf = crlf(
+        "From: staff@isp.example\nSubject: Complaint\nContent-Type: multipart/mixed; boundary=B\n\n"
+        "--B\nContent-Type: text/plain\n\nA complaint about a message from your network.\n"
+        "--B\nContent-Type: message/feedback-report\n\nFeedback-Type: abuse\nUser-Agent: SomeGenerator/1.0\n"
+        "Version: 1\n--B--\n"
+    )
+    aggregate = crlf(
+        "From: reports@mail.example\nSubject: Your weekly figures\nContent-Type: multipart/mixed; boundary=B\n\n"
+        "--B\nContent-Type: text/plain\n\nSee the attachment.\n--B\nContent-Type: application/gzip\n"
+        'Content-Disposition: attachment; filename="google.com!agent.example.org!1700000000!1700086399.xml.gz"\n'
+        "Content-Transfer-Encoding: base64\n\nH4sIAAAAAAAA/wMAAAAAAAAAAAA=\n--B--\n"
+    )
+    failure = build(sender="noreply-dmarc-support@google.com", subject="DMARC failure report for agent.example.org")
+    assert policy.loop_reason(parsed(arf), OWN) == "delivery status report"
+    assert policy.loop_reason(parsed(aggregate), OWN) == "DMARC report"
+    assert policy.loop_reason(parsed(failure), OWN) in ("DMARC report", "robot sender")
+    person = build(sender="alice@example.com", subject="DMARC question: why do my reports fail?")
+    assert policy.loop_reason(parsed(person), OWN) is None
 
 
 @pytest.mark.parametrize(
@@ -435,6 +477,9 @@ def test_mail_without_sender_is_a_robot() -> None:
         {"Auto_Submitted": " No "},
         {"Precedence": "first-class"},
         {"Return_Path": "<a@b.c>"},
+        {"subject": "Re: auto replies are annoying"},
+        {"subject": "The office is out of coffee"},
+        {"sender": "listing@realty.example"},
     ],
 )
 def test_a_person_mail_is_no_loop(headers: dict[str, str]) -> None:

@@ -43,6 +43,8 @@ HEADER_DECODE_CHARS = 1000
 # html2text indents each list item by its nesting depth: deeply nested lists give quadratic output.
 # Lists past this many keep their items, as plain blocks.
 MAX_HTML_LISTS = 100
+# Enough to see a report's parts (a DMARC or abuse report has two or three), bounded for a hostile mail.
+MAX_PARTS = 200
 _HTML_LIST_TAG = re.compile(r"<(/?)(?:ul|ol)\b", re.IGNORECASE)
 
 
@@ -81,6 +83,8 @@ class Mail:
     skipped: tuple[str, ...] = ()  # attachments not kept, with the reason
     headers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     content_type: str = "text/plain"
+    part_types: tuple[str, ...] = ()  # every MIME part's content type, the top one first (bounded)
+    file_names: tuple[str, ...] = ()  # the attachments' file names as sent (bounded), kept or not
 
     def header(self, name: str) -> tuple[str, ...]:
         return self.headers.get(name.lower(), ())
@@ -93,13 +97,14 @@ def parse(raw: bytes, max_attachments: int, max_attachment_bytes: int) -> Mail:
         assert isinstance(msg, EmailMessage)
         text, html, attachments, forwarded = _walk(msg)
         content_type = msg.get_content_type()
+        part_types, file_names = _part_types(msg)
     except (*_BROKEN, RecursionError):
         # A MIME parameter the stdlib chokes on (a lone surrogate, a cut UTF-16 value), or absurd nesting:
         # read the headers alone and keep the raw body as the text.
         msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw, headersonly=True)
         rest = raw_body(raw)
         text = _decode_bytes(rest).replace("\r\n", "\n") if rest is not None else ""
-        html, attachments, forwarded, content_type = "", [], [], ""
+        html, attachments, forwarded, content_type, part_types, file_names = "", [], [], "", (), ()
     headers = _headers(msg)
     content_type = content_type or _first(headers, "content-type").partition(";")[0].strip().lower() or "text/plain"
     body = text or _html_to_text(html)
@@ -122,6 +127,8 @@ def parse(raw: bytes, max_attachments: int, max_attachment_bytes: int) -> Mail:
         skipped=tuple(skipped),
         headers=headers,
         content_type=content_type,
+        part_types=part_types,
+        file_names=file_names,
     )
 
 
@@ -197,6 +204,25 @@ def _walk(msg: EmailMessage) -> tuple[str, str, list[Attachment], list[Forwarded
         elif kind == "text/html":
             htmls.append(decode_text(part))
     return "\n\n".join(t for t in texts if t.strip()), "\n".join(htmls), attachments, forwarded
+
+
+def _part_types(msg: Message) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The content types and file names of the first MAX_PARTS parts, attached messages included.
+
+    Walked without recursion: a hostile mail nests thousands deep.
+    """
+    found: list[str] = []
+    names: list[str] = []
+    stack: list[Message] = [msg]
+    while stack and len(found) < MAX_PARTS:
+        part = stack.pop()
+        found.append(part.get_content_type())
+        if name := part.get_filename():
+            names.append(_clean(name)[:255])
+        payload = part.get_payload() if part.is_multipart() else None
+        if isinstance(payload, list):
+            stack.extend(reversed([child for child in payload[:MAX_PARTS] if isinstance(child, Message)]))
+    return tuple(found), tuple(names)
 
 
 def _parts(msg: Message) -> list[Message]:
