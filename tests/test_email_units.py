@@ -14,7 +14,16 @@ from pydantic import SecretStr, ValidationError
 
 from bot.config import EmailConfig
 from bot.mail import compose, policy
-from bot.mail.parse import Forwarded, Mail, decode_text, message_id, parse, split_inline_forward, strip_quotes
+from bot.mail.parse import (
+    Forwarded,
+    Mail,
+    decode_text,
+    message_id,
+    parse,
+    split_inline_forward,
+    strip_quote_block,
+    strip_quotes,
+)
 
 SYNTHETIC_ID = re.compile(r"^<sha256-[0-9a-f]{40}@agentd\.invalid>$")
 TRUSTED = "mx.ours.example"
@@ -201,6 +210,44 @@ def test_inline_forward_separates_note_from_original(body: str, note: str, date:
     assert split_inline_forward(body) == (note, (expected,))
     mail = parsed(build(body))
     assert mail.text == note and mail.forwarded == (expected,)
+
+
+def test_an_original_message_line_in_a_reply_starts_its_history() -> None:
+    mail = parsed(build(OUTLOOK.replace("Look at this.", "Yes, five."), subject="RE: The budget"))
+    assert mail.text == "Yes, five." and not mail.forwarded
+    assert "The budget is five." in mail.quoted
+
+
+def test_an_unquoted_boundary_with_equals_signs_is_read() -> None:
+    raw = crlf(
+        "From: a@example.com\nSubject: x\nMIME-Version: 1.0\nContent-Type: multipart/alternative;\n"
+        "\tboundary=----=_NextPart_000_0001_01D9.ABCDEF00\n\nThis is a multi-part message in MIME format.\n\n"
+        "------=_NextPart_000_0001_01D9.ABCDEF00\nContent-Type: text/plain; charset=iso-8859-1\n"
+        "Content-Transfer-Encoding: quoted-printable\n\nOutlook body caf=E9\n"
+        "------=_NextPart_000_0001_01D9.ABCDEF00\nContent-Type: text/html\n\n<p>Outlook body</p>\n"
+        "------=_NextPart_000_0001_01D9.ABCDEF00--\n"
+    )
+    mail = parsed(raw)
+    assert mail.text == "Outlook body café"
+    assert mail.part_types == ("multipart/alternative", "text/plain", "text/html")
+
+
+@pytest.mark.parametrize(
+    ("text", "new", "quote"),
+    [
+        ("On 04/02/2012 06:26 PM, Megan wrote:\n> Hi\nHello", "Hello", "On 04/02/2012 06:26 PM, Megan wrote:\n> Hi"),
+        (
+            'Hello\n02.04.2012 14:20 пользователь "bob@x.org" <\nbob@x.org> написал:\n\n> Hi\n>',
+            "Hello",
+            '02.04.2012 14:20 пользователь "bob@x.org" <\nbob@x.org> написал:\n\n> Hi\n>',
+        ),
+        ("> question one\nanswer one\n> question two\nanswer two", None, ""),
+        ("> only a quote", None, ""),
+    ],
+    ids=["thunderbird-bottom", "android-russian", "inline-answers", "quote-only"],
+)
+def test_one_quote_block_and_its_attribution_leave_the_new_text(text: str, new: str | None, quote: str) -> None:
+    assert strip_quote_block(text) == (new or text, quote)
 
 
 def test_text_without_forward_marker_is_left_alone() -> None:

@@ -34,3 +34,14 @@ def test_no_prompt_built_from_the_corpus_contains_raw_mime() -> None:
         text = compose.prompt(sample.mail, 20_000)
         assert not _MIME_HEADER.search(text), f"{sample.name}: MIME headers in the prompt"
         assert not _BASE64_RUN.search(text), f"{sample.name}: base64 in the prompt"
+
+
+def test_replies_from_every_client_keep_only_the_new_text() -> None:
+    """A reply's quote is history, never a forward: AOL, Comcast and Yahoo's "Original Message", Android's
+    Russian attribution, Thunderbird's bottom-posted reply."""
+    for sample in samples():
+        if not sample.name.startswith("talon-") or "share-block" in sample.name:
+            continue
+        mail = sample.mail
+        assert mail.text == "Hello", f"{sample.name}: {mail.text!r}"
+        assert mail.quoted and not mail.forwarded, sample.name
