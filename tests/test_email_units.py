@@ -14,7 +14,16 @@ from pydantic import SecretStr, ValidationError
 
 from bot.config import EmailConfig
 from bot.mail import compose, policy
-from bot.mail.parse import Forwarded, Mail, decode_text, message_id, parse, split_inline_forward, strip_quotes
+from bot.mail.parse import (
+    Forwarded,
+    Mail,
+    decode_text,
+    message_id,
+    parse,
+    split_inline_forward,
+    strip_quote_block,
+    strip_quotes,
+)
 
 SYNTHETIC_ID = re.compile(r"^<sha256-[0-9a-f]{40}@agentd\.invalid>$")
 TRUSTED = "mx.ours.example"
@@ -201,6 +210,44 @@ def test_inline_forward_separates_note_from_original(body: str, note: str, date:
     assert split_inline_forward(body) == (note, (expected,))
     mail = parsed(build(body))
     assert mail.text == note and mail.forwarded == (expected,)
+
+
+def test_an_original_message_line_in_a_reply_starts_its_history() -> None:
+    mail = parsed(build(OUTLOOK.replace("Look at this.", "Yes, five."), subject="RE: The budget"))
+    assert mail.text == "Yes, five." and not mail.forwarded
+    assert "The budget is five." in mail.quoted
+
+
+def test_an_unquoted_boundary_with_equals_signs_is_read() -> None:
+    raw = crlf(
+        "From: a@example.com\nSubject: x\nMIME-Version: 1.0\nContent-Type: multipart/alternative;\n"
+        "\tboundary=----=_NextPart_000_0001_01D9.ABCDEF00\n\nThis is a multi-part message in MIME format.\n\n"
+        "------=_NextPart_000_0001_01D9.ABCDEF00\nContent-Type: text/plain; charset=iso-8859-1\n"
+        "Content-Transfer-Encoding: quoted-printable\n\nOutlook body caf=E9\n"
+        "------=_NextPart_000_0001_01D9.ABCDEF00\nContent-Type: text/html\n\n<p>Outlook body</p>\n"
+        "------=_NextPart_000_0001_01D9.ABCDEF00--\n"
+    )
+    mail = parsed(raw)
+    assert mail.text == "Outlook body café"
+    assert mail.part_types == ("multipart/alternative", "text/plain", "text/html")
+
+
+@pytest.mark.parametrize(
+    ("text", "new", "quote"),
+    [
+        ("On 04/02/2012 06:26 PM, Megan wrote:\n> Hi\nHello", "Hello", "On 04/02/2012 06:26 PM, Megan wrote:\n> Hi"),
+        (
+            'Hello\n02.04.2012 14:20 пользователь "bob@x.org" <\nbob@x.org> написал:\n\n> Hi\n>',
+            "Hello",
+            '02.04.2012 14:20 пользователь "bob@x.org" <\nbob@x.org> написал:\n\n> Hi\n>',
+        ),
+        ("> question one\nanswer one\n> question two\nanswer two", None, ""),
+        ("> only a quote", None, ""),
+    ],
+    ids=["thunderbird-bottom", "android-russian", "inline-answers", "quote-only"],
+)
+def test_one_quote_block_and_its_attribution_leave_the_new_text(text: str, new: str | None, quote: str) -> None:
+    assert strip_quote_block(text) == (new or text, quote)
 
 
 def test_text_without_forward_marker_is_left_alone() -> None:
@@ -399,8 +446,28 @@ OWN = EmailConfig(address="Agent@Agent.Example.org", own_addresses=["Alias@agent
         ({"Precedence": "junk"}, "Precedence: junk"),
         ({"List_Id": "Developers <dev.lists.example.org>"}, "mailing list"),
         ({"List_Unsubscribe": "<mailto:leave@lists.example.org>"}, "mailing list"),
-        ({"X_Autoreply": "yes"}, "auto-reply header"),
-        ({"X_Autorespond": "yes"}, "auto-reply header"),
+        ({"X_Autoreply": "yes"}, "auto-reply header (x-autoreply)"),
+        ({"X_Autorespond": "yes"}, "auto-reply header (x-autorespond)"),
+        # iCloud's vacation reply: no Auto-Submitted, only its own header (and a subject, checked later).
+        ({"X_Apple_Action": "VACATION", "subject": "Mail about plans"}, "auto-reply header (x-apple-action)"),
+        ({"X_Auto_Response_Suppress": "All"}, "auto-reply header (x-auto-response-suppress)"),
+        ({"subject": "Auto reply: Plans"}, "auto-reply or bounce subject"),
+        ({"subject": "Automatic reply: Plans"}, "auto-reply or bounce subject"),
+        ({"subject": "Undeliverable: Plans"}, "auto-reply or bounce subject"),
+        ({"Precedence": "auto_reply"}, "Precedence: auto_reply"),
+        ({"Auto_Submitted": "auto-replied; owner-email=a@b.c"}, "Auto-Submitted: auto-replied"),
+        # A list manager's notice ("not member", "Loop Alert"): no List-Id, no List-Unsubscribe.
+        ({"Mailing_List": "contact ml-help@ml.example; run by ezmlm"}, "mailing list"),
+        ({"List_Subscribe": "<mailto:ml-ctl@ml.example?body=subscribe>"}, "mailing list"),
+        ({"X_MLServer": "fml [fml 4.0]"}, "mailing list"),
+        ({"X_ML_Info": "If you have a question, send e-mail"}, "mailing list"),
+        ({"X_Mailing_List": "<dev@lists.example>"}, "mailing list"),
+        ({"sender": "post_master@mx.example.com"}, "robot sender"),
+        ({"sender": "Mailer_Daemon@mx.example.com"}, "robot sender"),
+        ({"sender": "bounces+123@mail.example.com"}, "robot sender"),
+        ({"sender": "abuse@isp.example"}, "robot sender"),
+        ({"sender": "do_not_reply@shop.example"}, "robot sender"),
+        ({"sender": "dev-bounces@lists.example"}, "robot sender"),
         ({"sender": "MAILER-DAEMON@mx.example.com"}, "robot sender"),
         ({"sender": "postmaster@example.com"}, "robot sender"),
         ({"sender": "noreply@example.com"}, "robot sender"),
@@ -424,7 +491,29 @@ def test_delivery_status_report_is_a_loop_risk() -> None:
 
 
 def test_mail_without_sender_is_a_robot() -> None:
-    assert policy.loop_reason(parsed(b"Subject: who?\r\n\r\nhi\r\n"), OWN) == "robot sender"
+    assert policy.loop_reason(parsed(b"Subject: who?\r\n\r\nhi\r\n"), OWN) == "no From address"
+
+
+def test_reports_sent_as_multipart_mixed_are_reports() -> None:
+    """Abuse (ARF) and DMARC failure reports from abuse@ or staff@ senders, not shaped as multipart/report."""
+    arf = crlf(
+        "From: staff@isp.example\nSubject: Complaint\nContent-Type: multipart/mixed; boundary=B\n\n"
+        "--B\nContent-Type: text/plain\n\nA complaint about a message from your network.\n"
+        "--B\nContent-Type: message/feedback-report\n\nFeedback-Type: abuse\nUser-Agent: SomeGenerator/1.0\n"
+        "Version: 1\n--B--\n"
+    )
+    aggregate = crlf(
+        "From: reports@mail.example\nSubject: Your weekly figures\nContent-Type: multipart/mixed; boundary=B\n\n"
+        "--B\nContent-Type: text/plain\n\nSee the attachment.\n--B\nContent-Type: application/gzip\n"
+        'Content-Disposition: attachment; filename="google.com!agent.example.org!1700000000!1700086399.xml.gz"\n'
+        "Content-Transfer-Encoding: base64\n\nH4sIAAAAAAAA/wMAAAAAAAAAAAA=\n--B--\n"
+    )
+    failure = build(sender="noreply-dmarc-support@google.com", subject="DMARC failure report for agent.example.org")
+    assert policy.loop_reason(parsed(arf), OWN) == "delivery status report"
+    assert policy.loop_reason(parsed(aggregate), OWN) == "DMARC report"
+    assert policy.loop_reason(parsed(failure), OWN) in ("DMARC report", "robot sender")
+    person = build(sender="alice@example.com", subject="DMARC question: why do my reports fail?")
+    assert policy.loop_reason(parsed(person), OWN) is None
 
 
 @pytest.mark.parametrize(
@@ -435,6 +524,9 @@ def test_mail_without_sender_is_a_robot() -> None:
         {"Auto_Submitted": " No "},
         {"Precedence": "first-class"},
         {"Return_Path": "<a@b.c>"},
+        {"subject": "Re: auto replies are annoying"},
+        {"subject": "The office is out of coffee"},
+        {"sender": "listing@realty.example"},
     ],
 )
 def test_a_person_mail_is_no_loop(headers: dict[str, str]) -> None:

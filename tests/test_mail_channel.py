@@ -258,3 +258,40 @@ async def test_an_answer_the_markdown_renderer_chokes_on_goes_out_as_text(
         outcome = await daemon.outcome(str(sent["Message-ID"]))
     assert outcome["status"] == "replied"
     assert reply.get_content_type() == "text/plain" and reply.get_content().count("- level") == 400
+
+
+async def test_a_reused_message_id_cannot_hijack_a_thread(
+    tmp_path: Path, fake_model: FakeModel, mail: MailServer
+) -> None:
+    # Alice replies into a thread whose root <R> the agent never saw: her conversation is keyed by <R>.
+    root = f"<never-received@{DOMAIN}>"
+    alice = message("Re: budget", "Remember the code word: persimmon.", In_Reply_To=root, References=root)
+    # Eve's new mail takes <R> as its own Message-ID: the outsider fallback must not land on Alice's thread.
+    eve = message("budget", "Eve here: what is the code word?", sender=f"eve@{DOMAIN}", message_id=root)
+    async with running(tmp_path, fake_model, mail) as daemon:
+        mail.deliver(alice)
+        [to_alice] = await wait_replies(mail, 1)
+        mail.deliver(eve, sender=f"eve@{DOMAIN}")
+        eve_outcome = await daemon.outcome(root)
+        [to_eve] = await wait_eve(mail)
+        again = message("Re: budget", "Eve again: and now?", sender=f"eve@{DOMAIN}")
+        again["In-Reply-To"], again["References"] = to_eve["Message-ID"], f"{root} {to_eve['Message-ID']}"
+        mail.deliver(again, sender=f"eve@{DOMAIN}")
+        eve_again = await daemon.outcome(str(again["Message-ID"]))
+        follow = message("Re: budget", "Alice again: still there?")
+        follow["In-Reply-To"], follow["References"] = to_alice["Message-ID"], f"{root} {to_alice['Message-ID']}"
+        mail.deliver(follow)
+        alice_again = await daemon.outcome(str(follow["Message-ID"]))
+        store = daemon.store()
+        try:
+            alice_people = json.loads(await store.get_value(keys.mail_participants(f"email:{root}")) or "[]")
+        finally:
+            await store.close()
+    alice_outcome = await daemon.outcome(str(alice["Message-ID"]))
+    assert alice_outcome["conversation"] == alice_again["conversation"] == f"email:{root}"
+    assert eve_outcome["conversation"] != alice_outcome["conversation"]
+    assert "persimmon" not in fake_model.find("Eve here")[-1].all_text(), "Eve must not see Alice's context"
+    assert eve_again["conversation"] == eve_outcome["conversation"], "Eve's own thread continues"
+    assert "persimmon" not in fake_model.find("Eve again")[-1].all_text()
+    assert "Eve here" not in fake_model.find("Alice again")[-1].all_text(), "Alice's thread holds nothing of Eve's"
+    assert f"eve@{DOMAIN}" not in alice_people

@@ -56,6 +56,8 @@ class Job:
 MAX_ATTEMPTS = 6
 # A conversation's participants are its root's From, To and Cc: a huge Cc list is cut here.
 MAX_PARTICIPANTS = 100
+# Only the most recent References are looked up: enough for any real thread, bounded for a hostile one.
+MAX_REFERENCES = 20
 
 
 @dataclass(frozen=True)
@@ -202,17 +204,23 @@ class EmailChannel:
     async def _thread_conversation(self, mail: Mail) -> str:
         """The thread's conversation if the sender takes part in it; else one of the sender's own.
 
-        Every recipient of a thread (and whoever they forward it to) knows its Message-IDs: knowing
-        one must not be enough to continue someone else's conversation and read its context.
+        Every recipient of a thread (and whoever they forward it to) knows its Message-IDs, and a
+        stranger chooses his own Message-ID, References and In-Reply-To: no key he names may be
+        enough to continue someone else's conversation. Every candidate is checked against its
+        participants; an outsider whose every candidate is taken gets a fresh key nobody can name.
         """
-        conversation = await self._known_thread(mail) or f"email:{_root(mail)}"
-        participants = await self._participants(conversation)
-        if participants and mail.sender not in participants:
-            log.info("email_thread_outsider", conversation=conversation, message_id=mail.message_id)
-            conversation = f"email:{mail.message_id}"
+        candidates = [*await self._known_threads(mail), f"email:{_root(mail)}", f"email:{mail.message_id}"]
+        unclaimed = None
+        for conversation in dict.fromkeys(candidates):
             participants = await self._participants(conversation)
-        if not participants:
-            await self._add_participants(conversation, _participants_of(mail))
+            if mail.sender in participants:
+                return conversation
+            if not participants and unclaimed is None:
+                unclaimed = conversation
+            elif participants:
+                log.info("email_thread_outsider", conversation=conversation, message_id=mail.message_id)
+        conversation = unclaimed or f"email:{mail.message_id}#{uuid.uuid4().hex[:12]}"
+        await self._add_participants(conversation, _participants_of(mail))
         return conversation
 
     async def _participants(self, conversation: str) -> frozenset[str]:
@@ -226,11 +234,14 @@ class EmailChannel:
         value = json.dumps([*sorted(known), *sorted(added - known)][:MAX_PARTICIPANTS])
         await self._store.put_value(keys.mail_participants(conversation), value, keys.MAIL_RECORD_TTL_S)
 
-    async def _known_thread(self, mail: Mail) -> str | None:
-        for known_id in [*reversed(mail.references), mail.in_reply_to]:
+    async def _known_threads(self, mail: Mail) -> list[str]:
+        """The conversations of the Message-IDs this mail names, the most recent reference first."""
+        found = []
+        recent = mail.references[-MAX_REFERENCES:]  # a stranger's References can be thousands long
+        for known_id in dict.fromkeys([*reversed(recent), mail.in_reply_to]):
             if known_id and (known := await self._store.get_value(keys.mail_thread(known_id))):
-                return known
-        return None
+                found.append(known)
+        return found
 
     async def _remember(self, message_id: str, conversation: str) -> None:
         await self._store.put_value(keys.mail_thread(message_id), conversation, keys.MAIL_RECORD_TTL_S)

@@ -29,6 +29,12 @@ _BROKEN = (ValueError, LookupError, UnicodeError, TypeError, AttributeError, ema
 _INLINE_FORWARD = re.compile(
     r"-+[ \t]*(?:Forwarded message|Original Message)[ \t]*-+|Begin forwarded message:", re.IGNORECASE
 )
+_ORIGINAL_MESSAGE = re.compile(r"-+[ \t]*Original Message[ \t]*-+", re.IGNORECASE)
+# Reply prefixes clients put on subjects (English, German, Nordic, Dutch, French, Italian, Spanish, Portuguese).
+_REPLY_SUBJECT = re.compile(r"\s*(re|aw|sv|vs|antw|r[ée]f|r|rif|resp|res)\s*(\[\d+\])?\s*:", re.IGNORECASE)
+# An attribution line before a quote ("On <date>, <name> wrote:", in any language): it ends with a colon,
+# and a line that continues it carries an address or a date.
+_ATTRIBUTION_PART = re.compile(r".*(@|\d{1,4}[./-]\d{1,2}|\d{1,2}:\d{2})")
 _FORWARD_HEADER = re.compile(r"\**(From|Date|Sent|Subject|To|Cc)\**:[ \t]*(.*)", re.IGNORECASE)
 _MESSAGE_ID = re.compile(r"<[^<>\s]+>")
 # mail-parser-reply's own patterns are quadratic on some text (blank lines, runs of spaces, "On On On"):
@@ -43,6 +49,8 @@ HEADER_DECODE_CHARS = 1000
 # html2text indents each list item by its nesting depth: deeply nested lists give quadratic output.
 # Lists past this many keep their items, as plain blocks.
 MAX_HTML_LISTS = 100
+# Enough to see a report's parts (a DMARC or abuse report has two or three), bounded for a hostile mail.
+MAX_PARTS = 200
 _HTML_LIST_TAG = re.compile(r"<(/?)(?:ul|ol)\b", re.IGNORECASE)
 
 
@@ -81,6 +89,8 @@ class Mail:
     skipped: tuple[str, ...] = ()  # attachments not kept, with the reason
     headers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     content_type: str = "text/plain"
+    part_types: tuple[str, ...] = ()  # every MIME part's content type, the top one first (bounded)
+    file_names: tuple[str, ...] = ()  # the attachments' file names as sent (bounded), kept or not
 
     def header(self, name: str) -> tuple[str, ...]:
         return self.headers.get(name.lower(), ())
@@ -89,22 +99,25 @@ class Mail:
 def parse(raw: bytes, max_attachments: int, max_attachment_bytes: int) -> Mail:
     msg: Message
     try:
-        msg = email.message_from_bytes(raw, policy=email.policy.default)
-        assert isinstance(msg, EmailMessage)
+        msg = _message(raw)
         text, html, attachments, forwarded = _walk(msg)
         content_type = msg.get_content_type()
+        part_types, file_names = _part_types(msg)
     except (*_BROKEN, RecursionError):
         # A MIME parameter the stdlib chokes on (a lone surrogate, a cut UTF-16 value), or absurd nesting:
         # read the headers alone and keep the raw body as the text.
         msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw, headersonly=True)
         rest = raw_body(raw)
         text = _decode_bytes(rest).replace("\r\n", "\n") if rest is not None else ""
-        html, attachments, forwarded, content_type = "", [], [], ""
+        html, attachments, forwarded, content_type, part_types, file_names = "", [], [], "", (), ()
     headers = _headers(msg)
     content_type = content_type or _first(headers, "content-type").partition(";")[0].strip().lower() or "text/plain"
     body = text or _html_to_text(html)
+    body, history = split_history(body) if _is_reply(headers) else (body, "")
     note, inline = split_inline_forward(body)
     new_text, quoted = strip_quotes(note)
+    new_text, bottom = strip_quote_block(new_text)
+    quoted = "\n".join(q for q in (bottom, quoted, history) if q)
     kept, skipped = _cap(attachments, max_attachments, max_attachment_bytes)
     sender_display, sender = next(iter(addresses(_first(headers, "from"))), ("", ""))
     return Mail(
@@ -122,7 +135,25 @@ def parse(raw: bytes, max_attachments: int, max_attachment_bytes: int) -> Mail:
         skipped=tuple(skipped),
         headers=headers,
         content_type=content_type,
+        part_types=part_types,
+        file_names=file_names,
     )
+
+
+def _message(raw: bytes) -> EmailMessage:
+    """The parsed message; compat32's reading where the default policy lost a multipart's boundary.
+
+    Outlook Express writes ``boundary=----=_NextPart_...`` unquoted: the default policy cuts the
+    value at the first ``=`` and finds no part, so the raw MIME would become the text. compat32 reads
+    it as the clients do.
+    """
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    if msg.get_content_maintype() != "multipart" or msg.is_multipart():
+        return msg
+    lenient = email.message_from_bytes(raw, _class=EmailMessage, policy=email.policy.compat32)
+    assert isinstance(lenient, EmailMessage)
+    return lenient if lenient.is_multipart() else msg
 
 
 def addresses(value: str) -> list[tuple[str, str]]:
@@ -199,6 +230,25 @@ def _walk(msg: EmailMessage) -> tuple[str, str, list[Attachment], list[Forwarded
     return "\n\n".join(t for t in texts if t.strip()), "\n".join(htmls), attachments, forwarded
 
 
+def _part_types(msg: Message) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The content types and file names of the first MAX_PARTS parts, attached messages included.
+
+    Walked without recursion: a hostile mail nests thousands deep.
+    """
+    found: list[str] = []
+    names: list[str] = []
+    stack: list[Message] = [msg]
+    while stack and len(found) < MAX_PARTS:
+        part = stack.pop()
+        found.append(part.get_content_type())
+        if name := part.get_filename():
+            names.append(_clean(name)[:255])
+        payload = part.get_payload() if part.is_multipart() else None
+        if isinstance(payload, list):
+            stack.extend(reversed([child for child in payload[:MAX_PARTS] if isinstance(child, Message)]))
+    return tuple(found), tuple(names)
+
+
 def _parts(msg: Message) -> list[Message]:
     """Leaf parts and attached messages, without descending into attached messages."""
     if msg.get_content_type() == "message/rfc822" or not msg.is_multipart():
@@ -260,6 +310,54 @@ def _forwarded(inner: Message) -> Forwarded:
         subject=_first(headers, "subject"),
         body=(text or _html_to_text(html)).strip(),
     )
+
+
+def _is_reply(headers: dict[str, tuple[str, ...]]) -> bool:
+    return bool(headers.get("in-reply-to") or _REPLY_SUBJECT.match(_first(headers, "subject")))
+
+
+def split_history(text: str) -> tuple[str, str]:
+    """A reply's text above an "-----Original Message-----" line (AOL, Comcast, Yahoo, old Outlook), and the quote.
+
+    In a reply that line starts the quoted history, not a forward from someone else.
+    """
+    lines = text.splitlines(keepends=True)
+    marker = next((i for i, line in enumerate(lines) if _ORIGINAL_MESSAGE.fullmatch(line.strip())), None)
+    if marker is None:
+        return text, ""
+    return "".join(lines[:marker]).strip(), "".join(lines[marker:]).strip()
+
+
+def strip_quote_block(text: str) -> tuple[str, str]:
+    """The text without its one block of ``>`` lines and that block's attribution; the block apart.
+
+    mail-parser-reply misses a quote above the reply (bottom-posting, Thunderbird) and attribution lines in
+    languages it does not know (Android's). Text with several quote blocks is an inline answer: left whole.
+    """
+    lines = text.splitlines()
+    quoted = [i for i, line in enumerate(lines) if line.startswith(">")]
+    if not quoted or quoted[-1] - quoted[0] + 1 != len(quoted):
+        return text, ""
+    start, end = quoted[0], quoted[-1] + 1
+    start = _attribution_start(lines, start)
+    kept = [*lines[:start], *lines[end:]]
+    if not "".join(kept).strip():
+        return text, ""
+    return "\n".join(kept).strip(), "\n".join(lines[start:end]).strip()
+
+
+def _attribution_start(lines: list[str], block: int) -> int:
+    """Where the attribution above a quote block starts: its line ending in ":" and up to two lines it continues."""
+    index = block
+    while index > 0 and not lines[index - 1].strip():
+        index -= 1
+    if index == 0 or not lines[index - 1].rstrip().endswith(":"):
+        return block
+    index -= 1
+    for _ in range(2):
+        if index > 0 and lines[index - 1].strip() and _ATTRIBUTION_PART.match(lines[index - 1]):
+            index -= 1
+    return index
 
 
 def split_inline_forward(text: str) -> tuple[str, tuple[Forwarded, ...]]:
