@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bot.core import Failure, Inbound
@@ -135,3 +136,55 @@ async def test_inbox_link_planted_by_the_agent_is_not_followed(
     assert not (workdir / "inbox").is_symlink()
     assert (workdir / "inbox" / "evil.pth").read_text().startswith("import os")
     assert "inbox/evil.pth" in fake_model.find("here is a file")[0].last_said()
+
+
+# The agent's background job (issue 17): keeps a handle on the real outbox, drops a file in it and
+# swaps ``outbox`` with a link to ``outside`` atomically (renameat2 RENAME_EXCHANGE), over and over.
+AGENT_SWAPPER = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+os.symlink({outside!r}, "link")
+real = os.open("outbox", os.O_RDONLY | os.O_DIRECTORY)
+n = 0
+while True:
+    n += 1
+    if n % 5000 == 0:
+        fd = os.open("agent-%d.txt" % n, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=real)
+        os.close(fd)
+    libc.renameat2(-100, b"outbox", -100, b"link", 2)
+"""
+
+
+async def test_outbox_swapped_by_the_agents_background_job_is_not_followed(
+    make_pool: PoolFactory, fake_model: FakeModel, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secrets = [outside / f"secret-{i:02}.txt" for i in range(20)]  # more names, more chances for the old code
+    for secret in secrets:
+        secret.write_text("not yours")
+    pool = await make_pool()
+    script = AGENT_SWAPPER.format(outside=str(outside))
+    start = f"mkdir -p outbox && python3 - <<'EOF'\n{script}\nEOF"
+    fake_model.add("start", tool=ToolUse("Bash", {"command": start, "description": "bg", "run_in_background": True}))
+    assert (await pool.ask(Inbound("api:s", "start the job"))).ok
+    (workdir,) = (tmp_path / "data" / "work").iterdir()
+    await wait_until(lambda: (workdir / "link").is_symlink() or (workdir / "outbox").is_symlink(), what="the job")
+    taken = []
+    try:
+        for round_ in range(40):
+            outcome = await pool.ask(Inbound("api:s", f"round {round_}"))
+            taken += outcome.files
+            assert all(secret.exists() for secret in secrets), f"round {round_}: a secret was taken"
+    finally:
+        stop_jobs_in(workdir)
+    assert sorted(outside.iterdir()) == secrets
+    assert taken and all(p.read_text() != "not yours" for p in taken)
+
+
+def stop_jobs_in(workdir: Path) -> None:
+    """The agent's background job outlives its turn: stop it, by its own pid, before the pool closes."""
+    for proc in psutil.process_iter(["cwd", "name"]):
+        if proc.info["name"] == "python3" and proc.info["cwd"] == str(workdir):
+            proc.kill()
+            proc.wait(10)
