@@ -108,6 +108,7 @@ class PoolConfig(_Section):
     queue_limit: int = Field(default=20, ge=1)
     # Fair admission when the pool is full (bot/fairness.py): caps per user, a bounded, timed wait.
     max_busy_per_user: int = Field(default=3, ge=0)
+    max_busy_per_domain: int = Field(default=10, ge=0)
     admission_queue_limit: int = Field(default=100, ge=0)
     admission_timeout_s: float = Field(default=120.0, gt=0)
     rss_sample_s: float = Field(default=2.0, gt=0)

@@ -30,6 +30,11 @@ def tenant_of(user: str) -> str | None:
     return user
 
 
+def is_domain(tenant: str | None) -> bool:
+    """A mail sender's domain (many people share one, so it has a cap of its own)."""
+    return tenant is not None and tenant.startswith("@")
+
+
 @dataclass(frozen=True)
 class Waiter:
     """A conversation waiting for room: its tenant and its arrival order."""

@@ -88,6 +88,8 @@ def take_outbox(workdir: Path, parking: Path) -> tuple[Path, ...]:
     a link, FIFO, socket, device, hard link or file on another device is refused and left, and
     swapping ``outbox`` or a file in it for a link mid-way moves nothing from outside.
     """
+    if not workdir.is_dir():  # not made yet (a launcher that never ran a CLI there): nothing to take
+        return ()
     with workdir_fs.opened_dir(workdir) as workdir_fd, workdir_fs.existing_subdir(workdir_fd, OUTBOX) as outbox_fd:
         if outbox_fd is None:
             return ()

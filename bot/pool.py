@@ -628,8 +628,7 @@ class Pool:
             worker = self._live(inbound.conversation_id)
             if worker is None:
                 tenant = fairness.tenant_of(inbound.user)
-                cap = self.settings.pool.max_busy_per_user
-                if self._contended() and fairness.over_cap(tenant, self._busy_tenants(), cap):
+                if fairness.over_cap(tenant, self._busy_tenants(), self._cap_for(tenant)):
                     log.warning("admission_user_limit", conversation=inbound.conversation_id, tenant=tenant)
                     metrics.ADMISSION_REFUSED.labels(reason="user_limit").inc()
                     turn.fail(Failure.USER_LIMIT)
@@ -643,11 +642,9 @@ class Pool:
         turn = await self.submit(inbound)
         return await turn.outcome
 
-    def _contended(self) -> bool:
-        """Whether a new conversation would have to wait for room: only then is one user's share capped."""
-        conversations = [w for w in self._admitted if not w.spare]
-        full = len(conversations) >= self.settings.pool.max_sessions and not any(w.idle for w in conversations)
-        return full or bool(self._waiting)
+    def _cap_for(self, tenant: str | None) -> int:
+        limits = self.settings.pool
+        return limits.max_busy_per_domain if fairness.is_domain(tenant) else limits.max_busy_per_user
 
     def _busy_tenants(self) -> list[str | None]:
         return [w.tenant for w in self._workers.values() if w.retire_reason is None and w.busy]

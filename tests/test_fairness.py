@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from bot.core import Failure, Inbound, Outcome
-from bot.fairness import Waiter, next_waiter, over_cap, tenant_of
+from bot.fairness import Waiter, is_domain, next_waiter, over_cap, tenant_of
 from bot.pool import Pool
 from tests.conftest import PoolFactory
 from tests.fakes.model import FakeModel
@@ -28,6 +28,10 @@ def test_the_next_room_goes_to_the_tenant_holding_least_then_the_earliest() -> N
     assert next_waiter([heavy1, heavy2], ["UH"]) == heavy1
     assert next_waiter([Waiter(None, 5), Waiter("UL", 4)], []) == Waiter("UL", 4)
     assert next_waiter([], ["UH"]) is None
+
+
+def test_mail_domains_are_told_apart_from_slack_users() -> None:
+    assert is_domain(tenant_of("eve@example.com")) and not is_domain(tenant_of("U123")) and not is_domain(None)
 
 
 def test_the_cap_counts_one_tenant_and_zero_means_none() -> None:
