@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from bot import daemon, doctor, logs
+from bot import daemon, doctor, handover, logs
 from bot.agent.transcripts import Transcripts
 from bot.config import ConfigError, Settings, load_settings
 from bot.once import OnceRequest, OnceResult, run_once
@@ -24,6 +24,8 @@ from bot.store import StoreError
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("run", "once") and argv is None and not handover.take_handed_over(os.environ):
+        handover.reexec_without_secrets(os.environ)  # returns only when there are no secrets to move
     if args.command == "doctor":  # an invalid config is one of its findings, not a stop
         return doctor.main(args.config or _env_config(), os.environ, args.timeout)
     try:
@@ -105,6 +107,7 @@ def _once_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def _once(settings: Settings, args: argparse.Namespace) -> int:
+    _refuse_without_sandbox(settings)
     prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
     if not prompt.strip():
         raise ConfigError("once: the prompt is empty (give --prompt TEXT or write it to stdin)")
@@ -147,8 +150,14 @@ async def _once_main(settings: Settings, request: OnceRequest) -> OnceResult | N
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
+    _refuse_without_sandbox(settings)
     daemon.run(settings)
     return 0
+
+
+def _refuse_without_sandbox(settings: Settings) -> None:
+    if refusal := settings.sandbox_refusal():
+        raise ConfigError(refusal)
 
 
 def _config(settings: Settings, args: argparse.Namespace) -> int:

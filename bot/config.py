@@ -89,10 +89,8 @@ class AgentConfig(_Section):
 
     @property
     def sandbox_enabled(self) -> bool:
-        """On by default wherever bubblewrap (and socat, which its network proxy needs) is installed."""
-        if self.sandbox is None:
-            return all(shutil.which(tool) is not None for tool in ("bwrap", "socat"))
-        return self.sandbox
+        """On unless switched off explicitly; where bubblewrap is missing the daemon refuses to start."""
+        return self.sandbox is not False
 
 
 class PoolConfig(_Section):
@@ -565,6 +563,19 @@ class Settings(BaseSettings):
         if job.deliver_to.startswith("email:") and not self.email.enabled:
             raise ValueError(f"schedule.{job.id}.deliver_to: {job.deliver_to} needs the email channel (imap_host)")
 
+    def sandbox_refusal(self) -> str | None:
+        """Why the daemon must not start: a profile offers Bash in the sandbox, and the sandbox cannot run."""
+        missing = [tool for tool in SANDBOX_TOOLS if shutil.which(tool) is None]
+        needing = [n for n in sorted({*BUILTIN_PROFILES, *self.profiles}) if _sandboxed_bash(self.profile(n))]
+        if not missing or not needing:
+            return None
+        name = needing[0]
+        return (
+            f"profile {name!r} offers Bash, but its sandbox cannot run: {' and '.join(missing)} not found on PATH"
+            f" - fix: install bubblewrap and socat (apt-get install bubblewrap socat), or, to run Bash without"
+            f" a sandbox, set sandbox = false in [profiles.{name}] (or in [agent] for every profile)"
+        )
+
     def profile(self, name: str) -> Profile:
         """The named profile with every unset key taken from ``[agent]``."""
         raw = self.profiles.get(name) or ProfileConfig(**BUILTIN_PROFILES[name])
@@ -586,6 +597,14 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data; secrets print as ``**********``."""
         return self.model_dump(mode="json")
+
+
+# Claude Code's sandbox: bubblewrap, and socat for its network proxy.
+SANDBOX_TOOLS = ("bwrap", "socat")
+
+
+def _sandboxed_bash(profile: Profile) -> bool:
+    return profile.sandbox and "Bash" in profile.tools
 
 
 class _ConventionalVariables(PydanticBaseSettingsSource):

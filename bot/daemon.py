@@ -280,7 +280,7 @@ def run(settings: Settings) -> None:
     dropped = scrub_environ(os.environ, settings.agent.env_passthrough)
     log.info("environment_scrubbed", dropped=len(dropped))
     if not settings.agent.sandbox_enabled:
-        log.warning("sandbox_off", note="Bash runs without bubblewrap isolation; install bubblewrap and socat")
+        log.warning("sandbox_off", note="agent.sandbox = false: Bash runs without bubblewrap isolation")
     asyncio.run(_main(settings))
 
 

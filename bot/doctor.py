@@ -298,8 +298,8 @@ async def check_sandbox(settings: Settings, timeout_s: float) -> str:
     missing = [tool for tool in ("bwrap", "socat") if shutil.which(tool) is None]
     if missing:
         raise ProbeFailed(
-            f"{' and '.join(missing)} not found on PATH: Bash would run without the sandbox",
-            "apt-get install bubblewrap socat (or set agent.sandbox = false to accept Bash unsandboxed)",
+            f"{' and '.join(missing)} not found on PATH: agentd run refuses to start a profile that offers Bash",
+            "apt-get install bubblewrap socat (or set sandbox = false in the profile or [agent]: Bash unsandboxed)",
         )
     await _probe_user_namespaces(timeout_s)
     return "bwrap and socat found, user namespaces usable"
