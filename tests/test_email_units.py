@@ -250,6 +250,31 @@ def test_one_quote_block_and_its_attribution_leave_the_new_text(text: str, new: 
     assert strip_quote_block(text) == (new or text, quote)
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        "Received: by relay.example\nthis line is stray\nFrom: Alice <alice@example.com>\nSubject: hi\n",
+        "From  : Alice <alice@example.com>\nSubject: hi\n",
+        "Subject: hi\nFrom : alice@example.com\n",
+    ],
+    ids=["stray-line", "obsolete-from", "obsolete-from-later"],
+)
+def test_headers_the_stdlib_cannot_read_are_read_leniently(head: str) -> None:
+    mail = parsed(crlf(head + "Message-ID: <l@example.com>\n\nHello there\n"))
+    assert (mail.sender, mail.subject, mail.message_id, mail.text) == (
+        "alice@example.com",
+        "hi",
+        "<l@example.com>",
+        "Hello there",
+    )
+    assert policy.loop_reason(mail, OWN) is None
+
+
+def test_an_mbox_from_line_is_no_header_to_repair() -> None:
+    mail = parsed(crlf("From MAILER-DAEMON Sat Oct  4 08:00:09 2025\nFrom: bob@example.com\nSubject: hi\n\nbody\n"))
+    assert (mail.sender, mail.subject) == ("bob@example.com", "hi")
+
+
 def test_text_without_forward_marker_is_left_alone() -> None:
     text = "Please forward this message to Bob.\nFrom: me"
     assert split_inline_forward(text) == (text, ())
