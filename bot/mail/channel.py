@@ -193,7 +193,10 @@ class EmailChannel:
             conversation = f"email:mailbox:{self._config.mailbox}"
         else:
             conversation = await self._thread_conversation(mail)
-        await self._remember(mail.message_id, conversation)
+        # A Message-ID already mapped stays with its thread: a stranger reusing one (say the agent's reply,
+        # learned from a forward) must not re-point it and pull the thread's next reply into his conversation.
+        if await self._store.get_value(keys.mail_thread(mail.message_id)) is None:
+            await self._remember(mail.message_id, conversation)
         return conversation
 
     async def _thread_conversation(self, mail: Mail) -> str:
