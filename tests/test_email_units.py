@@ -744,6 +744,17 @@ def test_prompt_truncates_long_mail() -> None:
     assert "truncated" not in compose.prompt(MAIL, max_chars=1000)
 
 
+@pytest.mark.parametrize(
+    "subject",
+    ["Re: " + "x" * 120, "RE: Überweisung " + "wort " * 40, "Re: [PATCH v2 01/10] " + "long" * 30, "Re: " + "あ" * 90],
+)
+def test_a_long_reply_subject_is_folded_after_re(subject: str) -> None:
+    answer = compose.reply(parsed(build(subject=subject)), "Done.", "agent@agent.example.org")
+    wire = answer.as_bytes(policy=email_policy.SMTP)
+    assert b"\r\nSubject: Re: " in wire, "never a fold straight after the colon (shown as a leading space)"
+    assert str(message_from_bytes(wire, policy=email_policy.default)["Subject"]).startswith("Re: ")
+
+
 def test_reply_threads_and_marks_itself(tmp_path: Path) -> None:
     report = tmp_path / "report.csv"
     report.write_text("a,b\n1,2\n")
