@@ -551,6 +551,8 @@ def test_reports_sent_as_multipart_mixed_are_reports() -> None:
         {"Return_Path": "<a@b.c>"},
         {"subject": "Re: auto replies are annoying"},
         {"subject": "The office is out of coffee"},
+        {"subject": "Delivery failure on my order 123"},
+        {"subject": "Non-delivery of my parcel"},
         {"sender": "listing@realty.example"},
     ],
 )
