@@ -318,3 +318,24 @@ async def test_a_reused_reply_id_cannot_take_the_thread_from_its_participants(
     assert alice_again["conversation"] == alice_outcome["conversation"], "Alice's reply continues her thread"
     assert "quince" in fake_model.find("Alice again")[-1].all_text()
     assert "quince" not in fake_model.find("Eve here")[-1].all_text()
+
+
+async def test_a_mail_reusing_an_answered_message_id_gets_its_own_outcome(
+    tmp_path: Path, fake_model: FakeModel, mail: MailServer
+) -> None:
+    first = message("plans", "Alice's question.")
+    copy = message("plans", "Eve's mail under Alice's Message-ID.", sender=f"eve@{DOMAIN}")
+    copy.replace_header("Message-ID", str(first["Message-ID"]))
+    async with running(tmp_path, fake_model, mail) as daemon:
+        mail.deliver(first)
+        await wait_replies(mail, 1)
+        mail.deliver(copy, sender=f"eve@{DOMAIN}")
+        await wait_until(lambda: sum("$AgentdDone" in f for f in mail.flags()) == 2, what="both mails marked")
+        store = daemon.store()
+        try:
+            recorded = await store.values(keys.mail_outcome(str(first["Message-ID"])))
+        finally:
+            await store.close()
+    statuses = sorted(json.loads(value)["status"] for value in recorded.values())
+    assert statuses == ["ignored", "replied"], recorded
+    assert not fake_model.find("Eve's mail")
