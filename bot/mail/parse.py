@@ -164,7 +164,8 @@ def _message(raw: bytes) -> EmailMessage:
 
 def _needs_repair(msg: Message) -> bool:
     broken = any(isinstance(d, email.errors.MissingHeaderBodySeparatorDefect) for d in msg.defects)
-    return broken or msg.get("from") is None
+    # Names only: reading the value would run the header registry, quadratic on some From values.
+    return broken or not any(name.lower() == "from" for name in msg.keys())
 
 
 def repair_headers(raw: bytes) -> bytes | None:
