@@ -165,7 +165,7 @@ def _message(raw: bytes) -> EmailMessage:
 def _needs_repair(msg: Message) -> bool:
     broken = any(isinstance(d, email.errors.MissingHeaderBodySeparatorDefect) for d in msg.defects)
     # Names only: reading the value would run the header registry, quadratic on some From values.
-    return broken or not any(name.lower() == "from" for name in msg.keys())
+    return broken or "from" not in msg
 
 
 def repair_headers(raw: bytes) -> bytes | None:
