@@ -250,6 +250,31 @@ def test_one_quote_block_and_its_attribution_leave_the_new_text(text: str, new: 
     assert strip_quote_block(text) == (new or text, quote)
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        "Received: by relay.example\nthis line is stray\nFrom: Alice <alice@example.com>\nSubject: hi\n",
+        "From  : Alice <alice@example.com>\nSubject: hi\n",
+        "Subject: hi\nFrom : alice@example.com\n",
+    ],
+    ids=["stray-line", "obsolete-from", "obsolete-from-later"],
+)
+def test_headers_the_stdlib_cannot_read_are_read_leniently(head: str) -> None:
+    mail = parsed(crlf(head + "Message-ID: <l@example.com>\n\nHello there\n"))
+    assert (mail.sender, mail.subject, mail.message_id, mail.text) == (
+        "alice@example.com",
+        "hi",
+        "<l@example.com>",
+        "Hello there",
+    )
+    assert policy.loop_reason(mail, OWN) is None
+
+
+def test_an_mbox_from_line_is_no_header_to_repair() -> None:
+    mail = parsed(crlf("From MAILER-DAEMON Sat Oct  4 08:00:09 2025\nFrom: bob@example.com\nSubject: hi\n\nbody\n"))
+    assert (mail.sender, mail.subject) == ("bob@example.com", "hi")
+
+
 def test_text_without_forward_marker_is_left_alone() -> None:
     text = "Please forward this message to Bob.\nFrom: me"
     assert split_inline_forward(text) == (text, ())
@@ -526,6 +551,8 @@ def test_reports_sent_as_multipart_mixed_are_reports() -> None:
         {"Return_Path": "<a@b.c>"},
         {"subject": "Re: auto replies are annoying"},
         {"subject": "The office is out of coffee"},
+        {"subject": "Delivery failure on my order 123"},
+        {"subject": "Non-delivery of my parcel"},
         {"sender": "listing@realty.example"},
     ],
 )
@@ -717,6 +744,17 @@ def test_prompt_truncates_long_mail() -> None:
     assert "[… truncated: the message is longer than 1000 characters]" in text
     assert "TAIL" not in text and text.count("x") < 1000 and re.search(r"\n</untrusted-email-[0-9a-f]{16}>$", text)
     assert "truncated" not in compose.prompt(MAIL, max_chars=1000)
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["Re: " + "x" * 120, "RE: Überweisung " + "wort " * 40, "Re: [PATCH v2 01/10] " + "long" * 30, "Re: " + "あ" * 90],
+)
+def test_a_long_reply_subject_is_folded_after_re(subject: str) -> None:
+    answer = compose.reply(parsed(build(subject=subject)), "Done.", "agent@agent.example.org")
+    wire = answer.as_bytes(policy=email_policy.SMTP)
+    assert b"\r\nSubject: Re: " in wire, "never a fold straight after the colon (shown as a leading space)"
+    assert str(message_from_bytes(wire, policy=email_policy.default)["Subject"]).startswith("Re: ")
 
 
 def test_reply_threads_and_marks_itself(tmp_path: Path) -> None:

@@ -295,3 +295,47 @@ async def test_a_reused_message_id_cannot_hijack_a_thread(
     assert "persimmon" not in fake_model.find("Eve again")[-1].all_text()
     assert "Eve here" not in fake_model.find("Alice again")[-1].all_text(), "Alice's thread holds nothing of Eve's"
     assert f"eve@{DOMAIN}" not in alice_people
+
+
+async def test_a_reused_reply_id_cannot_take_the_thread_from_its_participants(
+    tmp_path: Path, fake_model: FakeModel, mail: MailServer
+) -> None:
+    # Eve learned the agent's reply's Message-ID (a forward of the thread) and uses it as her own.
+    first = message("budget", "Remember the code word: quince.")
+    async with running(tmp_path, fake_model, mail) as daemon:
+        mail.deliver(first)
+        [to_alice] = await wait_replies(mail, 1)
+        reply_id = str(to_alice["Message-ID"])
+        eve = message("budget", "Eve here: hello.", sender=f"eve@{DOMAIN}", message_id=reply_id)
+        mail.deliver(eve, sender=f"eve@{DOMAIN}")
+        eve_outcome = await daemon.outcome(reply_id)
+        # Alice's client keeps only the parent in References.
+        follow = message("Re: budget", "Alice again: the code word?", In_Reply_To=reply_id, References=reply_id)
+        mail.deliver(follow)
+        alice_again = await daemon.outcome(str(follow["Message-ID"]))
+    alice_outcome = await daemon.outcome(str(first["Message-ID"]))
+    assert eve_outcome["conversation"] != alice_outcome["conversation"]
+    assert alice_again["conversation"] == alice_outcome["conversation"], "Alice's reply continues her thread"
+    assert "quince" in fake_model.find("Alice again")[-1].all_text()
+    assert "quince" not in fake_model.find("Eve here")[-1].all_text()
+
+
+async def test_a_mail_reusing_an_answered_message_id_gets_its_own_outcome(
+    tmp_path: Path, fake_model: FakeModel, mail: MailServer
+) -> None:
+    first = message("plans", "Alice's question.")
+    copy = message("plans", "Eve's mail under Alice's Message-ID.", sender=f"eve@{DOMAIN}")
+    copy.replace_header("Message-ID", str(first["Message-ID"]))
+    async with running(tmp_path, fake_model, mail) as daemon:
+        mail.deliver(first)
+        await wait_replies(mail, 1)
+        mail.deliver(copy, sender=f"eve@{DOMAIN}")
+        await wait_until(lambda: sum("$AgentdDone" in f for f in mail.flags()) == 2, what="both mails marked")
+        store = daemon.store()
+        try:
+            recorded = await store.values(keys.mail_outcome(str(first["Message-ID"])))
+        finally:
+            await store.close()
+    statuses = sorted(json.loads(value)["status"] for value in recorded.values())
+    assert statuses == ["ignored", "replied"], recorded
+    assert not fake_model.find("Eve's mail")

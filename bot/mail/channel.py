@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.policy
+import hashlib
 import json
 import os
 import signal
@@ -32,7 +33,7 @@ from bot.http import Api
 from bot.lanes import Lanes
 from bot.mail import compose, policy, smtp
 from bot.mail.imap import Fetched, ImapWatcher, Mark
-from bot.mail.parse import Mail, addresses, message_id, parse
+from bot.mail.parse import Mail, addresses, message_id, parse, raw_body
 from bot.mail.smtp import SendError
 from bot.mail.tools import MailTools
 from bot.mail.worker import ParseWorker, WorkerFailed
@@ -144,7 +145,7 @@ class EmailChannel:
             return
         recorded = await self._store.get_value(keys.mail_outcome(mail.message_id))
         if recorded is not None:
-            self._watcher.mark(self._mark(fetched, json.loads(recorded).get("status", "")))
+            await self._seen_again(fetched, mail, json.loads(recorded))
             return
         screened = await self._screen(mail)
         if screened is not None:
@@ -155,6 +156,23 @@ class EmailChannel:
             return
         self._inflight.add(mail.message_id)
         self._lanes.put(await self._conversation(mail), Job(fetched, mail))
+
+    async def _seen_again(self, fetched: Fetched, mail: Mail, recorded: dict[str, Any]) -> None:
+        """A Message-ID with an outcome: the same mail again is only marked; another mail reusing it is recorded.
+
+        A stranger chooses his Message-ID: one that copies a message already taken must not vanish
+        under that message's outcome, nor be answered through its outbox.
+        """
+        digest = _body_digest(fetched.raw)
+        if recorded.get("body", digest) == digest:
+            self._watcher.mark(self._mark(fetched, recorded.get("status", "")))
+            return
+        own_id = f"{mail.message_id}#{digest[:16]}"
+        if (again := await self._store.get_value(keys.mail_outcome(own_id))) is not None:
+            self._watcher.mark(self._mark(fetched, json.loads(again).get("status", "")))
+            return
+        log.warning("email_message_id_reused", message_id=mail.message_id, sender=mail.sender)
+        await self._finish(fetched, own_id, "ignored", "reuses the Message-ID of another message already taken")
 
     async def _parse(self, fetched: Fetched) -> Mail | None:
         """The parsed mail; None (with the ``unreadable`` outcome recorded) if the parser failed or timed out."""
@@ -198,7 +216,10 @@ class EmailChannel:
             conversation = f"email:mailbox:{self._config.mailbox}"
         else:
             conversation = await self._thread_conversation(mail)
-        await self._remember(mail.message_id, conversation)
+        # A Message-ID already mapped stays with its thread: a stranger reusing one (say the agent's reply,
+        # learned from a forward) must not re-point it and pull the thread's next reply into his conversation.
+        if await self._store.get_value(keys.mail_thread(mail.message_id)) is None:
+            await self._remember(mail.message_id, conversation)
         return conversation
 
     async def _thread_conversation(self, mail: Mail) -> str:
@@ -395,7 +416,13 @@ class EmailChannel:
         self, fetched: Fetched, message_id: str, status: str, reason: str | None, conversation: str | None = None
     ) -> None:
         """Record the outcome first, then mark: a crash between them only leaves a mark to redo."""
-        record = {"status": status, "reason": reason, "conversation": conversation, "uid": fetched.uid}
+        record = {
+            "status": status,
+            "reason": reason,
+            "conversation": conversation,
+            "uid": fetched.uid,
+            "body": _body_digest(fetched.raw),
+        }
         await self._store.put_value(keys.mail_outcome(message_id), json.dumps(record), keys.MAIL_RECORD_TTL_S)
         metrics.CHANNEL_MESSAGES.labels(channel="email", fate=status).inc()
         log.info("email_outcome", message_id=message_id, status=status, reason=reason, conversation=conversation)
@@ -432,6 +459,11 @@ def _reply_text(outcome: Outcome) -> str:
         return outcome.reply or "(The agent finished without a written answer.)"
     partial = f"\n\nWhat it had written so far:\n\n{outcome.reply}" if outcome.reply else ""
     return f"Sorry, I could not finish answering your message: {outcome.error}{partial}"
+
+
+def _body_digest(raw: bytes) -> str:
+    """The mail's body, hashed: the same mail delivered twice (other Received lines) has the same one."""
+    return hashlib.sha256(raw_body(raw) or b"").hexdigest()
 
 
 def _raw_id(raw: bytes) -> str:

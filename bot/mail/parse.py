@@ -35,6 +35,9 @@ _REPLY_SUBJECT = re.compile(r"\s*(re|aw|sv|vs|antw|r[ée]f|r|rif|resp|res)\s*(\[
 # An attribution line before a quote ("On <date>, <name> wrote:", in any language): it ends with a colon,
 # and a line that continues it carries an address or a date.
 _ATTRIBUTION_PART = re.compile(r".*(@|\d{1,4}[./-]\d{1,2}|\d{1,2}:\d{2})")
+# A header's name, and any blanks before its colon (the obsolete syntax).
+_OBSOLETE_HEADER = re.compile(rb"([!-9;-~]+)[ \t]*:")
+_MBOX_FROM = re.compile(rb"From [^ \t:]")
 _FORWARD_HEADER = re.compile(r"\**(From|Date|Sent|Subject|To|Cc)\**:[ \t]*(.*)", re.IGNORECASE)
 _MESSAGE_ID = re.compile(r"<[^<>\s]+>")
 # mail-parser-reply's own patterns are quadratic on some text (blank lines, runs of spaces, "On On On"):
@@ -149,11 +152,42 @@ def _message(raw: bytes) -> EmailMessage:
     """
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(msg, EmailMessage)
+    if _needs_repair(msg) and (repaired := repair_headers(raw)) is not None:
+        msg = email.message_from_bytes(repaired, policy=email.policy.default)
+        assert isinstance(msg, EmailMessage)
     if msg.get_content_maintype() != "multipart" or msg.is_multipart():
         return msg
     lenient = email.message_from_bytes(raw, _class=EmailMessage, policy=email.policy.compat32)
     assert isinstance(lenient, EmailMessage)
     return lenient if lenient.is_multipart() else msg
+
+
+def _needs_repair(msg: Message) -> bool:
+    broken = any(isinstance(d, email.errors.MissingHeaderBodySeparatorDefect) for d in msg.defects)
+    # Names only: reading the value would run the header registry, quadratic on some From values.
+    return broken or "from" not in msg
+
+
+def repair_headers(raw: bytes) -> bytes | None:
+    """The mail with a header section the stdlib can read; None if there is nothing to repair.
+
+    A person's client (or a relay) may leave a stray line without a colon, which ends the stdlib's header
+    section there (From, Subject and the rest become body text), or write the obsolete ``From  :`` with
+    spaces before the colon (RFC 5322 4.5.8), which it does not read at all. The stray line is dropped;
+    the spaces go. Lines after the last header are left to the stdlib (a mail without headers is all body).
+    """
+    end = min((found for sep in (b"\r\n\r\n", b"\n\n") if (found := raw.find(sep)) >= 0), default=len(raw))
+    lines = raw[:end].splitlines(keepends=True)
+    headers = [number for number, line in enumerate(lines) if _OBSOLETE_HEADER.match(line)]
+    last = headers[-1] if headers else -1
+    kept = []
+    for number, line in enumerate(lines):
+        if number > last or line[:1] in (b" ", b"\t") or (number == 0 and _MBOX_FROM.match(line)):
+            kept.append(line)  # text after the last header (the body, as the stdlib reads it), a folded line, mbox
+        elif header := _OBSOLETE_HEADER.match(line):
+            kept.append(header.group(1) + b":" + line[header.end() :])
+    repaired = b"".join(kept)
+    return None if repaired == raw[:end] else repaired + raw[end:]
 
 
 def addresses(value: str) -> list[tuple[str, str]]:

@@ -44,13 +44,14 @@ _REPORT_PARTS = frozenset(
 _DMARC_FILE = re.compile(r"[^!]+![^!]+![0-9]+![0-9]+")
 _DMARC_SUBJECT = re.compile(r"\s*(report[ -]domain:|\[?dmarc\b|dmarc (?:aggregate|failure|forensic))", re.IGNORECASE)
 _REPORT_SENDERS = re.compile(r"(abuse|dmarc|staff|noreply|no-reply|postmaster|fbl|feedback|reports?)\b")
-# Subjects auto-replies and bounces begin with, in the languages Discourse lists.
+# Subjects auto-replies and bounces begin with, in the languages Discourse lists. Only wordings no person
+# starts a subject with ("Delivery failure on my order" is a customer's): bounces carry other signs too.
 _AUTO_SUBJECT = re.compile(
     r"\s*(auto:|auto[ -]?reply|automatic reply|auto[ -]?response|autosvar|automatisk svar|automatische antwort"
     r"|abwesenheitsnotiz|risposta automatica|r[ée]ponse automatique|respuesta autom[áa]tica|automatisch antwoord"
     r"|out of (?:the )?office|fuori sede|fr[åa]nvaro|undeliverable:|undelivered mail returned to sender"
-    r"|delivery status notification|mail delivery failed|returned mail:|delivery failure|failure notice"
-    r"|mail system error|non[ -]?delivery|warning: could not send message|message delayed|delayed mail)",
+    r"|delivery status notification|mail delivery failed|returned mail:|failure notice"
+    r"|mail system error|warning: could not send message|delayed mail)",
     re.IGNORECASE,
 )
 # Local parts of robots, with "-", "_" and "." dropped: post_master and Mailer-Daemon alike.
