@@ -334,6 +334,7 @@ class ProfileConfig(_Section):
     max_budget_usd: float | None = Field(default=None, gt=0)
     sandbox: bool | None = None
     deny_read: list[Path] = Field(default_factory=list)
+    slack_mentions: bool = False  # the agent's <@U…> ping people; broadcasts (<!here>...) never do
 
 
 TRIAGE_PROMPT = (
@@ -592,6 +593,7 @@ class Settings(BaseSettings):
             max_budget_usd=raw.max_budget_usd or agent.max_budget_usd,
             sandbox=agent.sandbox_enabled if raw.sandbox is None else raw.sandbox,
             deny_read=(*agent.deny_read, *raw.deny_read),
+            slack_mentions=raw.slack_mentions,
         )
 
     def redacted(self) -> dict[str, Any]:

@@ -79,6 +79,7 @@ class Profile:
     max_budget_usd: float | None = None
     sandbox: bool = True
     deny_read: tuple[Path, ...] = ()
+    slack_mentions: bool = False
 
     @property
     def offered(self) -> frozenset[str]:

@@ -204,6 +204,23 @@ async def test_long_input_and_long_answer_are_delivered_whole(
         assert "".join(str(p["text"]) for p in parts).split() == answer.split()
 
 
+HOSTILE = "<!channel> <!here> <@U0BOB> <!subteam^S0DEVS> <https://evil.example|https://sso.corp>"
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+async def test_agent_output_reaches_slack_without_live_mentions_or_disguised_links(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack, streaming: bool
+) -> None:
+    fake_model.add("ping them", text=f"Sure:\n{HOSTILE}\nand [https://sso.corp](https://evil.example/2)")
+    slack.streaming = streaming
+    async with running(tmp_path, fake_model, slack):
+        ts = await mention(slack, "ping them")
+        await wait_done(slack, CHANNEL, ts)
+        posted = reply_text(slack, CHANNEL, ts)
+    assert "&lt;!channel&gt;" in posted and "https://sso.corp (<https://evil.example>)" in posted
+    assert not re.search(r"<[!@#]|<https?://[^>]*\|", posted), posted
+
+
 async def test_without_streaming_long_answer_is_posted_updated_and_split(
     tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
 ) -> None:

@@ -17,7 +17,7 @@ from bot.files import safe_filename
 from bot.slack import events
 from bot.slack.approvals import input_view
 from bot.slack.channel import CONNECT_BACKOFF_CAP_S, connect_retrying
-from bot.slack.mrkdwn import to_mrkdwn
+from bot.slack.mrkdwn import safe_markdown, to_mrkdwn
 from bot.slack.reply import PostWriter, Thread, split_text
 from tests import hostile
 
@@ -122,11 +122,37 @@ def test_split_keeps_every_word_within_the_limit() -> None:
 
 
 def test_markdown_becomes_mrkdwn() -> None:
-    assert to_mrkdwn("**bold** and [link](https://example.com)") == "*bold* and <https://example.com|link>"
+    assert to_mrkdwn("**bold** and [link](https://example.com)") == "*bold* and link (<https://example.com>)"
     markdown = "# Title\n| a | b |\n|---|:-:|\n| 1 | 2 |\n- [x] done\n* item\n---\n```py\n**kept**\n```"
     assert to_mrkdwn(markdown) == "*Title*\na | b\n1 | 2\n• ☑ done\n• item\n──────────\n```\n**kept**\n```"
     inline = "***both*** *it* __u__ ~~gone~~ ![alt](https://i.png) `**code**` 2*3*4"
     assert to_mrkdwn(inline) == "*_both_* _it_ *u* ~gone~ <https://i.png> `**code**` 2_3_4"
+
+
+HOSTILE_MARKUP = (
+    "<!channel> <!here> <!everyone> <@U0BOB> <#C0SECRET> <!subteam^S0DEVS|@devs> "
+    "<https://evil.example|https://sso.corp> [https://sso.corp](https://evil.example/x) **<!here>** `<!channel>`"
+)
+LIVE_MARKUP = re.compile(r"<[!@#]|<https?://[^>]*\|")
+
+
+@pytest.mark.parametrize("convert", [to_mrkdwn, safe_markdown])
+def test_agent_text_carries_no_live_mention_broadcast_or_disguised_link(convert: Callable[[str], str]) -> None:
+    safe = convert(HOSTILE_MARKUP)
+    assert not LIVE_MARKUP.search(safe), safe
+    assert "https://sso.corp (<https://evil.example>)" in safe
+    assert "https://sso.corp (<https://evil.example/x>)" in safe
+    assert "&lt;!channel&gt;" in safe and "&lt;@U0BOB&gt;" in safe
+
+
+def test_people_are_mentioned_only_when_the_profile_allows_it_and_broadcasts_never() -> None:
+    assert to_mrkdwn("<@U0BOB> and <!here>", mentions=True) == "<@U0BOB> and &lt;!here&gt;"
+    assert safe_markdown("<@U0BOB> and <!here>", mentions=True) == "<@U0BOB> and &lt;!here&gt;"
+    assert to_mrkdwn("a & b < c > d ```x``` <https://ok.example>") == "a &amp; b &lt; c &gt; d ```x``` <https://ok.example>"
+    assert to_mrkdwn("```\n<!here> & co\n```") == "```\n&lt;!here&gt; &amp; co\n```"
+    assert to_mrkdwn("[x](javascript:alert) [y](https://a.example?p=1&q=2)") == (
+        "[x](javascript:alert) y (<https://a.example?p=1&amp;q=2>)"
+    )
 
 
 async def test_connect_retry_backs_off_with_jitter_up_to_a_minute_on_connection_errors() -> None:
@@ -327,3 +353,9 @@ async def test_post_writer_posts_what_a_refused_update_could_not_show(
     await writer.write(final[len(first) :])
     await writer.finish(final)
     assert client.posted == [to_mrkdwn(first), *continuation]
+
+
+async def test_posted_text_such_as_a_job_delivery_never_pings_by_default() -> None:
+    client = RefusingUpdates()
+    await Thread(client, "C1", None, "T1", "", dm=False).post_all(HOSTILE_MARKUP)  # type: ignore[arg-type]
+    assert client.posted and not LIVE_MARKUP.search(client.posted[0])

@@ -283,7 +283,15 @@ class SlackChannel:
             await self._react(message, "x")
 
     def _thread(self, message: SlackMessage) -> Thread:
-        return Thread(self._client, message.channel, message.thread_ts, message.team, message.user, message.is_dm)
+        return Thread(
+            self._client,
+            message.channel,
+            message.thread_ts,
+            message.team,
+            message.user,
+            message.is_dm,
+            mentions=self._profile.slack_mentions,
+        )
 
     async def _accept(self, message: SlackMessage, thread: Thread) -> None:
         bound = log.bind(conversation=message.conversation_id, channel=message.channel, user=message.user)
@@ -556,7 +564,8 @@ class SlackChannel:
         return f"Posted to {channel}."
 
     async def _post_markdown(self, channel: str, thread_ts: str | None, text: str) -> None:
-        thread = Thread(self._client, channel, thread_ts, self._me.team_id, "", dm=False)
+        # A job's or slack_post's text can echo a stranger's mail: it never pings anyone.
+        thread = Thread(self._client, channel, thread_ts, self._me.team_id, "", dm=False, mentions=False)
         await thread.post_all(text)
 
 

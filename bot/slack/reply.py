@@ -12,7 +12,7 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_chat_stream import AsyncChatStream
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.slack.mrkdwn import to_mrkdwn
+from bot.slack.mrkdwn import safe_markdown, to_mrkdwn
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +50,14 @@ def _skip_blanks(text: str, index: int) -> int:
     return index
 
 
+def _word_cut(text: str, room: int) -> int:
+    """Where to cut ``text`` to fit ``room``: after a space or newline, so no escape or link is cut in two."""
+    if len(text) <= room:
+        return len(text)
+    boundary = max(text.rfind(" ", 0, room), text.rfind("\n", 0, room))
+    return boundary + 1 if boundary > room // 2 else room
+
+
 class ReplyWriter(Protocol):
     async def write(self, text: str) -> None:
         """More of the answer, as it is generated."""
@@ -62,17 +70,28 @@ class Thread:
     """Where replies go, and who they answer (``thread_ts`` None: a new top-level message)."""
 
     def __init__(
-        self, client: AsyncWebClient, channel: str, thread_ts: str | None, team: str, user: str, dm: bool
+        self,
+        client: AsyncWebClient,
+        channel: str,
+        thread_ts: str | None,
+        team: str,
+        user: str,
+        dm: bool,
+        mentions: bool = False,
     ) -> None:
         self.client, self.channel, self.thread_ts = client, channel, thread_ts
         self.team, self.user, self.dm = team, user, dm
+        self.mentions = mentions  # the agent's <@U…> stay live mentions (the profile's slack_mentions)
+
+    def mrkdwn(self, markdown: str) -> str:
+        return to_mrkdwn(markdown, self.mentions)
 
     async def post(self, mrkdwn: str) -> str:
         response = await self.client.chat_postMessage(channel=self.channel, thread_ts=self.thread_ts, text=mrkdwn)
         return str(response["ts"])
 
     async def post_all(self, markdown: str) -> None:
-        for piece in split_text(to_mrkdwn(markdown), POST_MESSAGE_CHARS):
+        for piece in split_text(self.mrkdwn(markdown), POST_MESSAGE_CHARS):
             await self.post(piece)
 
 
@@ -104,7 +123,7 @@ class PostWriter:
 
     async def _show(self, markdown: str) -> None:
         self._last_update = time.monotonic()
-        pieces = split_text(to_mrkdwn(markdown), POST_MESSAGE_CHARS)
+        pieces = split_text(self._thread.mrkdwn(markdown), POST_MESSAGE_CHARS)
         for index, piece in enumerate(pieces):
             if index >= len(self._messages):
                 self._messages.append((await self._thread.post(piece), piece))
@@ -124,7 +143,7 @@ class PostWriter:
 
     async def _post_unshown(self, markdown: str) -> None:
         """Post what the (no longer updatable) messages do not show, continuing where the last one stops."""
-        pieces = split_text(to_mrkdwn(markdown), POST_MESSAGE_CHARS)
+        pieces = split_text(self._thread.mrkdwn(markdown), POST_MESSAGE_CHARS)
         shown = [text for _, text in self._messages]
         done = 0
         while done < min(len(shown), len(pieces)) and shown[done] == pieces[done]:
@@ -163,7 +182,7 @@ class StreamWriter:
 
     async def finish(self, reply: str) -> None:
         if not self._broken:
-            await self._flush()
+            await self._flush(final=True)
         if self._stream is not None and not self._broken:
             await self._guard(self._stream.stop())
         final = reply or self._shown + self._pending
@@ -172,20 +191,30 @@ class StreamWriter:
         if rest.strip():
             await self._thread.post_all(rest)
 
-    async def _flush(self) -> None:
+    async def _flush(self, final: bool = False) -> None:
+        """Append the complete lines written so far (all of it when ``final``), made safe as Markdown.
+
+        Only whole lines go out: a link or a ``<!channel>`` cut in two by a delta would escape the rules.
+        """
         self._last_flush = time.monotonic()
-        while self._pending and not self._broken:
+        cut = len(self._pending) if final else self._pending.rfind("\n") + 1
+        if self._broken or cut <= 0:
+            return
+        ready = self._pending[:cut]
+        safe = safe_markdown(ready, self._thread.mentions)
+        while safe:
             room = STREAM_MESSAGE_CHARS - self._in_message
             if room <= 0:
                 await self._roll_over()
                 continue
-            chunk = self._pending[:room]
+            piece = safe[: _word_cut(safe, room)]
             stream = await self._current()
-            if stream is None or not await self._guard(stream.append(markdown_text=chunk)):
+            if stream is None or not await self._guard(stream.append(markdown_text=piece)):
                 return
-            self._shown += chunk
-            self._in_message += len(chunk)
-            self._pending = self._pending[len(chunk) :]
+            self._in_message += len(piece)
+            safe = safe[len(piece) :]
+        self._shown += ready
+        self._pending = self._pending[cut:]
 
     async def _current(self) -> AsyncChatStream | None:
         if self._stream is None:
