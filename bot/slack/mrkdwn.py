@@ -151,7 +151,8 @@ def safe_markdown(markdown: str, mentions: bool = False) -> str:
     """The agent's Markdown for a streamed ``markdown_text``, with the same rules as ``to_mrkdwn``.
 
     Links show their target (``label (<url>)``) and Slack markup shows as text (``&lt;``, which Markdown
-    renders as ``<``); in code only ``<!``, ``<@`` and ``<#`` are escaped.  Callers pass whole lines, so no construct is cut in two.
+    renders as ``<``); in code only ``<!``, ``<@`` and ``<#`` are escaped.  Callers pass whole lines,
+    so no construct is cut in two.
     """
     converter = _Converter(mentions)
 
