@@ -148,7 +148,10 @@ def test_agent_text_carries_no_live_mention_broadcast_or_disguised_link(convert:
 def test_people_are_mentioned_only_when_the_profile_allows_it_and_broadcasts_never() -> None:
     assert to_mrkdwn("<@U0BOB> and <!here>", mentions=True) == "<@U0BOB> and &lt;!here&gt;"
     assert safe_markdown("<@U0BOB> and <!here>", mentions=True) == "<@U0BOB> and &lt;!here&gt;"
-    assert to_mrkdwn("a & b < c > d ```x``` <https://ok.example>") == "a &amp; b &lt; c &gt; d ```x``` <https://ok.example>"
+    assert (
+        to_mrkdwn("a & b < c > d ```x``` <https://ok.example>")
+        == "a &amp; b &lt; c &gt; d ```x``` <https://ok.example>"
+    )
     assert to_mrkdwn("```\n<!here> & co\n```") == "```\n&lt;!here&gt; &amp; co\n```"
     assert to_mrkdwn("[x](javascript:alert) [y](https://a.example?p=1&q=2)") == (
         "[x](javascript:alert) y (<https://a.example?p=1&amp;q=2>)"

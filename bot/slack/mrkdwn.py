@@ -72,7 +72,6 @@ class _Converter:
                 lines.extend(self._block_line(line))
         return "\n".join(lines)
 
-
     def _block_line(self, line: str) -> list[str]:
         """One line outside code: zero lines (a table's rule) or one converted line."""
         stripped, inline = line.strip(), self._inline
