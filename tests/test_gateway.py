@@ -64,6 +64,8 @@ async def test_the_real_key_never_enters_a_cli_process(tmp_path: Path, fake_mode
         await proc.stop()
     assert REAL_KEY not in fake_model.tool_results(), "the env the agent's Bash sees"
     assert all(r.headers.get("x-api-key") == REAL_KEY for r in fake_model.requests), "the gateway adds the key"
+    assert set(fake_model.paths) == {"POST /v1/messages?beta=true"}, "all a real agentd run's CLI sends"
+    assert "gateway_path_refused" not in proc.log.read_text(), "the CLI asked for nothing the gateway refuses"
 
 
 async def test_an_unknown_credential_is_refused(tmp_path: Path, fake_model: FakeModel) -> None:
