@@ -315,37 +315,42 @@ def _chat(settings: Settings, args: argparse.Namespace) -> int:
 async def _chat_loop(base: str, headers: dict[str, str], conversation: str) -> None:
     url = f"{base}/v1/conversations/{conversation}/messages"
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    # Prompts are for a person at a terminal; piped input gets only the agent's answers, one per line.
+    interactive = sys.stdin.isatty()
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
         while True:
             try:
-                line = await asyncio.to_thread(input, "you> ")
+                line = await asyncio.to_thread(input, "you> " if interactive else "")
             except EOFError:
                 return
             if line.strip():
-                await _chat_turn(http, url, line)
+                await _chat_turn(http, url, line, interactive)
 
 
-async def _chat_turn(http: aiohttp.ClientSession, url: str, text: str) -> None:
+async def _chat_turn(http: aiohttp.ClientSession, url: str, text: str, interactive: bool = True) -> None:
     async with http.post(url, json={"text": text}, headers={"Accept": "text/event-stream"}) as response:
         if response.status != 200:
             body = await response.json()
             print(f"error: {body.get('error')}", file=sys.stderr)
             return
-        print("agent> ", end="", flush=True)
+        if interactive:
+            print("agent> ", end="", flush=True)
         event = ""
         async for raw in response.content:
             line = raw.decode().rstrip("\n")
             if line.startswith("event: "):
                 event = line[7:]
             elif line.startswith("data: "):
-                _print_event(event, json.loads(line[6:]))
+                _print_event(event, json.loads(line[6:]), interactive)
 
 
-def _print_event(event: str, data: dict[str, Any]) -> None:
+def _print_event(event: str, data: dict[str, Any], interactive: bool = True) -> None:
     if event == "delta":
         print(data["text"], end="", flush=True)
-    elif event == "result":
+    elif event == "result" and interactive:
         print(f"\n  [session {data['session_id']} · turn {data['turns']} · ${data['cost_usd']:.4f}]")
+    elif event == "result":
+        print()  # each answer on its own line
     elif event == "error":
         print(f"\nerror: {data.get('error')}", file=sys.stderr)
 
