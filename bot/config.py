@@ -54,6 +54,10 @@ CONVENTIONAL_VARIABLES: dict[str, tuple[str, str]] = {
 }
 
 
+# The bundled CLI's own default changes with its version and may have no price here.
+DEFAULT_MODEL = "claude-sonnet-4-5"
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key."""
 
@@ -63,7 +67,8 @@ class _Section(BaseModel):
 
 
 class AgentConfig(_Section):
-    model: str | None = None
+    # Set, not left to the CLI: the model used, the one doctor checks and the one priced are the same.
+    model: str = DEFAULT_MODEL
     system_prompt: str | None = None
     allowed_tools: list[str] = Field(default_factory=lambda: ["Bash", "Read", "Write", "Edit", "Glob", "Grep"])
     disallowed_tools: list[str] = Field(default_factory=lambda: ["WebFetch", "WebSearch"])
@@ -564,10 +569,13 @@ class Settings(BaseSettings):
         if job.deliver_to.startswith("email:") and not self.email.enabled:
             raise ValueError(f"schedule.{job.id}.deliver_to: {job.deliver_to} needs the email channel (imap_host)")
 
+    def profile_names(self) -> list[str]:
+        return sorted({*BUILTIN_PROFILES, *self.profiles})
+
     def sandbox_refusal(self) -> str | None:
         """Why the daemon must not start: a profile offers Bash in the sandbox, and the sandbox cannot run."""
         missing = [tool for tool in SANDBOX_TOOLS if shutil.which(tool) is None]
-        needing = [n for n in sorted({*BUILTIN_PROFILES, *self.profiles}) if _sandboxed_bash(self.profile(n))]
+        needing = [n for n in self.profile_names() if _sandboxed_bash(self.profile(n))]
         if not missing or not needing:
             return None
         name = needing[0]

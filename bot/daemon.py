@@ -126,7 +126,9 @@ async def serve(
         store = open_store(settings)
         stack.push_async_callback(bounded("store", store.close, deadline))
         await _check_store(store)
-        ledger = Ledger(store, settings.budget, Prices(settings.gateway.prices))
+        prices = Prices(settings.gateway.prices)
+        _warn_unpriced(settings, prices)
+        ledger = Ledger(store, settings.budget, prices)
         gateway = await _start_gateway(settings, ledger, stack, deadline)
         telemetry = start_telemetry(settings, stack, deadline)
         transcripts = await _open_transcripts(settings, stack, deadline)
@@ -266,6 +268,13 @@ def unstable_data_dir(data_dir: Path) -> str | None:
         f"data_dir {configured} is a symlink to {real}: transcripts in Redis are keyed by the real path, "
         "so every host must resolve data_dir to that same path, or its conversations resume without history"
     )
+
+
+def _warn_unpriced(settings: Settings, prices: Prices) -> None:
+    """Every model a profile uses, once at start: a model with no price makes every cost figure a guess."""
+    models = {settings.profile(name).model for name in settings.profile_names()}
+    for model in sorted(m for m in models if m and not prices.known(m)):
+        prices.warn_unknown(model)
 
 
 async def _check_store(store: Store) -> None:

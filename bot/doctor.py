@@ -44,7 +44,6 @@ DEFAULT_TIMEOUT_S = 10.0
 # Sessions keep transcripts and workdirs under data_dir: below these, turns start failing soon.
 DISK_FAIL_MB = 512
 DISK_WARN_MB = 2048
-PROBE_MODEL = "claude-sonnet-4-5"  # counted against when agent.model is unset (the CLI picks its own)
 # Claude Code's own probe for usable user namespaces (the same arguments its sandbox check runs).
 USERNS_PROBE = ("--unshare-user", "--unshare-net", "--dev-bind", "/", "/", "true")
 APPARMOR_SWITCH = Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
@@ -144,7 +143,7 @@ async def check_model(settings: Settings, timeout_s: float) -> str:
     if not agent.gateway and other & set(agent.env_passthrough):
         raise Skipped("Bedrock / Vertex / Foundry through env_passthrough: not checked")
     headers = _model_headers(settings)
-    model = agent.model or PROBE_MODEL
+    model = agent.model
     message = {"model": model, "messages": [{"role": "user", "content": "agentd doctor"}]}
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:

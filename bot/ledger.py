@@ -83,15 +83,29 @@ class BudgetStop:
 class Prices:
     def __init__(self, overrides: Mapping[str, PriceConfig]) -> None:
         self._table = {**BUILTIN_PRICES, **overrides}
+        self._warned: set[str] = set()
         self._highest = max(self._table.values(), key=lambda p: p.output)
+
+    def known(self, model: str) -> bool:
+        return any(model.startswith(prefix) for prefix in self._table)
 
     def of(self, model: str) -> PriceConfig:
         matches = [prefix for prefix in self._table if model.startswith(prefix)]
         if not matches:
             # Unknown: count it at the highest known price, so a budget errs on the safe side.
-            log.warning("price_unknown", model=model)
+            self.warn_unknown(model)
             return self._highest
         return self._table[max(matches, key=len)]
+
+    def warn_unknown(self, model: str) -> None:
+        """One warning per model, naming the key that prices it, not one per request."""
+        if model not in self._warned:
+            self._warned.add(model)
+            log.warning(
+                "price_unknown",
+                model=model,
+                note=f'counted at the highest known price; set [gateway.prices."{model}"] to price it',
+            )
 
     def cost(self, usage: Usage) -> float:
         price = self.of(usage.model)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from bot import keys
-from bot.config import AgentConfig, BudgetConfig, GatewayConfig
+from bot.config import DEFAULT_MODEL, AgentConfig, BudgetConfig, GatewayConfig, Settings
 from bot.gateway import Gateway
 from bot.ledger import Caller, Ledger, Prices, Usage, today
 from bot.store import Store, StoreError
@@ -164,3 +165,15 @@ async def test_a_bug_in_one_write_does_not_stop_the_ledger(store: Store) -> None
         assert flaky.failed
     finally:
         await ledger.close()
+
+
+def test_the_default_model_is_priced_and_an_unknown_one_warns_once() -> None:
+    settings = Settings(agent=AgentConfig(api_key="sk-x"))
+    assert settings.profile("chat").model == DEFAULT_MODEL and settings.agent.model == DEFAULT_MODEL
+    prices = Prices({})
+    assert prices.known(DEFAULT_MODEL)
+    with capture_logs() as logs:
+        for _ in range(3):
+            prices.cost(Usage("claude-unpriced-9", input_tokens=1))
+    warnings = [e for e in logs if e["event"] == "price_unknown"]
+    assert len(warnings) == 1 and 'gateway.prices."claude-unpriced-9"' in warnings[0]["note"]
