@@ -10,16 +10,20 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from bot import daemon, doctor, handover, logs
-from bot.agent.transcripts import Transcripts
+from bot import handover, logs
 from bot.config import ConfigError, Settings, load_settings
-from bot.once import OnceRequest, OnceResult, run_once
+from bot.probe import DEFAULT_TIMEOUT_S
 from bot.security import scrub_environ
-from bot.store import StoreError
+
+# The engine (the SDK, Slack, IMAP, the scheduler) is imported by the commands that run it, so
+# `--help` and the commands that only talk HTTP to a daemon start at once.
+if TYPE_CHECKING:
+    from bot.agent.transcripts import Transcripts
+    from bot.once import OnceRequest, OnceResult
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("run", "once") and argv is None and not handover.take_handed_over(os.environ):
         handover.reexec_without_secrets(os.environ)  # returns only when there are no secrets to move
     if args.command == "doctor":  # an invalid config is one of its findings, not a stop
+        from bot import doctor
+
         return doctor.main(args.config or _env_config(), os.environ, args.timeout)
     try:
         settings = load_settings(args.config or _env_config(), os.environ)
@@ -77,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
     usage.set_defaults(func=_usage)
     check = commands.add_parser("doctor", help="check the setup: config, CLI, model API, Redis, channels, sandbox")
-    check.add_argument("--timeout", type=float, default=doctor.DEFAULT_TIMEOUT_S, help="seconds per check")
+    check.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per check")
     once = _once_parser(commands)
     for sub in (run, chat, sessions, config, jobs, usage, check, once):
         sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config file")
@@ -116,6 +122,8 @@ def _once(settings: Settings, args: argparse.Namespace) -> int:
         logs.configure(settings.log.model_copy(update={"level": "warning"}))
     # As for `agentd run`: no secret of this process's environment may reach the CLI.
     scrub_environ(os.environ, settings.agent.env_passthrough)
+    from bot.once import OnceRequest
+
     request = OnceRequest(profile=args.profile, prompt=prompt, cwd=args.cwd)
     try:
         result = asyncio.run(_once_main(settings, request))
@@ -144,6 +152,8 @@ async def _once_main(settings: Settings, request: OnceRequest) -> OnceResult | N
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, task.cancel)
     try:
+        from bot.once import run_once
+
         return await run_once(settings, request)
     except asyncio.CancelledError:
         return None
@@ -151,6 +161,8 @@ async def _once_main(settings: Settings, request: OnceRequest) -> OnceResult | N
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     _refuse_without_sandbox(settings)
+    from bot import daemon
+
     daemon.run(settings)
     return 0
 
@@ -202,6 +214,9 @@ def _import_transcripts(settings: Settings) -> int:
     store = settings.store
     if store.redis_url is None:
         raise ConfigError("sessions import copies transcripts into Redis: set store.redis_url (REDIS_URL)")
+    from bot.agent.transcripts import Transcripts
+    from bot.store import StoreError
+
     transcripts = Transcripts.from_url(store.redis_url.get_secret_value(), store.transcript_retention_days)
     try:
         imported = asyncio.run(_import_all(transcripts, store.data_dir.resolve()))

@@ -40,7 +40,6 @@ from bot.slack.probe import probe_slack
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_TIMEOUT_S = 10.0
 # Sessions keep transcripts and workdirs under data_dir: below these, turns start failing soon.
 DISK_FAIL_MB = 512
 DISK_WARN_MB = 2048

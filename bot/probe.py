@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Each doctor check's own deadline (``agentd doctor --timeout``).
+DEFAULT_TIMEOUT_S = 10.0
+
 
 class ProbeFailed(Exception):
     """A setup problem: what is wrong, and what the operator can do about it."""

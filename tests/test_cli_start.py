@@ -1,0 +1,41 @@
+"""`agentd --help` and the commands that only talk HTTP to a daemon import none of the engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ENGINE = ("claude_agent_sdk", "mcp", "slack_bolt", "slack_sdk", "aioimaplib", "aiosmtplib", "bot.daemon", "bot.pool")
+
+PROBE = """
+import sys
+from bot import cli
+try:
+    cli.main(sys.argv[1:])
+except SystemExit:
+    pass
+print("LOADED", *sorted(m for m in {engine!r} if m in sys.modules))
+"""
+
+
+def loaded_after(*args: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(engine=ENGINE), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+        env={"PATH": "/usr/bin:/bin", "ANTHROPIC_API_KEY": "sk-x"},
+    )
+    line = next(line for line in done.stdout.splitlines() if line.startswith("LOADED"))
+    return line.split()[1:]
+
+
+def test_help_imports_no_engine() -> None:
+    assert loaded_after("--help") == []
+
+
+def test_sessions_against_a_daemon_imports_no_engine() -> None:
+    # Nothing listens on port 9: the command fails to connect, as a client, without the engine.
+    assert loaded_after("sessions", "--url", "http://127.0.0.1:9") == []
