@@ -50,6 +50,14 @@ def _skip_blanks(text: str, index: int) -> int:
     return index
 
 
+def _safe_cut(text: str) -> int:
+    """How much of streamed text can be made safe now: a link or ``<!channel>`` cut in two by a delta
+    would slip past the rules, so text after a ``[`` or ``<`` waits for its line's end."""
+    line_start = text.rfind("\n") + 1
+    tail = text[line_start:]
+    return line_start if "[" in tail or "<" in tail else len(text)
+
+
 def _word_cut(text: str, room: int) -> int:
     """Where to cut ``text`` to fit ``room``: after a space or newline, so no escape or link is cut in two."""
     if len(text) <= room:
@@ -192,12 +200,9 @@ class StreamWriter:
             await self._thread.post_all(rest)
 
     async def _flush(self, final: bool = False) -> None:
-        """Append the complete lines written so far (all of it when ``final``), made safe as Markdown.
-
-        Only whole lines go out: a link or a ``<!channel>`` cut in two by a delta would escape the rules.
-        """
+        """Append what is written so far (up to ``_safe_cut``; all of it when ``final``), made safe as Markdown."""
         self._last_flush = time.monotonic()
-        cut = len(self._pending) if final else self._pending.rfind("\n") + 1
+        cut = len(self._pending) if final else _safe_cut(self._pending)
         if self._broken or cut <= 0:
             return
         ready = self._pending[:cut]
