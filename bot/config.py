@@ -202,6 +202,8 @@ class SlackConfig(_Section):
     api_url: str | None = None
     allowed_teams: list[str] = Field(default_factory=list)
     allowed_channels: list[str] = Field(default_factory=list)
+    # Direct messages: unset, allowed unless allowed_channels narrows where the agent talks.
+    allow_dms: bool | None = None
     allowed_users: list[str] = Field(default_factory=list)
     allowed_bots: list[str] = Field(default_factory=list)
     follow_up_without_mention: bool = True
@@ -224,6 +226,10 @@ class SlackConfig(_Section):
     @property
     def mode(self) -> Literal["socket", "http"]:
         return "socket" if self.app_token is not None else "http"
+
+    @property
+    def dms_allowed(self) -> bool:
+        return self.allow_dms if self.allow_dms is not None else not self.allowed_channels
 
     @model_validator(mode="after")
     def _complete(self) -> SlackConfig:

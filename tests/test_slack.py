@@ -433,6 +433,18 @@ async def test_refused_user_gets_a_polite_reply_and_no_turn(
         assert not fake_model.find("let me in")
 
 
+async def test_dms_obey_allowed_channels_unless_allow_dms(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with running(tmp_path, fake_model, slack, slack={"allowed_channels": [CHANNEL]}):
+        dm = slack.message_event("a private request", channel="D0ALICE", channel_type="im")
+        await slack.send_event(dm)
+        await wait_reply(slack, "D0ALICE", dm["ts"], "can't take requests from you")
+        allowed = await mention(slack, "in the allowed channel")
+        await wait_reply(slack, CHANNEL, allowed, "in the allowed channel")
+        assert not fake_model.find("a private request")
+
+
 async def test_crash_mid_turn_is_reported_and_the_next_message_resumes(
     tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
 ) -> None:

@@ -70,7 +70,12 @@ def test_access_rules() -> None:
     assert events.refusal(events.parse(event(), "T1", ME), config) is None
     assert events.refusal(events.parse(event(user="U2"), "T1", ME), config) == events.Refusal.USER
     assert events.refusal(events.parse(event(channel="C2"), "T1", ME), config) == events.Refusal.CHANNEL
-    assert events.refusal(events.parse(event(channel="D2", channel_type="im"), "T1", ME), config) is None
+    dm = events.parse(event(channel="D2", channel_type="im"), "T1", ME)
+    # allowed_channels set: DMs are off unless allow_dms says otherwise.
+    assert events.refusal(dm, config) == events.Refusal.DM
+    assert events.refusal(dm, config.model_copy(update={"allow_dms": True})) is None
+    assert events.refusal(dm, SlackConfig(bot_token="x", app_token="y")) is None
+    assert events.refusal(dm, SlackConfig(bot_token="x", app_token="y", allow_dms=False)) == events.Refusal.DM
 
 
 @pytest.mark.parametrize(("text", "word"), [("!reset", "reset"), (" !STATS ", "stats"), ("!cancel now", None)])

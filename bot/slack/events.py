@@ -41,6 +41,7 @@ class Skip(enum.StrEnum):
 class Refusal(enum.StrEnum):
     TEAM = "team"
     CHANNEL = "channel"
+    DM = "dm"
     USER = "user"
 
 
@@ -122,6 +123,8 @@ def refusal(message: SlackMessage, config: SlackConfig) -> Refusal | None:
     """The access rule this message breaks; empty allowlists allow everyone."""
     if config.allowed_teams and message.team not in config.allowed_teams:
         return Refusal.TEAM
+    if message.is_dm and not config.dms_allowed:
+        return Refusal.DM
     if config.allowed_channels and message.channel not in config.allowed_channels and not message.is_dm:
         return Refusal.CHANNEL
     if config.allowed_users and message.user not in config.allowed_users:
