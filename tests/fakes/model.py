@@ -17,6 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes import serve_on_loopback
+
 
 @dataclass(frozen=True)
 class ToolUse:
@@ -134,11 +136,7 @@ class FakeModel:
         app.router.add_route("*", "/{tail:.*}", self._other)
         # Cancel a delayed answer when the CLI hangs up (interrupt, kill), so stop() never waits on it.
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = await serve_on_loopback(self._runner)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from tests.fakes import serve_on_loopback
+
 CLIENT_ID = "agentd-test"
 CLIENT_SECRET = "client-secret"
 REFRESH_TOKEN = "refresh-1"
@@ -39,11 +41,7 @@ class OAuthServer:
         app.router.add_post("/token", self._token)
         app.router.add_post("/introspect", self._introspect)
         self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = await serve_on_loopback(self._runner)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -13,6 +13,8 @@ from aiohttp import web
 from google.protobuf.json_format import MessageToDict
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from tests.fakes import serve_on_loopback
+
 SIGNALS = ("metrics", "logs", "traces")
 
 
@@ -42,11 +44,7 @@ class OtlpSink:
         for signal in SIGNALS:
             app.router.add_post(f"/v1/{signal}", self._receive)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = await serve_on_loopback(self._runner)
 
     async def stop(self) -> None:
         if self._runner is not None:
