@@ -57,5 +57,8 @@ def reexec_without_secrets(environ: MutableMapping[str, str]) -> None:
 
 def _not_dumpable() -> None:
     # Root reads any process's memory anyway; for another user this keeps the daemon's own children out.
-    if os.geteuid() != 0:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    if os.geteuid() != 0 and ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        # Fail closed: a daemon whose children could read its memory must not start.
+        raise OSError(
+            ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed: the daemon would be readable by its agents"
+        )
