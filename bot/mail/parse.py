@@ -55,6 +55,23 @@ MAX_HTML_LISTS = 100
 # Enough to see a report's parts (a DMARC or abuse report has two or three), bounded for a hostile mail.
 MAX_PARTS = 200
 _HTML_LIST_TAG = re.compile(r"<(/?)(?:ul|ol)\b", re.IGNORECASE)
+# The registry's quoted-string reader copies the rest of the value at each character (quadratic): a 100 KB
+# quoted file name took a second.  A MIME header's real content (a type, a 70-character boundary, a file
+# name a file system can hold) fits easily; past this much, the rest is cut before the registry sees it.
+MIME_HEADER_CHARS = 4000
+_MIME_HEADERS = frozenset({"content-type", "content-disposition", "content-transfer-encoding"})
+
+
+class _BoundedPolicy(email.policy.EmailPolicy):
+    """The default policy, with MIME headers cut at MIME_HEADER_CHARS before they are parsed."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        if name.lower() in _MIME_HEADERS and len(value) > MIME_HEADER_CHARS:
+            value = value[:MIME_HEADER_CHARS]
+        return super().header_fetch_parse(name, value)  # type: ignore[no-any-return]
+
+
+_POLICY = _BoundedPolicy()
 
 
 @dataclass(frozen=True)
@@ -150,10 +167,10 @@ def _message(raw: bytes) -> EmailMessage:
     value at the first ``=`` and finds no part, so the raw MIME would become the text. compat32 reads
     it as the clients do.
     """
-    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    msg = email.message_from_bytes(raw, policy=_POLICY)
     assert isinstance(msg, EmailMessage)
     if _needs_repair(msg) and (repaired := repair_headers(raw)) is not None:
-        msg = email.message_from_bytes(repaired, policy=email.policy.default)
+        msg = email.message_from_bytes(repaired, policy=_POLICY)
         assert isinstance(msg, EmailMessage)
     if msg.get_content_maintype() != "multipart" or msg.is_multipart():
         return msg
