@@ -21,11 +21,16 @@ WORKDIR /app
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 # The dependencies: exactly the lock that deploy/bootstrap.sh installs too (bash deploy/lock writes it),
 # every file checked against its hash. Then agentd itself, without resolving anything again.
-COPY deploy/requirements.lock ./
-RUN pip install --no-cache-dir --require-hashes -r requirements.lock
+# Behind a TLS-intercepting proxy, pip needs the proxy's CA: give it as a build secret,
+#   docker build --secret id=extra_ca,src=proxy-ca.pem -t agentd .
+# deploy/pip-with-ca adds it to Debian's bundle for these two pip runs only; it is not kept in the image.
+COPY deploy/requirements.lock deploy/pip-with-ca ./
+RUN --mount=type=secret,id=extra_ca,required=false \
+    sh pip-with-ca install --no-cache-dir --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY bot ./bot
-RUN pip install --no-cache-dir --no-deps .
+RUN --mount=type=secret,id=extra_ca,required=false \
+    sh pip-with-ca install --no-cache-dir --no-deps . && rm pip-with-ca
 
 # Numeric, so Kubernetes' runAsNonRoot can check it.
 USER 10001:10001

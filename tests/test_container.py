@@ -1,0 +1,181 @@
+"""The image on a real container engine (podman with runc), run exactly as deploy/README.md says.
+
+The repo's Dockerfile is built unchanged but for its base (``--from``, see tests/container/engine.py),
+then run read-only, without capabilities, under deploy/seccomp-agentd.json, against the fake model on
+the host.  It must answer a turn, run the agent's Bash inside the sandbox, keep the key and the config
+out of Bash's reach, stop cleanly on SIGTERM, and resume the conversation after a restart on the same
+volume.  ``AGENTD_TEST_SECCOMP`` swaps the profile (to show that each of its rules is needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.container import engine
+from tests.fakes.model import FakeModel, ToolUse
+from tests.fakes.redis_server import free_port
+
+pytestmark = pytest.mark.container
+SECCOMP = engine.ROOT / "deploy/seccomp-agentd.json"
+DOCKER_DEFAULT = engine.ROOT / "tests/deploy_data/docker-seccomp-default.json"
+API_KEY = "sk-container-key-0001"
+API_TOKEN = "tok-container-api-0002"
+GRACE_S = 45  # deploy/README.md's `podman stop --time 45` (Compose's stop_grace_period)
+# What a denied read prints in the sandbox, and what a write to the read-only /etc prints.
+PROBE = (
+    "cat /etc/agentd/agentd.toml >/dev/null 2>&1; echo config=$?;"
+    " cat /proc/1/environ >/dev/null 2>&1; echo environ=$?;"
+    " touch /etc/probe 2>/dev/null; echo etc=$?;"
+    " env | grep -c -e sk-container -e tok-container"
+)
+
+
+@pytest.fixture(scope="session")
+def image() -> float:
+    """Build the image once per run: the seconds the build took (a cached build takes a few)."""
+    if missing := engine.missing_tools():
+        pytest.fail(f"the container test needs {', '.join(missing)} (bash tests/run installs them)")
+    return engine.build_image(engine.base_image())
+
+
+@pytest.fixture
+async def container(tmp_path: Path, fake_model: FakeModel) -> AsyncIterator[engine.Container]:
+    port = free_port()
+    config = tmp_path / "agentd.toml"
+    config.write_text("[pool]\nprewarm = 1\n")
+    config.chmod(0o644)  # the daemon runs as user 10001 in the container
+    options = engine.documented_run_options()
+    if profile := os.environ.get("AGENTD_TEST_SECCOMP"):
+        options = with_seccomp(options, Path(profile))
+    made = engine.Container(
+        name=f"agentd-test-{uuid.uuid4().hex[:8]}",
+        volume=f"agentd-test-{uuid.uuid4().hex[:8]}",
+        config=config,
+        env={
+            "ANTHROPIC_BASE_URL": fake_model.url,
+            "ANTHROPIC_API_KEY": API_KEY,
+            "AGENTD_API_TOKEN": API_TOKEN,
+            "AGENTD_CONFIG": "/etc/agentd/agentd.toml",
+            # Host networking (the fake model is on the host's loopback): the daemon takes a free port of it.
+            "AGENTD_HTTP__LISTEN": f"127.0.0.1:{port}",
+        },
+        options=options,
+        port=port,
+    )
+    yield made
+    made.remove()
+    engine.remove_volume(made.volume)
+
+
+def with_seccomp(options: list[str], profile: Path) -> list[str]:
+    return [f"seccomp={profile.resolve()}" if o.startswith("seccomp=") else o for o in options]
+
+
+async def wait_healthy(url: str, box: engine.Container, deadline_s: float = 90) -> float:
+    """Seconds from now until /healthz answers 200."""
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() - started < deadline_s:
+            try:
+                async with http.get(f"{url}/healthz") as response:
+                    if response.status == 200:
+                        return time.monotonic() - started
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"not healthy in {deadline_s} s:\n{box.logs()}")
+
+
+async def ask(url: str, conversation: str, text: str) -> dict[str, object]:
+    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+    async with (
+        aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=120)) as http,
+        http.post(f"{url}/v1/conversations/{conversation}/messages", json={"text": text}) as response,
+    ):
+        return dict(await response.json())
+
+
+async def bash_echo(url: str, model: FakeModel) -> str:
+    """What the agent's Bash printed for ``echo sandboxed`` (before the CLI's own note)."""
+    model.add("run echo", tool=ToolUse("Bash", {"command": "echo sandboxed", "description": "echo"}), once=True)
+    await ask(url, "c1", "run echo")
+    return model.tool_results().partition("\n\n<system-reminder>")[0]
+
+
+@pytest.mark.timeout(1500)
+async def test_the_image_answers_runs_bash_sandboxed_stops_cleanly_and_resumes(
+    image: float, container: engine.Container, fake_model: FakeModel
+) -> None:
+    url = container.url
+    container.run()
+    start_s = await wait_healthy(url, container)
+    fake_model.add("say hello", text="hello from the model")
+    assert (await ask(url, "c1", "say hello")).get("reply") == "hello from the model", container.logs()
+
+    assert await bash_echo(url, fake_model) == "sandboxed", container.logs()
+
+    fake_model.add("probe", tool=ToolUse("Bash", {"command": PROBE, "description": "probe"}), once=True)
+    await ask(url, "c1", "probe")
+    probe = fake_model.tool_results()
+    assert "config=1\nenviron=1\netc=1\n0" in probe, probe
+    assert API_KEY not in probe and API_TOKEN not in probe
+
+    idle_rss = container.daemon_rss_bytes()
+    exit_code, stop_s = container.stop(GRACE_S)
+    assert exit_code == 0, container.logs()
+    assert stop_s < GRACE_S, f"SIGTERM took {stop_s:.1f} s: the runtime had to SIGKILL"
+
+    container.remove()
+    container.run()  # a new container on the same volume
+    await wait_healthy(url, container)
+    await ask(url, "c1", "what did I say first?")
+    resumed = fake_model.find("what did I say first?")[-1]
+    assert "say hello" in resumed.all_text() and "hello from the model" in resumed.all_text()
+    print(
+        f"\ncontainer: build {image:.0f} s, image {engine.image_size_bytes() / 2**20:.0f} MiB,"
+        f" start to /healthz {start_s:.1f} s, idle daemon RSS {idle_rss / 2**20:.0f} MiB, stop {stop_s:.1f} s"
+    )
+
+
+def profile_rules_removed_one_by_one() -> list[tuple[str, int, str]]:
+    """(id, index of the rule, syscall name) for each syscall of each rule the agentd profile adds."""
+    profile = json.loads(SECCOMP.read_text())
+    added = json.loads(DOCKER_DEFAULT.read_text())["syscalls"]
+    cases = []
+    for index in range(len(added), len(profile["syscalls"])):
+        rule = profile["syscalls"][index]
+        if "s390" in rule.get("includes", {}).get("arches", []):
+            continue  # the same clone rule, for s390's argument order
+        flags = f"({rule['args'][0]['value']:#x})" if rule.get("args") else ""
+        cases += [(f"{name}{flags}", index, name) for name in rule["names"]]
+    return cases
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize(
+    ("index", "name"),
+    [c[1:] for c in profile_rules_removed_one_by_one()],
+    ids=[c[0] for c in profile_rules_removed_one_by_one()],
+)
+async def test_without_any_one_rule_of_the_profile_bash_fails(
+    image: float, container: engine.Container, fake_model: FakeModel, tmp_path: Path, index: int, name: str
+) -> None:
+    profile = json.loads(SECCOMP.read_text())
+    profile["syscalls"][index]["names"].remove(name)
+    without = tmp_path / "without.json"
+    without.write_text(json.dumps(profile))
+    container.options = with_seccomp(list(container.options), without)
+    container.run()
+    await wait_healthy(container.url, container)
+    output = await bash_echo(container.url, fake_model)
+    # Refused by the kernel or by the seccomp filter: bwrap's or apply-seccomp's own error line.
+    assert output.startswith(("Exit code 1\nbwrap: ", "Exit code 1\napply-seccomp: ")), output
