@@ -10,11 +10,14 @@ volume.  ``AGENTD_TEST_SECCOMP`` swaps the profile (to show that each of its rul
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
+import shutil
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -29,6 +32,7 @@ SECCOMP = engine.ROOT / "deploy/seccomp-agentd.json"
 DOCKER_DEFAULT = engine.ROOT / "tests/deploy_data/docker-seccomp-default.json"
 API_KEY = "sk-container-key-0001"
 API_TOKEN = "tok-container-api-0002"
+COMPOSE_PORT = 8080  # deploy/compose.yaml publishes 127.0.0.1:8080
 GRACE_S = 45  # deploy/README.md's `podman stop --time 45` (Compose's stop_grace_period)
 # What a denied read prints in the sandbox, and what a write to the read-only /etc prints.
 PROBE = (
@@ -80,7 +84,7 @@ def with_seccomp(options: list[str], profile: Path) -> list[str]:
     return [f"seccomp={profile.resolve()}" if o.startswith("seccomp=") else o for o in options]
 
 
-async def wait_healthy(url: str, box: engine.Container, deadline_s: float = 90) -> float:
+async def wait_healthy(url: str, logs: Callable[[], str], deadline_s: float = 90) -> float:
     """Seconds from now until /healthz answers 200."""
     started = time.monotonic()
     async with aiohttp.ClientSession() as http:
@@ -92,7 +96,7 @@ async def wait_healthy(url: str, box: engine.Container, deadline_s: float = 90) 
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.1)
-    raise AssertionError(f"not healthy in {deadline_s} s:\n{box.logs()}")
+    raise AssertionError(f"not healthy in {deadline_s} s:\n{logs()}")
 
 
 async def ask(url: str, conversation: str, text: str) -> dict[str, object]:
@@ -117,7 +121,7 @@ async def test_the_image_answers_runs_bash_sandboxed_stops_cleanly_and_resumes(
 ) -> None:
     url = container.url
     container.run()
-    start_s = await wait_healthy(url, container)
+    start_s = await wait_healthy(url, container.logs)
     fake_model.add("say hello", text="hello from the model")
     assert (await ask(url, "c1", "say hello")).get("reply") == "hello from the model", container.logs()
 
@@ -136,7 +140,7 @@ async def test_the_image_answers_runs_bash_sandboxed_stops_cleanly_and_resumes(
 
     container.remove()
     container.run()  # a new container on the same volume
-    await wait_healthy(url, container)
+    await wait_healthy(url, container.logs)
     await ask(url, "c1", "what did I say first?")
     resumed = fake_model.find("what did I say first?")[-1]
     assert "say hello" in resumed.all_text() and "hello from the model" in resumed.all_text()
@@ -175,7 +179,55 @@ async def test_without_any_one_rule_of_the_profile_bash_fails(
     without.write_text(json.dumps(profile))
     container.options = with_seccomp(list(container.options), without)
     container.run()
-    await wait_healthy(container.url, container)
+    await wait_healthy(container.url, container.logs)
     output = await bash_echo(container.url, fake_model)
     # Refused by the kernel or by the seccomp filter: bwrap's or apply-seccomp's own error line.
     assert output.startswith(("Exit code 1\nbwrap: ", "Exit code 1\napply-seccomp: ")), output
+
+
+@pytest.fixture
+async def bridged_model() -> AsyncIterator[FakeModel]:
+    """The fake model on every interface: Compose's containers are on a bridge, not the host's loopback."""
+    model = FakeModel(host="0.0.0.0")
+    await model.start()
+    yield model
+    await model.stop()
+
+
+@pytest.fixture
+def compose_project(tmp_path: Path, image: float) -> Iterator[Path]:
+    """deploy/compose.yaml, unchanged, with the profile it names and the two files it reads."""
+    project = tmp_path / "deploy"
+    project.mkdir()
+    for name in ("compose.yaml", "seccomp-agentd.json"):
+        shutil.copy(engine.ROOT / "deploy" / name, project / name)
+    engine.podman("tag", engine.IMAGE, engine.COMPOSE_IMAGE)
+    engine.redis_image(engine.base_image())
+    yield project
+    engine.compose(project, "down", "--volumes", timeout=120)
+
+
+@pytest.mark.timeout(900)
+async def test_compose_runs_agentd_with_redis_and_answers_a_turn(
+    compose_project: Path, bridged_model: FakeModel
+) -> None:
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", COMPOSE_PORT)) == 0:
+            pytest.fail(f"port {COMPOSE_PORT} (deploy/compose.yaml's) is taken on this host")
+    model_port = bridged_model.url.rsplit(":", 1)[1]
+    (compose_project / "agentd.env").write_text(
+        f"ANTHROPIC_API_KEY={API_KEY}\nAGENTD_API_TOKEN={API_TOKEN}\n"
+        f"ANTHROPIC_BASE_URL=http://host.containers.internal:{model_port}\n"
+    )
+    (compose_project / "agentd.toml").write_text("[pool]\nprewarm = 1\n")
+    (compose_project / "agentd.toml").chmod(0o644)
+    engine.compose(compose_project, "up", "--detach", "--no-build")
+    url = f"http://127.0.0.1:{COMPOSE_PORT}"
+    logs = functools.partial(engine.podman, "logs", "agentd-test_agentd_1", check=False)
+    async with aiohttp.ClientSession() as http:
+        await wait_healthy(url, lambda: logs().stderr)
+        async with http.get(f"{url}/readyz") as response:  # ready: the Redis store answers
+            assert response.status == 200, logs().stderr
+    reply = await ask(url, "compose", "hello compose")
+    assert reply.get("reply") == "echo: hello compose", logs().stderr
+    assert '"store": "RedisStore"' in logs().stderr

@@ -264,7 +264,7 @@ def test_compose_runs_a_durable_redis_that_agentd_waits_for() -> None:
     assert "/healthz" in " ".join(agentd["healthcheck"]["test"])
     assert agentd["depends_on"] == {"redis": {"condition": "service_healthy"}}
     assert agentd["environment"]["REDIS_URL"] == "redis://redis:6379/0"
-    assert agentd["env_file"] == [{"path": "agentd.env", "required": True}]
+    assert agentd["env_file"] == ["agentd.env"]
     assert "./agentd.toml:/etc/agentd/agentd.toml:ro" in agentd["volumes"]
 
 

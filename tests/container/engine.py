@@ -10,6 +10,7 @@ test runs the container exactly as the documentation says.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -26,6 +27,9 @@ PODMAN = ("podman", "--runtime", "/usr/sbin/runc")
 # The machine has no CAP_SYS_RESOURCE: podman's own default limits (above the current ones) are refused.
 ULIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000")
 IMAGE = "localhost/agentd-test:latest"
+COMPOSE_IMAGE = "localhost/agentd:local"  # deploy/compose.yaml's `image:` (its build step is this image)
+REDIS_IMAGE = "docker.io/library/redis:7.4-bookworm"
+CONTAINERS_CONF = ROOT / "tests/container/containers.conf"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 _RUN_BLOCK = re.compile(r"<!-- container-run -->\s*```sh\n(.*?)```", re.DOTALL)
 
@@ -42,7 +46,8 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
 
 
 def missing_tools() -> list[str]:
-    return [tool for tool in ("podman", "/usr/sbin/runc", "debootstrap") if shutil.which(tool) is None]
+    tools = ("podman", "/usr/sbin/runc", "debootstrap", "podman-compose")
+    return [tool for tool in tools if shutil.which(tool) is None]
 
 
 def base_image() -> str:
@@ -75,6 +80,45 @@ def build_image(base: str) -> float:
         timeout=1200,
     )
     return time.monotonic() - started
+
+
+def redis_image(base: str) -> None:
+    """The Compose file's Redis image: the real one if podman has it, else a stand-in built on ``base``."""
+    if podman("image", "exists", REDIS_IMAGE, check=False).returncode == 0:
+        return
+    containerfile = ROOT / "tests/container/redis.Containerfile"
+    podman(
+        "build",
+        *ULIMITS,
+        "--network",
+        "host",
+        "--build-arg",
+        f"BASE={base}",
+        "-f",
+        str(containerfile),
+        "-t",
+        REDIS_IMAGE,
+        str(containerfile.parent),
+        timeout=600,
+    )
+
+
+def compose(project_dir: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """podman-compose on ``project_dir/compose.yaml``, as project ``agentd-test``."""
+    done = subprocess.run(
+        ["podman-compose", "-p", "agentd-test", "-f", str(project_dir / "compose.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=project_dir,
+        env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)},
+    )
+    if done.returncode != 0:
+        raise EngineError(
+            f"podman-compose {' '.join(args)}: exit {done.returncode}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        )
+    return done
 
 
 def documented_run_options() -> list[str]:

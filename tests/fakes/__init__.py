@@ -3,10 +3,10 @@
 from aiohttp import web
 
 
-async def serve_on_loopback(runner: web.AppRunner) -> str:
-    """Start ``runner`` on a free loopback port and return its base URL."""
+async def serve_on_loopback(runner: web.AppRunner, host: str = "127.0.0.1") -> str:
+    """Start ``runner`` on a free port of ``host`` (loopback, unless a container must reach it); its base URL."""
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, host, 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return f"http://127.0.0.1:{port}"
+    return f"http://{host}:{port}"

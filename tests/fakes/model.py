@@ -105,6 +105,7 @@ class FakeModel:
     on_request: Callable[[RecordedRequest], None] | None = None
     api_keys: set[str] | None = None  # when set, any other key is refused with 401 as the real API does
     paths: list[str] = field(default_factory=list)  # "METHOD path?query" of every request, in order
+    host: str = "127.0.0.1"  # 0.0.0.0 for a container on a bridge network (tests/test_container.py)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
     _runner: web.AppRunner | None = None
 
@@ -136,7 +137,7 @@ class FakeModel:
         app.router.add_route("*", "/{tail:.*}", self._other)
         # Cancel a delayed answer when the CLI hangs up (interrupt, kill), so stop() never waits on it.
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
-        self.url = await serve_on_loopback(self._runner)
+        self.url = await serve_on_loopback(self._runner, self.host)
 
     async def stop(self) -> None:
         if self._runner is not None:
