@@ -22,6 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from tests.container import engine
 from tests.fakes.model import FakeModel, ToolUse
@@ -108,10 +109,10 @@ async def ask(url: str, conversation: str, text: str) -> dict[str, object]:
         return dict(await response.json())
 
 
-async def bash_echo(url: str, model: FakeModel) -> str:
+async def bash_echo(url: str, model: FakeModel, conversation: str = "c1") -> str:
     """What the agent's Bash printed for ``echo sandboxed`` (before the CLI's own note)."""
     model.add("run echo", tool=ToolUse("Bash", {"command": "echo sandboxed", "description": "echo"}), once=True)
-    await ask(url, "c1", "run echo")
+    await ask(url, conversation, "run echo")
     return model.tool_results().partition("\n\n<system-reminder>")[0]
 
 
@@ -133,6 +134,7 @@ async def test_the_image_answers_runs_bash_sandboxed_stops_cleanly_and_resumes(
     assert "config=1\nenviron=1\netc=1\n0" in probe, probe
     assert API_KEY not in probe and API_TOKEN not in probe
 
+    assert engine.read_only_root(container.name)
     idle_rss = container.daemon_rss_bytes()
     exit_code, stop_s = container.stop(GRACE_S)
     assert exit_code == 0, container.logs()
@@ -231,3 +233,55 @@ async def test_compose_runs_agentd_with_redis_and_answers_a_turn(
     reply = await ask(url, "compose", "hello compose")
     assert reply.get("reply") == "echo: hello compose", logs().stderr
     assert '"store": "RedisStore"' in logs().stderr
+    assert engine.read_only_root("agentd-test_agentd_1")
+
+
+@pytest.fixture
+def kube_manifest(tmp_path: Path, image: float, bridged_model: FakeModel) -> Iterator[Path]:
+    """deploy/k8s's pod template as a Pod podman can play (engine.kube_pod says what it changes)."""
+    name = f"agentd-kube-{uuid.uuid4().hex[:6]}"
+    model_port = bridged_model.url.rsplit(":", 1)[1]
+    env = {
+        "ANTHROPIC_API_KEY": API_KEY,
+        "AGENTD_API_TOKEN": API_TOKEN,
+        "ANTHROPIC_BASE_URL": f"http://host.containers.internal:{model_port}",
+    }
+    k8s = engine.ROOT / "deploy/k8s"
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text(
+        engine.kube_pod(
+            yaml.safe_load((k8s / "statefulset.yaml").read_text()),
+            yaml.safe_load((k8s / "configmap.yaml").read_text()),
+            env,
+            name,
+        )
+    )
+    engine.podman("tag", engine.IMAGE, engine.COMPOSE_IMAGE.replace(":local", ":0.1.0"))
+    yield manifest
+    engine.kube_down(manifest, name)
+
+
+@pytest.mark.timeout(900)
+async def test_kube_play_runs_the_pod_template_in_its_own_user_namespace(
+    kube_manifest: Path, bridged_model: FakeModel, tmp_path: Path
+) -> None:
+    # The kubelet's layout: <root>/agentd/seccomp-agentd.json, as the StatefulSet's localhostProfile names it.
+    seccomp_root = tmp_path / "seccomp"
+    (seccomp_root / "agentd").mkdir(parents=True)
+    shutil.copy(SECCOMP, seccomp_root / "agentd/seccomp-agentd.json")
+    engine.kube_play(kube_manifest, seccomp_root)
+    pod = list(yaml.safe_load_all(kube_manifest.read_text()))[1]["metadata"]["name"]
+    url = f"http://{engine.pod_ip(pod)}:8080"
+    logs = functools.partial(engine.podman, "logs", f"{pod}-agentd", check=False)
+    await wait_healthy(url, lambda: logs().stderr)
+    assert (await ask(url, "kube", "hello kube")).get("reply") == "echo: hello kube", logs().stderr
+    # The pod's own user namespace and the seccomp profile are played (bubblewrap gets as far as its /proc),
+    # but podman 4.3 does not play procMount: Unmasked: /proc keeps the runtime's masks, and the kernel
+    # refuses bubblewrap a new procfs under them. So Bash fails here, as deploy/README.md says.
+    uid_map = engine.podman("exec", f"{pod}-agentd", "cat", "/proc/self/uid_map").stdout.split()
+    assert engine.read_only_root(f"{pod}-agentd")
+    assert uid_map != ["0", "0", "4294967295"], uid_map  # hostUsers: false: not the host's identity mapping
+    masked = engine.podman("exec", f"{pod}-agentd", "grep", "-c", " /proc/", "/proc/self/mounts", check=False)
+    assert int(masked.stdout or 0) > 0, "/proc is unmasked now: podman plays procMount, update this test"
+    output = await bash_echo(url, bridged_model, "kube")
+    assert output == "Exit code 1\nbwrap: Can't mount proc on /newroot/proc: Operation not permitted", output

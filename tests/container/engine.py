@@ -9,6 +9,7 @@ test runs the container exactly as the documentation says.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -19,8 +20,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 PODMAN = ("podman", "--runtime", "/usr/sbin/runc")
@@ -30,6 +33,8 @@ IMAGE = "localhost/agentd-test:latest"
 COMPOSE_IMAGE = "localhost/agentd:local"  # deploy/compose.yaml's `image:` (its build step is this image)
 REDIS_IMAGE = "docker.io/library/redis:7.4-bookworm"
 CONTAINERS_CONF = ROOT / "tests/container/containers.conf"
+# The same limits for what takes no --ulimit (kube play), and for podman-compose's own podman calls.
+PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 _RUN_BLOCK = re.compile(r"<!-- container-run -->\s*```sh\n(.*?)```", re.DOTALL)
 
@@ -39,7 +44,9 @@ class EngineError(RuntimeError):
 
 
 def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([*PODMAN, *args], capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT)
+    done = subprocess.run(
+        [*PODMAN, *args], capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT, env=PODMAN_ENV
+    )
     if check and done.returncode != 0:
         raise EngineError(f"podman {' '.join(args[:3])}: exit {done.returncode}\n{done.stderr[-3000:]}")
     return done
@@ -112,7 +119,7 @@ def compose(project_dir: Path, *args: str, timeout: float = 180) -> subprocess.C
         timeout=timeout,
         check=False,
         cwd=project_dir,
-        env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)},
+        env=PODMAN_ENV,
     )
     if done.returncode != 0:
         raise EngineError(
@@ -201,3 +208,46 @@ def image_size_bytes() -> int:
 
 def remove_volume(name: str) -> None:
     podman("volume", "rm", "--force", name, check=False)
+
+
+def kube_pod(statefulset: dict[str, Any], configmap: dict[str, Any], env: dict[str, str], name: str) -> str:
+    """deploy/k8s's StatefulSet as the Pod ``podman kube play`` (4.3) can run, and its ConfigMap.
+
+    What is changed, and why (each is a field podman cannot run as Kubernetes does):
+    - the StatefulSet becomes a Pod of its template (kube play runs Pods and Deployments, not StatefulSets),
+      and its volumeClaimTemplate a claim (podman makes a named volume of it);
+    - ``envFrom: secretRef`` becomes plain env values: podman 4.3 cannot read a kube Secret it made
+      ("secret ... is not valid JSON");
+    - the image is the test's build.
+    Everything else is played as written: hostUsers false, the pod and container securityContext (seccomp
+    profile, user, capabilities, procMount), the config volume, the ports and the memory limit.
+    """
+    spec = copy.deepcopy(statefulset["spec"]["template"]["spec"])
+    container = spec["containers"][0]
+    container["image"] = COMPOSE_IMAGE.replace(":local", ":0.1.0")
+    container.pop("envFrom")
+    container["env"] = [e for e in container["env"] if e["name"] != "REDIS_URL"]
+    container["env"] += [{"name": key, "value": value} for key, value in env.items()]
+    spec["volumes"].append({"name": "data", "persistentVolumeClaim": {"claimName": f"{name}-data"}})
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
+    return yaml.safe_dump_all([configmap, pod])
+
+
+def kube_play(manifest: Path, seccomp_root: Path) -> None:
+    # hostUsers: false is run as --userns=auto, whose default size (1024) does not map the image's uid 10001.
+    podman("kube", "play", "--userns", "auto:size=65536", "--seccomp-profile-root", str(seccomp_root), str(manifest))
+
+
+def kube_down(manifest: Path, name: str) -> None:
+    podman("kube", "down", str(manifest), check=False)
+    podman("volume", "rm", "--force", f"{name}-data", check=False)
+
+
+def pod_ip(name: str) -> str:
+    infra = podman("pod", "inspect", name, "--format", "{{.InfraContainerID}}").stdout.strip()
+    networks = json.loads(podman("inspect", infra).stdout)[0]["NetworkSettings"]["Networks"]
+    return str(next(iter(networks.values()))["IPAddress"])
+
+
+def read_only_root(container: str) -> bool:
+    return bool(json.loads(podman("inspect", container).stdout)[0]["HostConfig"]["ReadonlyRootfs"])
