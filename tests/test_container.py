@@ -85,6 +85,12 @@ def with_seccomp(options: list[str], profile: Path) -> list[str]:
     return [f"seccomp={profile.resolve()}" if o.startswith("seccomp=") else o for o in options]
 
 
+def without_security_opt(options: list[str], value: str) -> list[str]:
+    index = options.index(value)
+    assert options[index - 1] == "--security-opt", options
+    return options[: index - 1] + options[index + 1 :]
+
+
 async def wait_healthy(url: str, logs: Callable[[], str], deadline_s: float = 90) -> float:
     """Seconds from now until /healthz answers 200."""
     started = time.monotonic()
@@ -232,6 +238,8 @@ async def test_compose_runs_agentd_with_redis_and_answers_a_turn(
             assert response.status == 200, logs().stderr
     reply = await ask(url, "compose", "hello compose")
     assert reply.get("reply") == "echo: hello compose", logs().stderr
+    # Compose's `systempaths=unconfined` (Docker's spelling) unmasks /proc on podman too: the sandbox runs.
+    assert await bash_echo(url, bridged_model, "compose") == "sandboxed", logs().stderr
     assert '"store": "RedisStore"' in logs().stderr
     assert engine.read_only_root("agentd-test_agentd_1")
 
@@ -284,4 +292,15 @@ async def test_kube_play_runs_the_pod_template_in_its_own_user_namespace(
     masked = engine.podman("exec", f"{pod}-agentd", "grep", "-c", " /proc/", "/proc/self/mounts", check=False)
     assert int(masked.stdout or 0) > 0, "/proc is unmasked now: podman plays procMount, update this test"
     output = await bash_echo(url, bridged_model, "kube")
+    assert output == "Exit code 1\nbwrap: Can't mount proc on /newroot/proc: Operation not permitted", output
+
+
+@pytest.mark.timeout(1500)
+async def test_without_the_unmasked_proc_bash_fails(
+    image: float, container: engine.Container, fake_model: FakeModel
+) -> None:
+    container.options = without_security_opt(list(container.options), "unmask=ALL")
+    container.run()
+    await wait_healthy(container.url, container.logs)
+    output = await bash_echo(container.url, fake_model)
     assert output == "Exit code 1\nbwrap: Can't mount proc on /newroot/proc: Operation not permitted", output
