@@ -132,6 +132,38 @@ def test_dockerfile_and_the_readme_install_path_use_the_same_lock() -> None:
     assert "ensure_venv deploy/requirements-test.lock\n" in (ROOT / "tests" / "run").read_text()
 
 
+FAKE_PYTHON = """#!/bin/sh
+# Stands in for the venv's Python: pip calls are logged, not run; the version is a real one.
+case "$1" in -m) echo "$*" >>"$(dirname "$0")/../pip.log" ;; *) exec python3 "$@" ;; esac
+"""
+
+
+def run_ensure_venv(project: Path) -> list[str]:
+    """Source deploy/bootstrap.sh in ``project`` and run ensure_venv; the pip calls it made."""
+    log = project / ".venv" / "pip.log"
+    log.unlink(missing_ok=True)
+    script = f"source {DEPLOY / 'bootstrap.sh'} && ensure_venv deploy/requirements.lock"
+    subprocess.run(["bash", "-c", script], cwd=project, check=True, timeout=60)
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_run_local_installs_only_when_the_lock_or_pyproject_changed(tmp_path: Path) -> None:
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "deploy" / "requirements.lock").write_text("six==1.0 --hash=sha256:00\n")
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    assert len(run_ensure_venv(tmp_path)) == 3  # pip, the lock, agentd itself
+    assert run_ensure_venv(tmp_path) == []
+    (tmp_path / "deploy" / "requirements.lock").write_text("six==1.1 --hash=sha256:01\n")
+    assert len(run_ensure_venv(tmp_path)) == 3
+    assert run_ensure_venv(tmp_path) == []
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'y'\n")
+    assert len(run_ensure_venv(tmp_path)) == 3
+
+
 def stale_copy(tmp_path: Path) -> Path:
     """A copy of the project whose lock pins the SDK outside pyproject.toml's range."""
     (tmp_path / "deploy").mkdir()
