@@ -286,9 +286,9 @@ class Worker:
         self.preheated = True
         self.log.info("preheat", seconds=round(time.monotonic() - started, 3), session_after=session_id)
 
-    def remember_tree(self) -> None:
+    def remember_tree(self, snapshot: procs.Snapshot | None = None) -> None:
         if self.pid is not None:
-            self.tree.remember(self.pid)
+            self.tree.remember(self.pid, snapshot)
 
     async def _next_turn(self) -> Turn | None:
         while True:
@@ -950,16 +950,20 @@ class Pool:
         while True:
             await asyncio.sleep(self.settings.pool.rss_sample_s)
             try:
-                self.sample()
+                # Reading /proc is the costly part (all processes, once), so it runs off the event loop.
+                self.sample(await asyncio.to_thread(procs.Snapshot.take))
             except Exception:  # task boundary: the memory kill must outlive one bad sample
                 log.exception("rss_sample_failed")
 
-    def sample(self) -> None:
+    def sample(self, snapshot: procs.Snapshot | None = None) -> None:
+        """Every live CLI tree's RSS from one snapshot of /proc (taken here when none is given)."""
+        snapshot = snapshot or procs.Snapshot.take()
         for worker in list(self._admitted):
             if worker.pid is not None and worker.state != "closed":
-                self._sample_worker(worker)
+                self._sample_worker(worker, snapshot)
         # Every pool's CLIs are asyncio's to reap, not only this one's (tests and benchmarks run several).
-        procs.reap_orphans({w.pid for pool in _POOLS for w in pool._all_workers() if w.pid is not None})
+        own = {w.pid for pool in _POOLS for w in pool._all_workers() if w.pid is not None}
+        procs.reap_orphans(own, snapshot=snapshot)
         self._export_gauges()
 
     def _export_gauges(self) -> None:
@@ -991,14 +995,14 @@ class Pool:
         metrics.CRASHES.labels(kind=kind).inc()
         self.events.add("crash", worker.record.conversation_id, f"{kind}: {detail}")
 
-    def _sample_worker(self, worker: Worker) -> None:
+    def _sample_worker(self, worker: Worker, snapshot: procs.Snapshot) -> None:
         assert worker.pid is not None
         limits = self.settings.pool
-        worker.remember_tree()
+        worker.remember_tree(snapshot)
         if worker.retire_reason is None or worker.current is not None:
             # A retiring process keeps its last figure until it has exited: the budget must not count
             # a tree that is halfway through shutting down as already freed.
-            worker.note_rss(procs.tree_rss_mb(worker.pid))
+            worker.note_rss(snapshot.tree_rss_mb(worker.pid))
         if not worker.process_alive():
             self._process_gone(worker)
         elif worker.rss_mb is None:

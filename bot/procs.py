@@ -10,6 +10,9 @@ import os
 import stat
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -23,6 +26,44 @@ _SOCKET_ARG = "UNIX-LISTEN:"
 _SOCKET_NAME = "claude-http-*.sock"
 _SOCKET_DIR = Path(tempfile.gettempdir())
 REAP_DEADLINE_S = 5.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every process's parent and RSS, read in one pass over /proc.
+
+    The pool samples all its CLI trees from one snapshot, taken in a thread: a per-tree
+    ``children(recursive=True)`` reads all of /proc again for each tree, on the event loop.
+    """
+
+    children: Mapping[int, tuple[int, ...]]
+    rss: Mapping[int, int]
+
+    @classmethod
+    def take(cls) -> Snapshot:
+        children: dict[int, list[int]] = defaultdict(list)
+        rss: dict[int, int] = {}
+        for proc in psutil.process_iter(["ppid", "memory_info"]):
+            info = proc.info
+            if info["ppid"] is not None:
+                children[info["ppid"]].append(proc.pid)
+            if info["memory_info"] is not None:
+                rss[proc.pid] = info["memory_info"].rss
+        return cls({pid: tuple(kids) for pid, kids in children.items()}, rss)
+
+    def descendants(self, pid: int) -> list[int]:
+        found, todo = [], list(self.children.get(pid, ()))
+        while todo:
+            child = todo.pop()
+            found.append(child)
+            todo.extend(self.children.get(child, ()))
+        return found
+
+    def tree_rss_mb(self, pid: int) -> float | None:
+        """As ``tree_rss_mb``; None if the process was gone when the snapshot was taken."""
+        if pid not in self.rss:
+            return None
+        return sum(self.rss.get(member, 0) for member in [pid, *self.descendants(pid)]) / MIB
 
 
 def tree_rss_mb(pid: int) -> float | None:
@@ -90,7 +131,9 @@ def become_subreaper() -> bool:
         return False
 
 
-def reap_orphans(own: set[int], names: frozenset[str] = frozenset({"claude", "socat"})) -> list[int]:
+def reap_orphans(
+    own: set[int], names: frozenset[str] = frozenset({"claude", "socat"}), snapshot: Snapshot | None = None
+) -> list[int]:
     """Reap zombies re-parented to us (we are a subreaper) that no tree remembered: a CLI's short-lived helpers.
 
     Only direct children named in ``names`` that are not one of our own CLI processes (``own``, which
@@ -98,7 +141,10 @@ def reap_orphans(own: set[int], names: frozenset[str] = frozenset({"claude", "so
     """
     reaped: list[int] = []
     try:
-        children = psutil.Process().children()
+        if snapshot is None:
+            children = psutil.Process().children()
+        else:
+            children = [proc for pid in snapshot.children.get(os.getpid(), ()) if (proc := handle(pid)) is not None]
     except psutil.Error:
         return reaped
     for proc in children:
@@ -124,15 +170,19 @@ class ProcessTree:
     def pids(self) -> list[int]:
         return sorted(self._members)
 
-    def remember(self, pid: int) -> None:
-        try:
-            children = psutil.Process(pid).children(recursive=True)
-        except psutil.Error:
-            return
+    def remember(self, pid: int, snapshot: Snapshot | None = None) -> None:
+        """Add the descendants ``pid`` has now (or had in ``snapshot``) to the members."""
+        if snapshot is None:
+            try:
+                descendants = [child.pid for child in psutil.Process(pid).children(recursive=True)]
+            except psutil.Error:
+                return
+        else:
+            descendants = snapshot.descendants(pid)
         self._forget_finished()
-        for proc in children:
-            if proc.pid not in self._members:
-                self._members[proc.pid] = proc
+        for child in descendants:
+            if child not in self._members and (proc := handle(child)) is not None:
+                self._members[child] = proc
                 self._sockets.update(_helper_sockets(proc))
 
     def _forget_finished(self) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bot import procs
 from bot.core import Failure, Inbound
 from bot.store import SqliteStore
 from tests.conftest import PoolFactory
@@ -209,12 +210,12 @@ async def test_the_sampler_outlives_a_failing_sample(make_pool: PoolFactory, mon
     calls = 0
     real_sample = type(pool).sample
 
-    def flaky_sample(self: object) -> None:
+    def flaky_sample(self: object, snapshot: procs.Snapshot | None = None) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("a bug in one sample")
-        real_sample(pool)
+        real_sample(pool, snapshot)
 
     monkeypatch.setattr(type(pool), "sample", flaky_sample)
     await wait_until(lambda: calls >= 3, what="samples after the failed one")
