@@ -3,37 +3,47 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-
-from bot import handover, logs
-from bot.config import ConfigError, Settings, load_settings
 from bot.probe import DEFAULT_TIMEOUT_S
-from bot.security import scrub_environ
 
-# The engine (the SDK, Slack, IMAP, the scheduler) is imported by the commands that run it, so
-# `--help` and the commands that only talk HTTP to a daemon start at once.
+# Only what parsing the command line needs is imported here. The config (pydantic), the HTTP client
+# and the engine (the SDK, Slack, IMAP, the scheduler) come with the commands that use them, so
+# `--help` starts at once and the commands that only talk HTTP to a daemon load no engine.
 if TYPE_CHECKING:
+    import aiohttp
+
     from bot.agent.transcripts import Transcripts
+    from bot.config import Settings
     from bot.once import OnceRequest, OnceResult
+
+
+class CommandFailed(Exception):
+    """The command cannot be done as given (a missing argument, the daemon's refusal): one line, exit 2."""
+
+
+class DaemonUnreachable(OSError):
+    """The daemon could not be reached (refused, reset, timed out), whichever HTTP client found it."""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from bot import handover
+
     if args.command in ("run", "once") and argv is None and not handover.take_handed_over(os.environ):
         handover.reexec_without_secrets(os.environ)  # returns only when there are no secrets to move
     if args.command == "doctor":  # an invalid config is one of its findings, not a stop
         from bot import doctor
 
         return doctor.main(args.config or _env_config(), os.environ, args.timeout)
+    from bot import logs
+    from bot.config import ConfigError, load_settings
+
     try:
         settings = load_settings(args.config or _env_config(), os.environ)
     except ConfigError as exc:
@@ -42,14 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log)
     try:
         return int(args.func(settings, args))
-    except ConfigError as exc:
+    except (ConfigError, CommandFailed) as exc:
         print(f"agentd: {exc}", file=sys.stderr)
         return 2
-    except (aiohttp.ClientError, OSError) as exc:
-        print(f"agentd: cannot reach the daemon at {_base_url(settings, args)}: {exc}", file=sys.stderr)
+    except OSError as exc:  # DaemonUnreachable, urllib's URLError and the socket errors are all OSErrors
+        print(f"agentd: cannot reach the daemon at {_base_url(settings, args)}: {_reason(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _reason(exc: OSError) -> object:
+    return getattr(exc, "reason", None) or exc
 
 
 def _env_config() -> Path | None:
@@ -113,17 +127,21 @@ def _once_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def _once(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bot import logs
+    from bot.once import OnceRequest
+    from bot.security import scrub_environ
+
     _refuse_without_sandbox(settings)
     prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
     if not prompt.strip():
-        raise ConfigError("once: the prompt is empty (give --prompt TEXT or write it to stdin)")
+        raise CommandFailed("once: the prompt is empty (give --prompt TEXT or write it to stdin)")
     if settings.log.level == "info":
         # The result goes to stdout and a failure is one line on stderr: routine logs would bury it.
         logs.configure(settings.log.model_copy(update={"level": "warning"}))
     # As for `agentd run`: no secret of this process's environment may reach the CLI.
     scrub_environ(os.environ, settings.agent.env_passthrough)
-    from bot.once import OnceRequest
-
     request = OnceRequest(profile=args.profile, prompt=prompt, cwd=args.cwd)
     try:
         result = asyncio.run(_once_main(settings, request))
@@ -145,6 +163,9 @@ def _once(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _once_main(settings: Settings, request: OnceRequest) -> OnceResult | None:
     """The task, or None when SIGINT or SIGTERM stopped it (the CLI and gateway are closed by then)."""
+    import asyncio
+    import signal
+
     task = asyncio.current_task()
     assert task is not None
     # SIGINT too, explicitly: a parent that ignores it (a shell's background job, a supervisor) passes the
@@ -169,7 +190,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 def _refuse_without_sandbox(settings: Settings) -> None:
     if refusal := settings.sandbox_refusal():
-        raise ConfigError(refusal)
+        raise CommandFailed(refusal)
 
 
 def _config(settings: Settings, args: argparse.Namespace) -> int:
@@ -193,7 +214,7 @@ def _headers(settings: Settings) -> dict[str, str]:
 def _sessions(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "import":
         return _import_transcripts(settings)
-    rows = asyncio.run(_get_sessions(_base_url(settings, args), _headers(settings)))
+    rows = list(_call(_base_url(settings, args), _headers(settings), "GET", "/v1/sessions")["sessions"])
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -201,19 +222,13 @@ def _sessions(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _get_sessions(base: str, headers: dict[str, str]) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession(headers=headers) as http, http.get(f"{base}/v1/sessions") as response:
-        body = await response.json()
-        if response.status != 200:
-            raise ConfigError(f"daemon answered {response.status}: {body.get('error')}")
-        return list(body["sessions"])
-
-
 def _import_transcripts(settings: Settings) -> int:
     """Backfill: every transcript under data_dir goes to the Redis mirror (idempotent)."""
     store = settings.store
     if store.redis_url is None:
-        raise ConfigError("sessions import copies transcripts into Redis: set store.redis_url (REDIS_URL)")
+        raise CommandFailed("sessions import copies transcripts into Redis: set store.redis_url (REDIS_URL)")
+    import asyncio
+
     from bot.agent.transcripts import Transcripts
     from bot.store import StoreError
 
@@ -251,7 +266,7 @@ def format_sessions(rows: list[dict[str, Any]]) -> str:
 
 
 def _usage(settings: Settings, args: argparse.Namespace) -> int:
-    body = asyncio.run(_call(_base_url(settings, args), _headers(settings), "GET", f"/v1/usage?by={args.by}"))
+    body = _call(_base_url(settings, args), _headers(settings), "GET", f"/v1/usage?by={args.by}")
     if args.json:
         print(json.dumps(body, indent=2))
     else:
@@ -262,16 +277,16 @@ def _usage(settings: Settings, args: argparse.Namespace) -> int:
 
 def _jobs(settings: Settings, args: argparse.Namespace) -> int:
     if args.action != "list" and not args.job_id:
-        raise ConfigError(f"jobs {args.action} needs a job id")
+        raise CommandFailed(f"jobs {args.action} needs a job id")
     base, headers = _base_url(settings, args), _headers(settings)
     if args.action == "list":
-        body = asyncio.run(_call(base, headers, "GET", "/v1/jobs"))
+        body = _call(base, headers, "GET", "/v1/jobs")
         print(json.dumps(body, indent=2) if args.json else format_table(body["jobs"], JOB_COLUMNS))
     elif args.action == "history":
-        body = asyncio.run(_call(base, headers, "GET", f"/v1/jobs/{args.job_id}/runs"))
+        body = _call(base, headers, "GET", f"/v1/jobs/{args.job_id}/runs")
         print(json.dumps(body, indent=2) if args.json else format_table(body["runs"], RUN_COLUMNS))
     else:
-        body = asyncio.run(_call(base, headers, "POST", f"/v1/jobs/{args.job_id}/{args.action}"))
+        body = _call(base, headers, "POST", f"/v1/jobs/{args.job_id}/{args.action}")
         print(json.dumps(body, indent=2) if args.json else _job_line(args.action, args.job_id, body))
         if args.action == "run" and body["run"]["status"] != "ok":
             return 1
@@ -304,16 +319,28 @@ def _job_line(action: str, job_id: str, body: dict[str, Any]) -> str:
     return f"{job_id}: {run['status']}{detail} · ${run['cost_usd']:.4f}"
 
 
-async def _call(base: str, headers: dict[str, str], method: str, path: str) -> dict[str, Any]:
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)  # a manual run lasts as long as its turn
-    async with (
-        aiohttp.ClientSession(headers=headers, timeout=timeout) as http,
-        http.request(method, f"{base}{path}") as response,
-    ):
-        body = await response.json()
-        if response.status != 200:
-            raise ConfigError(f"daemon answered {response.status}: {body.get('error')}")
-        return dict(body)
+def _call(base: str, headers: dict[str, str], method: str, path: str) -> dict[str, Any]:
+    """One request to the daemon's API, its JSON body; a refusal is CommandFailed with the daemon's reason.
+
+    The stdlib's client, not aiohttp: these commands make one request, and aiohttp alone costs more start-up
+    than the rest of the command. No timeout: a manual job run lasts as long as its turn.
+    """
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{base}{path}", method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request) as response:  # the operator's own daemon URL
+            return dict(json.load(response))
+    except urllib.error.HTTPError as exc:
+        raise CommandFailed(f"daemon answered {exc.code}: {_error_of(exc.read())}") from exc
+
+
+def _error_of(body: bytes) -> object:
+    try:
+        return json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return body[:200].decode(errors="replace")
 
 
 def format_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
@@ -323,11 +350,22 @@ def format_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
 
 
 def _chat(settings: Settings, args: argparse.Namespace) -> int:
-    asyncio.run(_chat_loop(_base_url(settings, args), _headers(settings), args.conversation))
+    import asyncio
+
+    import aiohttp
+
+    try:
+        asyncio.run(_chat_loop(_base_url(settings, args), _headers(settings), args.conversation))
+    except aiohttp.ClientError as exc:
+        raise DaemonUnreachable(str(exc)) from exc
     return 0
 
 
 async def _chat_loop(base: str, headers: dict[str, str], conversation: str) -> None:
+    import asyncio
+
+    import aiohttp
+
     url = f"{base}/v1/conversations/{conversation}/messages"
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
     # Prompts are for a person at a terminal; piped input gets only the agent's answers, one per line.
