@@ -179,6 +179,10 @@ async def test_bad_assistant_inputs_get_a_200_and_the_daemon_keeps_serving(
         form = "application/x-www-form-urlencoded"
         assert await daemon.post_event(urlencode(unknown).encode(), content_type=form) == 200
         await wait_until(lambda: bool(slack.calls_to("chat.postEphemeral")), what="a notice for the unknown message")
+        forged = slack.block_actions_form(
+            action_id=FEEDBACK, value="good<!channel>", user="U0ALICE", channel=DM, message_ts="1.000001"
+        )
+        assert await daemon.post_event(urlencode(forged).encode(), content_type=form) == 200
 
         event = dm_in_thread(slack, "still there?")
         assert await daemon.post_event(json_body(slack.event_payload(event))) == 200
