@@ -9,6 +9,7 @@ of a feedback_buttons element (docs.slack.dev, block-kit feedback-buttons-elemen
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -17,7 +18,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot import keys
-from bot.slack.assistant import FEEDBACK
+from bot.slack.assistant import FEEDBACK, TITLE_CHARS, context_block, title_from, viewed_channel, well_formed
 from tests.fakes.model import FakeModel
 from tests.fakes.slack import FakeSlack
 from tests.helpers import wait_for, wait_until
@@ -204,3 +205,39 @@ async def test_a_refused_person_gets_no_prompts_and_their_messages_the_refusal(
         await wait_until(lambda: bool(slack.posted(DM, THREAD)), what="the refusal")
         assert "can't take requests" in slack.posted(DM, THREAD)[0]["text"]
         assert not slack.suggested_prompts(DM, THREAD) and not fake_model.find("let me in")
+
+
+# -- the pure parts ---------------------------------------------------------------------------
+
+
+def test_only_slack_ids_survive_from_a_context() -> None:
+    assert viewed_channel(VIEWED) == VIEWED
+    assert viewed_channel({"channel_id": "C0OK", "team_id": "T0</x>", "enterprise_id": None}) == {"channel_id": "C0OK"}
+    for bad in (None, "C0OK", {}, {"channel_id": "c0lower"}, {"channel_id": "C" * 40}, {"channel_id": ["C0OK"]}):
+        assert viewed_channel(bad) is None, bad
+
+
+def test_an_assistant_event_must_name_its_thread() -> None:
+    def body(**thread: Any) -> dict[str, Any]:
+        return {"event": {"type": "assistant_thread_started", "assistant_thread": thread}}
+
+    assert well_formed(body(channel_id="D0ALICE", thread_ts=THREAD))
+    assert not well_formed(body(channel_id="D0ALICE"))
+    assert not well_formed(body(channel_id="D0ALICE", thread_ts="1.2; drop"))
+    assert not well_formed(body(channel_id="D0<evil>", thread_ts=THREAD))
+    assert not well_formed({"event": {"type": "assistant_thread_started"}})
+
+
+def test_the_title_is_the_first_line_cut_at_a_word() -> None:
+    assert title_from("  What is\n this   channel about?  ") == "What is this channel about?"
+    long = "word " * 30
+    title = title_from(long)
+    assert len(title) <= TITLE_CHARS + 1 and title.endswith("…") and not title.endswith(" …")
+    assert title_from("") == ""
+
+
+def test_the_context_block_is_fenced_and_cannot_be_closed_from_inside() -> None:
+    block = context_block({"channel_id": "C0VIEWED", "team_id": "T0TEAM"})
+    tags = re.findall(r"</?(untrusted-slack-thread-[0-9a-f]{16})", block)
+    assert len(tags) == 3 and len(set(tags)) == 1, "one fresh token opens and closes the block"
+    assert "<#C0VIEWED>" in block and "team: T0TEAM" in block
