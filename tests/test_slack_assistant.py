@@ -241,3 +241,15 @@ def test_the_context_block_is_fenced_and_cannot_be_closed_from_inside() -> None:
     tags = re.findall(r"</?(untrusted-slack-thread-[0-9a-f]{16})", block)
     assert len(tags) == 3 and len(set(tags)) == 1, "one fresh token opens and closes the block"
     assert "<#C0VIEWED>" in block and "team: T0TEAM" in block
+
+
+async def test_without_the_assistant_api_the_thread_is_still_answered(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    slack.status_api = False  # assistant.threads.* refused: a workspace without the AI-app feature
+    async with running(tmp_path, fake_model, slack, **PROFILES):
+        await start_thread(slack)
+        await ask(slack, "answer anyway")
+        assert "<#C0VIEWED>" in prompt_of(fake_model, "answer anyway")
+        assert slack.calls_to("assistant.threads.setSuggestedPrompts") and slack.calls_to("assistant.threads.setTitle")
+        assert feedback_messages(slack), "the feedback buttons are ordinary blocks"
