@@ -43,8 +43,13 @@ SLACK_FEEDBACK_TTL_S = 365 * DAY_S
 
 
 def slack_assistant_thread(channel: str, thread_ts: str) -> str:
-    """JSON {context, told, titled}: an assistant thread and the channel its person is viewing."""
+    """JSON: the channel an assistant thread's person is viewing ({}: unknown); set by Slack's assistant events."""
     return f"{PREFIX}:slack:assistant:{channel}:{thread_ts}"
+
+
+def slack_assistant_turns(channel: str, thread_ts: str) -> str:
+    """JSON {told, titled}: the context the agent was last given, and whether the thread has its title."""
+    return f"{PREFIX}:slack:assistant-turns:{channel}:{thread_ts}"
 
 
 def slack_feedback_target(channel: str, ts: str) -> str:

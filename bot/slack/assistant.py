@@ -98,43 +98,51 @@ def context_block(context: dict[str, str]) -> str:
 
 
 @dataclass(frozen=True)
-class ThreadState:
-    """One assistant thread: the channel its person views, whether the agent was told it, whether it is titled."""
+class TurnState:
+    """What the thread's turns have done: the context last given to the agent, and whether the thread has a title.
 
-    context: dict[str, str] | None = None
-    told: bool = False
+    Only the thread's turns write it (one lane, in order), and only Slack's events write the context: two
+    keys, so a context change arriving mid-turn is never overwritten by the turn.
+    """
+
+    told: dict[str, str] | None = None
     titled: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, raw: str) -> ThreadState:
-        data = json.loads(raw)
-        return cls(viewed_channel(data.get("context")), bool(data.get("told")), bool(data.get("titled")))
+    def from_json(cls, raw: str | None) -> TurnState:
+        data = json.loads(raw) if raw else {}
+        return cls(viewed_channel(data.get("told")), bool(data.get("titled")))
 
 
 class StoreThreadContexts(AsyncAssistantThreadContextStore):
     """bolt's thread context store on the daemon's store: durable, and no message metadata to read back
-    (bolt's default store costs a rate-limited ``conversations.replies`` per lookup)."""
+    (bolt's default store costs a rate-limited ``conversations.replies`` per lookup).  A thread with a
+    record is an assistant thread; its context is ``{}`` when Slack sent none that could be used."""
 
     def __init__(self, store: Store, ttl_s: int) -> None:
         self._store, self._ttl_s = store, ttl_s
 
     async def save(self, *, channel_id: str, thread_ts: str, context: dict[str, str]) -> None:
-        state = await self.state(channel_id, thread_ts) or ThreadState()
-        await self.put(channel_id, thread_ts, dataclasses.replace(state, context=viewed_channel(context), told=False))
+        clean = viewed_channel(context) or {}
+        await self._store.put_value(keys.slack_assistant_thread(channel_id, thread_ts), json.dumps(clean), self._ttl_s)
 
     async def find(self, *, channel_id: str, thread_ts: str) -> AssistantThreadContext | None:
-        state = await self.state(channel_id, thread_ts)
-        return AssistantThreadContext(state.context) if state is not None and state.context else None
+        context = await self.context(channel_id, thread_ts)
+        return AssistantThreadContext(context) if context else None
 
-    async def state(self, channel: str, thread_ts: str) -> ThreadState | None:
+    async def context(self, channel: str, thread_ts: str) -> dict[str, str] | None:
+        """The viewed channel (``{}``: unknown), or None when this is no assistant thread."""
         raw = await self._store.get_value(keys.slack_assistant_thread(channel, thread_ts))
-        return ThreadState.from_json(raw) if raw is not None else None
+        return None if raw is None else viewed_channel(json.loads(raw)) or {}
 
-    async def put(self, channel: str, thread_ts: str, state: ThreadState) -> None:
-        await self._store.put_value(keys.slack_assistant_thread(channel, thread_ts), state.to_json(), self._ttl_s)
+    async def turns(self, channel: str, thread_ts: str) -> TurnState:
+        return TurnState.from_json(await self._store.get_value(keys.slack_assistant_turns(channel, thread_ts)))
+
+    async def put_turns(self, channel: str, thread_ts: str, state: TurnState) -> None:
+        await self._store.put_value(keys.slack_assistant_turns(channel, thread_ts), state.to_json(), self._ttl_s)
 
 
 class AssistantSurface:
@@ -233,14 +241,19 @@ class AssistantSurface:
 
     async def before_turn(self, message: SlackMessage) -> str | None:
         """For a message in an assistant thread: the prompt's prefix (the viewed channel, when the agent has
-        not yet been told it), after titling the thread from its first message.  None elsewhere."""
-        state = await self._state(message)
-        if state is None:
+        not been told this one yet), after titling the thread from its first message.  None elsewhere."""
+        context = await self._context(message)
+        if context is None:
             return None
-        prefix = context_block(state.context) if state.context and not state.told else ""
-        titled = state.titled or await self._set_title(message)
         try:
-            await self._threads.put(message.channel, message.thread_ts, ThreadState(state.context, True, titled))
+            done = await self._threads.turns(message.channel, message.thread_ts)
+        except StoreError as exc:
+            log.error("store_error", error=str(exc), conversation=message.conversation_id)
+            done = TurnState()
+        prefix = context_block(context) if context and context != done.told else ""
+        titled = done.titled or await self._set_title(message)
+        try:
+            await self._threads.put_turns(message.channel, message.thread_ts, TurnState(context or done.told, titled))
         except StoreError as exc:
             log.error("store_error", error=str(exc), conversation=message.conversation_id)
         return prefix
@@ -257,7 +270,7 @@ class AssistantSurface:
 
     async def after_answer(self, message: SlackMessage, outcome: Outcome) -> None:
         """👍/👎 under an answer in an assistant thread, remembered as the turn it rates."""
-        if not outcome.ok or not outcome.reply or await self._state(message) is None:
+        if not outcome.ok or not outcome.reply or await self._context(message) is None:
             return
         try:
             response = await self._client.chat_postMessage(
@@ -278,11 +291,12 @@ class AssistantSurface:
         except StoreError as exc:
             log.error("store_error", error=str(exc), conversation=outcome.conversation_id)
 
-    async def _state(self, message: SlackMessage) -> ThreadState | None:
+    async def _context(self, message: SlackMessage) -> dict[str, str] | None:
+        """The assistant thread's viewed channel (``{}``: unknown); None for any other message."""
         if not message.is_dm or not message.in_thread:
             return None
         try:
-            return await self._threads.state(message.channel, message.thread_ts)
+            return await self._threads.context(message.channel, message.thread_ts)
         except StoreError as exc:
             log.error("store_error", error=str(exc), conversation=message.conversation_id)
             return None
