@@ -253,3 +253,18 @@ async def test_without_the_assistant_api_the_thread_is_still_answered(
         assert "<#C0VIEWED>" in prompt_of(fake_model, "answer anyway")
         assert slack.calls_to("assistant.threads.setSuggestedPrompts") and slack.calls_to("assistant.threads.setTitle")
         assert feedback_messages(slack), "the feedback buttons are ordinary blocks"
+
+
+async def test_a_thread_whose_start_was_missed_is_known_by_its_messages(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with running(tmp_path, fake_model, slack):
+        # Slack marks a message in an assistant thread (bolt-python's user_message_event_body_with_assistant_thread).
+        event = dm_in_thread(slack, "opened before the upgrade", assistant_thread={"action_token": "10116779555154.1"})
+        await slack.send_event(event)
+        assert await wait_done(slack, DM, str(event["ts"])) == ["white_check_mark"]
+        assert slack.titles(DM, THREAD) == ["opened before the upgrade"] and feedback_messages(slack)
+        assert not slack.calls_to("conversations.replies")
+        await start_thread(slack)  # a late (retried) start still brings its context
+        await ask(slack, "and now?")
+        assert "<#C0VIEWED>" in prompt_of(fake_model, "and now?")

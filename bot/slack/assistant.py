@@ -97,6 +97,13 @@ def context_block(context: dict[str, str]) -> str:
     )
 
 
+def _json_or_none(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class TurnState:
     """What the thread's turns have done: the context last given to the agent, and whether the thread has a title.
@@ -136,7 +143,15 @@ class StoreThreadContexts(AsyncAssistantThreadContextStore):
     async def context(self, channel: str, thread_ts: str) -> dict[str, str] | None:
         """The viewed channel (``{}``: unknown), or None when this is no assistant thread."""
         raw = await self._store.get_value(keys.slack_assistant_thread(channel, thread_ts))
-        return None if raw is None else viewed_channel(json.loads(raw)) or {}
+        return None if raw is None else viewed_channel(_json_or_none(raw)) or {}
+
+    async def adopt(self, channel: str, thread_ts: str) -> None:
+        """Know a thread as an assistant thread (context unknown) unless it is known already.
+
+        ``claim`` sets only an absent key, so a context saved by ``assistant_thread_started`` is never
+        replaced; the claim's marker value reads as the unknown context.
+        """
+        await self._store.claim(keys.slack_assistant_thread(channel, thread_ts), self._ttl_s)
 
     async def turns(self, channel: str, thread_ts: str) -> TurnState:
         return TurnState.from_json(await self._store.get_value(keys.slack_assistant_turns(channel, thread_ts)))
@@ -227,15 +242,29 @@ class AssistantSurface:
         bound.info("slack_assistant_context_changed", viewing=(context or {}).get("channel_id"))
 
     async def _screen(self, body: dict[str, Any], next: Callable[[], Awaitable[None]]) -> BoltResponse | None:
-        """An assistant event that names no thread is acknowledged and dropped here: bolt's middleware
-        would fail on it with a 500, which Slack retries."""
+        """Runs before every listener.  An assistant event that names no thread is acknowledged and dropped
+        here (bolt's middleware would fail on it with a 500, which Slack retries); a message Slack marks as
+        written in an assistant thread makes that thread known, even if its ``assistant_thread_started``
+        never arrived (opened before this version, or lost while the daemon was down)."""
         event = body.get("event")
         kind = event.get("type") if isinstance(event, dict) else None
         if kind in ASSISTANT_EVENTS and not well_formed(body):
             log.warning("slack_bad_event", type=kind, event_id=body.get("event_id"), error="no assistant thread named")
             return BoltResponse(status=200, body="")
+        if isinstance(event, dict) and kind == "message":
+            await self._adopt(event)
         await next()
         return None
+
+    async def _adopt(self, event: dict[str, Any]) -> None:
+        channel, thread_ts = slack_id(event.get("channel")), event.get("thread_ts")
+        marked = isinstance(event.get("assistant_thread"), dict) and event.get("channel_type") == "im"
+        if not marked or channel is None or not isinstance(thread_ts, str) or not _SLACK_TS.fullmatch(thread_ts):
+            return
+        try:
+            await self._threads.adopt(channel, thread_ts)
+        except StoreError as exc:
+            log.error("store_error", error=str(exc), channel=channel, note="assistant thread not adopted")
 
     # -- turns in assistant threads ------------------------------------------------------
 
