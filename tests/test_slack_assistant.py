@@ -15,9 +15,11 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot import keys
+from bot.config import ConfigError, load_settings
 from bot.slack.assistant import FEEDBACK, TITLE_CHARS, context_block, title_from, viewed_channel, well_formed
 from tests.fakes.model import FakeModel
 from tests.fakes.slack import FakeSlack
@@ -268,3 +270,20 @@ async def test_a_thread_whose_start_was_missed_is_known_by_its_messages(
         await start_thread(slack)  # a late (retried) start still brings its context
         await ask(slack, "and now?")
         assert "<#C0VIEWED>" in prompt_of(fake_model, "and now?")
+
+
+def test_suggested_prompts_come_from_the_profile_and_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "agentd.toml"
+    path.write_text('[profiles.chat]\nsuggested_prompts = [{ title = "Hi", message = "Say hi" }]\n')
+    assert [p.model_dump() for p in load_settings(path, {}).suggested_prompts("chat")] == [
+        {"title": "Hi", "message": "Say hi"}
+    ]
+    assert load_settings(None, {}).suggested_prompts("chat") == [], "none unless configured"
+    path.write_text(
+        "[profiles.chat]\nsuggested_prompts = [" + ", ".join(['{ title = "t", message = "m" }'] * 5) + "]\n"
+    )
+    with pytest.raises(ConfigError, match=r"profiles\.chat\.suggested_prompts"):
+        load_settings(path, {})
+    path.write_text('[profiles.chat]\nsuggested_prompts = [{ title = "t" }]\n')
+    with pytest.raises(ConfigError, match=r"profiles\.chat\.suggested_prompts\.0\.message"):
+        load_settings(path, {})
