@@ -336,8 +336,8 @@ McpToolSet = Literal["mail", "slack"]
 class SuggestedPrompt(_Section):
     """One prompt Slack offers when someone opens an assistant thread: the label, and the message it sends."""
 
-    title: str = Field(min_length=1, max_length=75)
-    message: str = Field(min_length=1, max_length=2000)
+    title: str = Field(min_length=1)
+    message: str = Field(min_length=1)
 
 
 class ProfileConfig(_Section):
