@@ -333,6 +333,13 @@ def _with_auth(auth: str) -> str:
 McpToolSet = Literal["mail", "slack"]
 
 
+class SuggestedPrompt(_Section):
+    """One prompt Slack offers when someone opens an assistant thread: the label, and the message it sends."""
+
+    title: str = Field(min_length=1)
+    message: str = Field(min_length=1)
+
+
 class ProfileConfig(_Section):
     """What one kind of conversation may do. Unset keys fall back to ``[agent]``."""
 
@@ -346,6 +353,8 @@ class ProfileConfig(_Section):
     sandbox: bool | None = None
     deny_read: list[Path] = Field(default_factory=list)
     slack_mentions: bool = False  # the agent's <@U…> ping people; broadcasts (<!here>...) never do
+    # Shown when someone opens a Slack assistant thread; Slack takes at most four.
+    suggested_prompts: list[SuggestedPrompt] = Field(default_factory=list, max_length=4)
 
 
 TRIAGE_PROMPT = (
@@ -609,6 +618,11 @@ class Settings(BaseSettings):
             deny_read=(*agent.deny_read, *raw.deny_read),
             slack_mentions=raw.slack_mentions,
         )
+
+    def suggested_prompts(self, name: str) -> list[SuggestedPrompt]:
+        """The named profile's prompts for a new Slack assistant thread (Slack-only, so not on ``Profile``)."""
+        raw = self.profiles.get(name) or ProfileConfig(**BUILTIN_PROFILES[name])
+        return raw.suggested_prompts
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data; secrets print as ``**********``."""

@@ -37,6 +37,34 @@ def slack_thread(team: str, channel: str, thread_ts: str) -> str:
     return f"{PREFIX}:slack:thread:{team}:{channel}:{thread_ts}"
 
 
+# -- Slack assistant threads (the AI-app surface) -------------------------------
+# Feedback is kept for a year, whatever the conversation's TTL, so it can be reviewed later.
+SLACK_FEEDBACK_TTL_S = 365 * DAY_S
+
+
+def slack_assistant_thread(channel: str, thread_ts: str) -> str:
+    """JSON: the channel an assistant thread's person is viewing ({}: unknown); set by Slack's assistant events."""
+    return f"{PREFIX}:slack:assistant:{channel}:{thread_ts}"
+
+
+def slack_assistant_turns(channel: str, thread_ts: str) -> str:
+    """JSON {told, titled}: the context the agent was last given, and whether the thread has its title."""
+    return f"{PREFIX}:slack:assistant-turns:{channel}:{thread_ts}"
+
+
+def slack_feedback_target(channel: str, ts: str) -> str:
+    """JSON {conversation, session_id, turn, answered}: the turn a message with feedback buttons rates."""
+    return f"{PREFIX}:slack:feedback-target:{channel}:{ts}"
+
+
+def slack_feedback(channel: str, ts: str, user: str) -> str:
+    """JSON {conversation, message_ts, user, value, ...}: one person's 👍/👎 on one answer (the last click wins)."""
+    return f"{PREFIX}:slack:feedback:{channel}:{ts}:{user}"
+
+
+SLACK_FEEDBACK_PREFIX = f"{PREFIX}:slack:feedback:"
+
+
 # -- Email -------------------------------------------------------------------
 # Per-message records outlive any retry or rescan of the mailbox.
 MAIL_RECORD_TTL_S = 180 * DAY_S

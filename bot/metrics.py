@@ -21,6 +21,9 @@ MIRROR_ERRORS = Counter("agentd_mirror_errors_total", "Transcript batches the Re
 CHANNEL_MESSAGES = Counter(
     "agentd_channel_messages_total", "Inbound channel messages, by channel and fate", ["channel", "fate"]
 )
+SLACK_FEEDBACK = Counter(
+    "agentd_slack_feedback_total", "Feedback clicks on answers in Slack assistant threads, good or bad", ["value"]
+)
 CHANNEL_CONNECTED = Gauge("agentd_channel_connected", "1 while a channel's connection is up", ["channel"])
 JOB_RUNS = Counter("agentd_job_runs_total", "Scheduled job runs, by job and status", ["job", "status"])
 JOB_NEXT_FIRE = Gauge("agentd_job_next_fire_timestamp", "Next fire time of each job (Unix seconds; 0: paused)", ["job"])

@@ -132,3 +132,19 @@ async def test_socket_mode_events_acks_and_reconnect(fake_slack: FakeSlack) -> N
         assert fake_slack.calls_to("apps.connections.open")[0].token == "xapp-test"
     finally:
         await socket.close()
+
+
+async def test_assistant_thread_methods(fake_slack: FakeSlack) -> None:
+    client = client_for(fake_slack)
+    prompts = [{"title": "Hi", "message": "Say hi"}]
+    await client.assistant_threads_setSuggestedPrompts(channel_id="D1", thread_ts="1.0", prompts=prompts)
+    await client.assistant_threads_setTitle(channel_id="D1", thread_ts="1.0", title="A title")
+    assert fake_slack.suggested_prompts("D1", "1.0") == [prompts]
+    assert fake_slack.titles("D1", "1.0") == ["A title"]
+    with pytest.raises(SlackApiError, match="invalid_arguments"):
+        await client.assistant_threads_setSuggestedPrompts(channel_id="D1", thread_ts="1.0", prompts=prompts * 5)
+    with pytest.raises(SlackApiError, match="invalid_blocks"):
+        await client.chat_postMessage(channel="D1", text="t", blocks=[{"type": "context_actions", "elements": []}])
+    fake_slack.status_api = False  # a workspace without the AI-app feature
+    with pytest.raises(SlackApiError, match="not_allowed"):
+        await client.assistant_threads_setTitle(channel_id="D1", thread_ts="1.0", title="again")

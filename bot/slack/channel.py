@@ -39,6 +39,7 @@ from bot.lanes import Lanes
 from bot.pool import Pool, Turn
 from bot.slack import events
 from bot.slack.approvals import APPROVE, DENY, Approvals, Click
+from bot.slack.assistant import AssistantSurface
 from bot.slack.events import Identity, SlackMessage
 from bot.slack.reply import AutoWriter, Thread
 from bot.status import ChannelStatus
@@ -95,6 +96,8 @@ class SlackChannel:
             base_url=self._config.api_url or AsyncWebClient.BASE_URL,
             retry_handlers=[AsyncConnectionErrorRetryHandler(), AsyncRateLimitErrorRetryHandler(max_retry_count=3)],
         )
+        prompts = settings.suggested_prompts(self._config.profile)
+        self._assistant = AssistantSurface(self._client, store, self._config, prompts, self._thread_ttl_s)
         self._app = self._bolt_app()
         self._socket: AsyncSocketModeHandler | None = None
         if self._config.mode == "http":
@@ -120,6 +123,7 @@ class SlackChannel:
         app.event("message")(self._on_event)
         app.action(APPROVE)(self._on_approval)
         app.action(DENY)(self._on_approval)
+        self._assistant.register(app)
         return app
 
     # -- lifecycle ---------------------------------------------------------------
@@ -349,6 +353,9 @@ class SlackChannel:
         text = message.text or "(The message has no text.)"
         if not message.is_dm:
             text = f"<@{message.user}>: {text}"
+        assistant = await self._assistant.before_turn(message)  # None outside Slack assistant threads
+        if assistant is not None:
+            return assistant + text
         if message.in_thread and not await self._knows_thread(message):
             text = await self._history(message) + text
         return text
@@ -482,6 +489,7 @@ class SlackChannel:
             if outcome.reply:
                 await writer.finish(outcome.reply)
             await self._upload(thread, outcome)
+            await self._assistant.after_answer(message, outcome)
             await self._finish(message, thread, outcome, mark)
         except Exception:  # task boundary: log with context; the outcome is recorded by the pool
             logger.exception("slack_delivery_failed")

@@ -139,6 +139,8 @@ class FakeSlack:
     _replies: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     _reactions: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     _statuses: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    _prompts: dict[tuple[str, str], list[list[dict[str, Any]]]] = field(default_factory=dict)
+    _titles: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     _users: dict[str, dict[str, Any]] = field(default_factory=dict)
     _failures: dict[str, list[_Failure]] = field(default_factory=dict)
     _pending_uploads: dict[str, str] = field(default_factory=dict)  # file_id -> filename
@@ -160,6 +162,8 @@ class FakeSlack:
         "reactions.add": "_reactions_add",
         "reactions.remove": "_reactions_remove",
         "assistant.threads.setStatus": "_set_status",
+        "assistant.threads.setSuggestedPrompts": "_set_suggested_prompts",
+        "assistant.threads.setTitle": "_set_title",
         "conversations.replies": "_conversations_replies",
         "users.info": "_users_info",
         "files.info": "_files_info",
@@ -224,6 +228,14 @@ class FakeSlack:
         """Every status set on the thread by assistant.threads.setStatus, oldest first."""
         return list(self._statuses.get((channel, thread_ts), []))
 
+    def suggested_prompts(self, channel: str, thread_ts: str) -> list[list[dict[str, Any]]]:
+        """Every prompt list set on the thread by assistant.threads.setSuggestedPrompts, oldest first."""
+        return list(self._prompts.get((channel, thread_ts), []))
+
+    def titles(self, channel: str, thread_ts: str) -> list[str]:
+        """Every title set on the thread by assistant.threads.setTitle, oldest first."""
+        return list(self._titles.get((channel, thread_ts), []))
+
     def shared_files(self, channel: str, thread_ts: str | None = None) -> list[tuple[str, bytes]]:
         """(title, content) of files shared into the channel, and the thread when given."""
         return [
@@ -272,6 +284,25 @@ class FakeSlack:
         event.update(extra)
         return event
 
+    def assistant_event(
+        self,
+        kind: str,
+        *,
+        channel: str = "D0ALICE",
+        thread_ts: str | None = None,
+        user: str = "U0ALICE",
+        context: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """``assistant_thread_started`` or ``assistant_thread_context_changed``, shaped as in bolt-python's
+        tests/scenario_tests_async/test_events_assistant.py (Slack's payloads); ``context`` None: none sent."""
+        thread_ts = thread_ts or self._new_event_ts()
+        thread: dict[str, Any] = {"user_id": user, "channel_id": channel, "thread_ts": thread_ts}
+        if context is not None:
+            thread["context"] = context
+        thread.update(extra)
+        return {"type": kind, "assistant_thread": thread, "event_ts": self._new_event_ts()}
+
     def event_payload(
         self, event: dict[str, Any], *, event_id: str | None = None, team_id: str | None = None
     ) -> dict[str, Any]:
@@ -307,6 +338,7 @@ class FakeSlack:
         message_ts: str,
         thread_ts: str | None = None,
         block_id: str = "b",
+        action_type: str = "button",
     ) -> dict[str, Any]:
         return {
             "type": "block_actions",
@@ -332,7 +364,7 @@ class FakeSlack:
             },
             "response_url": f"{self.root}/response",
             "actions": [
-                {"action_id": action_id, "block_id": block_id, "value": value, "type": "button", "action_ts": "1.1"}
+                {"action_id": action_id, "block_id": block_id, "value": value, "type": action_type, "action_ts": "1.1"}
             ],
         }
 
@@ -620,6 +652,25 @@ class FakeSlack:
         self._statuses.setdefault((channel, thread_ts), []).append(str(call.params.get("status", "")))
         return {"ok": True}
 
+    def _assistant_thread(self, call: Call) -> tuple[str, str]:
+        if not self.status_api:
+            raise SlackError("not_allowed")
+        channel = _required(call.params, "channel_id", "channel_not_found")
+        return channel, _required(call.params, "thread_ts", "invalid_thread_ts")
+
+    def _set_suggested_prompts(self, call: Call) -> dict[str, Any]:
+        key = self._assistant_thread(call)
+        prompts = _json_list(call.params.get("prompts"))
+        if not prompts or len(prompts) > 4 or not all(p.get("title") and p.get("message") for p in prompts):
+            raise SlackError("invalid_arguments")  # Slack takes one to four prompts, each with title and message
+        self._prompts.setdefault(key, []).append(prompts)
+        return {"ok": True}
+
+    def _set_title(self, call: Call) -> dict[str, Any]:
+        key = self._assistant_thread(call)
+        self._titles.setdefault(key, []).append(_required(call.params, "title", "invalid_arguments"))
+        return {"ok": True}
+
     def _conversations_replies(self, call: Call) -> dict[str, Any]:
         channel = _required(call.params, "channel", "channel_not_found")
         ts = _required(call.params, "ts", "thread_not_found")
@@ -790,7 +841,19 @@ def _blocks(params: dict[str, Any]) -> list[dict[str, Any]] | None:
         raise SlackError("invalid_blocks")
     if not all(isinstance(b, dict) and "type" in b for b in blocks) or any(_block_too_long(b) for b in blocks):
         raise SlackError("invalid_blocks")
+    if any(_bad_context_actions(b) for b in blocks):
+        raise SlackError("invalid_blocks")
     return blocks
+
+
+def _bad_context_actions(block: dict[str, Any]) -> bool:
+    """A context_actions block holds one to five feedback_buttons or icon_button elements."""
+    if block.get("type") != "context_actions":
+        return False
+    elements = block.get("elements")
+    if not isinstance(elements, list) or not 1 <= len(elements) <= 5:
+        return True
+    return not all(isinstance(e, dict) and e.get("type") in ("feedback_buttons", "icon_button") for e in elements)
 
 
 def _block_too_long(block: dict[str, Any]) -> bool:
