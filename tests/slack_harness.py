@@ -33,15 +33,19 @@ class SlackDaemon(InProcessDaemon):
         super().__init__(tmp, model, {"slack": SlackConfig(**credentials, **sections.pop("slack", {}))}, **sections)
         self.slack = fake
 
-    async def post_event(self, body: bytes, timestamp: int | None = None, secret: str = SIGNING_SECRET) -> int:
-        """POST an HTTP Events request as Slack would sign it; returns the status."""
-        stamp = str(timestamp if timestamp is not None else int(time.time()))
-        digest = hmac.new(secret.encode(), b"v0:" + stamp.encode() + b":" + body, hashlib.sha256).hexdigest()
-        headers = {
-            "X-Slack-Request-Timestamp": stamp,
-            "X-Slack-Signature": f"v0={digest}",
-            "Content-Type": "application/json",
-        }
+    async def post_event(
+        self,
+        body: bytes,
+        timestamp: int | None = None,
+        secret: str | None = SIGNING_SECRET,
+        content_type: str = "application/json",
+    ) -> int:
+        """POST an HTTP Events request as Slack would sign it (``secret=None``: unsigned); returns the status."""
+        headers = {"Content-Type": content_type}
+        if secret is not None:
+            stamp = str(timestamp if timestamp is not None else int(time.time()))
+            digest = hmac.new(secret.encode(), b"v0:" + stamp.encode() + b":" + body, hashlib.sha256).hexdigest()
+            headers |= {"X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": f"v0={digest}"}
         async with (
             aiohttp.ClientSession() as http,
             http.post(f"{self.url}/slack/events", data=body, headers=headers) as response,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import re
 import time
@@ -19,7 +17,6 @@ from tests.fakes.redis_server import free_port
 from tests.fakes.slack import FakeSlack
 from tests.helpers import wait_for, wait_until
 from tests.slack_harness import (
-    SIGNING_SECRET,
     SlackDaemon,
     cli_processes,
     json_body,
@@ -639,19 +636,6 @@ async def test_slack_connect_thread_is_one_conversation_whichever_team_speaks(
         assert first_stream.get("recipient_team_id") == "T0EXTERNAL", "a stream goes to its reader's own team"
 
 
-async def post_raw(daemon: SlackDaemon, body: bytes, content_type: str, signed: bool = True) -> int:
-    headers = {"Content-Type": content_type}
-    if signed:
-        stamp = str(int(time.time()))
-        digest = hmac.new(SIGNING_SECRET.encode(), f"v0:{stamp}:".encode() + body, hashlib.sha256).hexdigest()
-        headers |= {"X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": f"v0={digest}"}
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(f"{daemon.url}/slack/events", data=body, headers=headers) as r,
-    ):
-        return r.status
-
-
 REACTION = {
     "type": "reaction_added",
     "user": "U0ALICE",
@@ -671,11 +655,13 @@ async def test_http_events_outside_the_manifest_and_foreign_clicks_get_a_200(
         click = slack.block_actions_form(
             action_id="someone_elses_button", value="v", user="U0A", channel=CHANNEL, message_ts="1.2"
         )
-        assert await post_raw(daemon, urlencode(click).encode(), "application/x-www-form-urlencoded") == 200
-        assert await post_raw(daemon, b"", "application/json") == 200, "a signed empty body"
-        assert await post_raw(daemon, b"{not json", "application/json") == 200, "signed, unreadable: acked"
-        assert await post_raw(daemon, b"{not json", "application/json", signed=False) == 401
-        assert await post_raw(daemon, b"", "application/json", signed=False) == 401
+        assert (
+            await daemon.post_event(urlencode(click).encode(), content_type="application/x-www-form-urlencoded") == 200
+        )
+        assert await daemon.post_event(b"") == 200, "a signed empty body"
+        assert await daemon.post_event(b"{not json") == 200, "signed, unreadable: acked"
+        assert await daemon.post_event(b"{not json", secret=None) == 401
+        assert await daemon.post_event(b"", secret=None) == 401
         reaction = json_body(slack.event_payload(REACTION))
         assert await daemon.post_event(reaction, secret="wrong-secret") == 401
         sentinel = slack.message_event("still answering", mention=True)

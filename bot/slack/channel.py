@@ -223,12 +223,14 @@ class SlackChannel:
         if not verifier.is_valid_request(body, dict(request.headers)):
             return web.json_response({"error": "invalid request"}, status=401)
         log.warning("slack_unreadable_body", bytes=len(body), content_type=request.content_type)
+        metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="unreadable").inc()
         return web.json_response({"ok": True, "note": "unreadable body, ignored"})
 
     async def _on_bolt_error(self, error: Exception, body: dict[str, Any]) -> BoltResponse | None:
         """Unhandled requests are acknowledged and ignored; a listener's exception is logged (bolt answers 500)."""
         if isinstance(error, BoltUnhandledRequestError):
             log.info("slack_ignored", **events.describe(body))
+            metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="ignored").inc()
             return BoltResponse(status=200, body="")
         log.error("slack_listener_failed", error=repr(error)[:300], **events.describe(body), exc_info=error)
         return None
@@ -282,6 +284,7 @@ class SlackChannel:
             message = events.parse(event, context.team_id or "", self._me)
         except events.BadEvent as exc:
             log.warning("slack_bad_event", error=str(exc), event_id=body.get("event_id"))
+            metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="bad_event").inc()
             return
         skip = events.skip_reason(event, message, self._me, self._config) or await self._unaddressed(message)
         if skip is not None:
