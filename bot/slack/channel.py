@@ -206,9 +206,11 @@ class SlackChannel:
     # -- intake (bolt listeners: translate, deduplicate, enqueue) -------------------
 
     async def _http_events(self, request: web.Request) -> web.Response:
-        if not self._intake:
+        if not self._intake and self._stopped is None:
             # Slack retries a failed delivery: the event is processed after the restart.
             return web.json_response({"error": "shutting down"}, status=503)
+        # Stopped for good, requests are still verified and acked: Slack disables an
+        # endpoint that keeps failing, and the reinstalled app needs it.
         try:
             bolt_request = await to_bolt_request(request)
         except ValueError:  # bolt parses the body before it checks the signature
@@ -277,6 +279,8 @@ class SlackChannel:
 
     async def _on_event(self, body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
         if not self._intake:
+            if self._stopped is not None:
+                metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="channel_stopped").inc()
             return
         try:
             # The installation's team, as bolt computes it (authorizations[0].team_id for events):
