@@ -244,7 +244,7 @@ class SlackChannel:
             # Only user tokens were revoked: agentd uses none, its bot token still works.
             log.info("slack_user_tokens_revoked", **events.describe(body))
             return
-        self._stop_for_good(str((body.get("event") or {}).get("type")), reason)
+        self._stop_for_good(events.describe(body).get("event_type", ""), reason)
 
     def _stop_for_good(self, event_type: str, why: str) -> None:
         """Stop taking Slack messages; the daemon and its other channels go on serving."""

@@ -151,14 +151,13 @@ def revocation(body: dict[str, Any]) -> str | None:
     A ``tokens_revoked`` that lists only user tokens (``tokens.oauth``) leaves the bot token working.
     """
     event = body.get("event")
-    kind = event.get("type") if isinstance(event, dict) else None
-    if kind == "app_uninstalled":
+    if not isinstance(event, dict):
+        return None
+    tokens = event.get("tokens")
+    if event.get("type") == "app_uninstalled":
         return "the app was uninstalled from the workspace"
-    if kind == "tokens_revoked":
-        assert isinstance(event, dict)
-        tokens = event.get("tokens")
-        if isinstance(tokens, dict) and tokens.get("bot"):
-            return "the bot token was revoked"
+    if event.get("type") == "tokens_revoked" and isinstance(tokens, dict) and tokens.get("bot"):
+        return "the bot token was revoked"
     return None
 
 
