@@ -1,7 +1,8 @@
 """Slack payloads nobody here wrote: fixtures from the Slack SDKs' own test suites, through the real daemon.
 
 Each file in ``tests/data/slack`` (origins in its SOURCES.md) is POSTed, signed, to the HTTP Events
-endpoint of a running daemon, against the fake Slack and the real CLI. Each must get a 200 and exactly
+endpoint of a running daemon, and pushed as a Socket Mode envelope to another, against the fake Slack
+and the real CLI. Each must get a 200 (an ack) and exactly
 one outcome, read from ``agentd_channel_messages_total{channel="slack"}``: answered (``accepted``, then
 a threaded reply and ✅), or ignored for the reason listed here. The revocation payloads stop the
 Slack channel and each gets a daemon of its own.
@@ -82,14 +83,23 @@ def slack_fates() -> Counter[str]:
     return counts
 
 
-async def deliver(daemon: SlackDaemon, name: str) -> int:
-    """POST one fixture as Slack would: interactivity as a form, events as JSON."""
+async def deliver(daemon: SlackDaemon, name: str, mode: str) -> int:
+    """Send one fixture as Slack would; the HTTP status, or 200 once a Socket Mode envelope is acked.
+
+    HTTP: interactivity as a form, events as JSON, signed. Socket Mode: an envelope of its type.
+    """
     payload = load(name)
-    if payload.get("type") == "block_actions":
+    interactive = payload.get("type") == "block_actions"
+    if not interactive:
+        # The SDK tests reuse event ids (Ev111): a unique one per file, so the retry guard does not join them.
+        payload["event_id"] = f"Ev-{name}"
+    if mode == "socket":
+        envelope = await daemon.slack.push(payload, type="interactive" if interactive else "events_api")
+        await wait_until(lambda: envelope in daemon.slack.acks, what=f"the envelope of {name} acked")
+        return 200
+    if interactive:
         form = urlencode({"payload": json.dumps(payload)}).encode()
         return await daemon.post_event(form, content_type="application/x-www-form-urlencoded")
-    # The SDK tests reuse event ids (Ev111): a unique one per file, so the retry guard does not join them.
-    payload["event_id"] = f"Ev-{name}"
     return await daemon.post_event(json.dumps(payload).encode())
 
 
@@ -100,29 +110,33 @@ def test_every_fixture_has_an_expected_outcome_and_a_source() -> None:
     assert all(f"`{name}.json`" in sources for name in files)
 
 
+@pytest.mark.parametrize("mode", ["http", "socket"])
 async def test_sdk_payloads_each_get_a_200_and_exactly_one_outcome(
-    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack, mode: str
 ) -> None:
-    async with running(tmp_path, fake_model, slack, mode="http") as daemon:
+    async with running(tmp_path, fake_model, slack, mode=mode) as daemon:
         for name, fate in EXPECTED.items():
-            assert await outcome(daemon, name) == Counter({fate: 1}), name
+            assert await outcome(daemon, name, mode) == Counter({fate: 1}), name
             if fate == ANSWERED:
                 await answered(slack, fake_model, load(name)["event"])
         before = slack_fates()
         for name in AI_APP:
-            assert await deliver(daemon, name) == 200, name
+            assert await deliver(daemon, name, mode) == 200, name
         sentinel = slack.message_event("sentinel after the SDK payloads", mention=True)
-        assert await daemon.post_event(json.dumps(slack.event_payload(sentinel)).encode()) == 200
+        if mode == "socket":
+            await slack.push(slack.event_payload(sentinel))
+        else:
+            assert await daemon.post_event(json.dumps(slack.event_payload(sentinel)).encode()) == 200
         await answered(slack, fake_model, sentinel)
         delta = slack_fates() - before
         assert delta[ANSWERED] == 1 and set(delta) <= {ANSWERED, "ignored"}, delta
         assert len(fake_model.turn_requests()) == 4, "three answered payloads and the sentinel, nothing else"
 
 
-async def outcome(daemon: SlackDaemon, name: str) -> Counter[str]:
-    """The fates counted for one fixture: it must be answered 200, then something must be counted."""
+async def outcome(daemon: SlackDaemon, name: str, mode: str) -> Counter[str]:
+    """The fates counted for one fixture: it must be answered 200 (acked), then something must be counted."""
     before = slack_fates()
-    assert await deliver(daemon, name) == 200, name
+    assert await deliver(daemon, name, mode) == 200, name
     await wait_until(lambda: slack_fates() != before, what=f"an outcome for {name}")
     return slack_fates() - before
 
@@ -138,7 +152,7 @@ async def test_sdk_revocation_payloads_stop_the_slack_channel(
     tmp_path: Path, fake_model: FakeModel, slack: FakeSlack, name: str
 ) -> None:
     async with running(tmp_path, fake_model, slack, mode="http") as daemon:
-        assert await deliver(daemon, name) == 200
+        assert await deliver(daemon, name, "http") == 200
         await wait_for(lambda: stopped(daemon, STOPS[name]), what="the Slack channel to stop")
         async with (
             aiohttp.ClientSession() as http,

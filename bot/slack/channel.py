@@ -241,8 +241,8 @@ class SlackChannel:
         """``tokens_revoked`` or ``app_uninstalled``: Slack took the app's access away (or a user token's)."""
         reason = events.revocation(body)
         if reason is None:
-            # Only user tokens were revoked: agentd uses none, its bot token still works.
-            log.info("slack_user_tokens_revoked", **events.describe(body))
+            # No bot token among them (user tokens only): agentd uses none, its bot token still works.
+            log.info("slack_tokens_revoked_not_the_bot_token", **events.describe(body))
             return
         self._stop_for_good(events.describe(body).get("event_type", ""), reason)
 
