@@ -665,6 +665,12 @@ async def test_http_events_outside_the_manifest_and_foreign_clicks_get_a_200(
         assert await daemon.post_event(b"", secret=None) == 401
         reaction = json_body(slack.event_payload(REACTION))
         assert await daemon.post_event(reaction, secret="wrong-secret") == 401
+        form = "application/x-www-form-urlencoded"
+        assert await daemon.post_event(b"payload=%7Bnot-json", content_type=form) == 200
+        assert await daemon.post_event(b"payload=%7Bnot-json", content_type=form, secret=None) == 401
+        assert await daemon.post_event(b"\xff\xfe{", content_type=form) == 401, "not UTF-8: not Slack's"
+        for stamp in ("abc", "", "1e9", "\u00b2"):
+            assert await daemon.post_event(reaction, stamp=stamp) == 401, stamp
         sentinel = slack.message_event("still answering", mention=True)
         assert await daemon.post_event(json_body(slack.event_payload(sentinel))) == 200
         await wait_reply(slack, CHANNEL, str(sentinel["ts"]), "still answering")
