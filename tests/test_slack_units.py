@@ -40,6 +40,13 @@ def test_reply_in_thread_keys_by_the_root() -> None:
     assert message.conversation_id == "slack:T1:C1:9.0" and message.in_thread
 
 
+@pytest.mark.parametrize("secret", ["", "   "])
+def test_an_empty_signing_secret_is_refused_in_http_mode(secret: str) -> None:
+    with pytest.raises(ValueError, match="SLACK_SIGNING_SECRET"):
+        SlackConfig(bot_token="xoxb-1", signing_secret=secret)
+    assert SlackConfig(bot_token="xoxb-1", app_token="xapp-1", signing_secret="").mode == "socket"
+
+
 def test_slack_connect_keys_by_the_installation_team_not_the_senders() -> None:
     shared = event(type="app_mention", text="<@U0BOT> hi", team="T0EXTERNAL", user_team="T0EXTERNAL")
     message = events.parse(shared, "T0HOME", ME)

@@ -102,7 +102,7 @@ class SlackChannel:
         )
         self._app = self._bolt_app()
         secret = self._config.signing_secret
-        self._verifier = SignatureVerifier(secret.get_secret_value() if secret else "")
+        self._verifier = SignatureVerifier(secret.get_secret_value()) if secret else None
         self._socket: AsyncSocketModeHandler | None = None
         if self._config.mode == "http":
             api.add_route("POST", "/slack/events", self._http_events)
@@ -232,6 +232,7 @@ class SlackChannel:
             text = body.decode()
         except UnicodeDecodeError:
             return False  # Slack signs UTF-8 (JSON or a form); the verifier would raise
+        assert self._verifier is not None, "HTTP Events mode has a signing secret (config)"
         return self._verifier.is_valid(text, stamp, headers.get("X-Slack-Signature"))
 
     async def _on_bolt_error(self, error: Exception, body: dict[str, Any]) -> BoltResponse | None:
