@@ -239,6 +239,13 @@ class SlackConfig(_Section):
             raise ValueError("bot_token (SLACK_BOT_TOKEN) is required when Slack is configured")
         if self.bot_token is not None and self.app_token is None and self.signing_secret is None:
             raise ValueError("set app_token (SLACK_APP_TOKEN) for Socket Mode or signing_secret (SLACK_SIGNING_SECRET)")
+        if (
+            self.mode == "http"
+            and self.signing_secret is not None
+            and not self.signing_secret.get_secret_value().strip()
+        ):
+            # An empty secret would verify nothing: anyone could sign requests with it.
+            raise ValueError("signing_secret (SLACK_SIGNING_SECRET) is empty")
         return self
 
 

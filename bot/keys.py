@@ -21,6 +21,7 @@ def conversation_ttl_s(days: int) -> int:
 # -- Slack -------------------------------------------------------------------
 # A Slack event is claimed once by event_id (retries) and once by message
 # identity (a mention arrives both as app_mention and as message).
+# ``team`` is always the installation's team, never the sender's (Slack Connect).
 SLACK_EVENT_TTL_S = DAY_S
 
 

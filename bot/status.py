@@ -68,6 +68,7 @@ class ChannelStatus:
     reconnects: int
     last_idle_renewal: float | None = None  # IMAP: when the current IDLE was (re)issued, Unix seconds
     checkpoint_uid: int | None = None  # IMAP: the last UID taken from the mailbox
+    stopped: str | None = None  # why the channel stopped for good (Slack: the app was uninstalled)
 
 
 @dataclass(frozen=True)

@@ -37,17 +37,21 @@ class SlackDaemon(InProcessDaemon):
         self,
         body: bytes,
         timestamp: int | None = None,
-        secret: str = SIGNING_SECRET,
+        secret: str | None = SIGNING_SECRET,
         content_type: str = "application/json",
+        stamp: str | None = None,
     ) -> int:
-        """POST an HTTP Events request (a click: a urlencoded form) as Slack would sign it; returns the status."""
-        stamp = str(timestamp if timestamp is not None else int(time.time()))
-        digest = hmac.new(secret.encode(), b"v0:" + stamp.encode() + b":" + body, hashlib.sha256).hexdigest()
-        headers = {
-            "X-Slack-Request-Timestamp": stamp,
-            "X-Slack-Signature": f"v0={digest}",
-            "Content-Type": content_type,
-        }
+        """POST an HTTP Events request as Slack would sign it; returns the status.
+
+        ``secret=None`` sends it unsigned; ``stamp`` replaces the timestamp header after signing.
+        """
+        headers = {"Content-Type": content_type}
+        if secret is not None:
+            signed_at = str(timestamp if timestamp is not None else int(time.time()))
+            digest = hmac.new(secret.encode(), f"v0:{signed_at}:".encode() + body, hashlib.sha256).hexdigest()
+            headers |= {"X-Slack-Request-Timestamp": signed_at, "X-Slack-Signature": f"v0={digest}"}
+        if stamp is not None:
+            headers["X-Slack-Request-Timestamp"] = stamp
         async with (
             aiohttp.ClientSession() as http,
             http.post(f"{self.url}/slack/events", data=body, headers=headers) as response,

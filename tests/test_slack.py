@@ -6,14 +6,17 @@ import json
 import re
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
+from bot import metrics
 from tests.fakes.model import FakeModel, ToolUse
 from tests.fakes.redis_server import free_port
 from tests.fakes.slack import FakeSlack
-from tests.helpers import wait_until
+from tests.helpers import wait_for, wait_until
 from tests.slack_harness import (
     SlackDaemon,
     cli_processes,
@@ -179,7 +182,8 @@ async def test_http_events_mode_verifies_signatures(tmp_path: Path, fake_model: 
         await wait_reply(slack, CHANNEL, str(event["ts"]), "over http")
         challenge = json_body({"type": "url_verification", "challenge": "c-123", "token": "x"})
         assert await daemon.post_event(challenge) == 200
-        assert await daemon.post_event(b"{not json") == 400
+        assert await daemon.post_event(b"{not json") == 200, "signed by Slack but unreadable: acked, not retried"
+        assert await daemon.post_event(b"{not json", secret="wrong-secret") == 401
         assert await daemon.post_event(body) == 200, "a retry is accepted"
         sentinel = slack.message_event("still alive", mention=True)
         assert await daemon.post_event(json_body(slack.event_payload(sentinel))) == 200
@@ -591,3 +595,165 @@ async def test_a_bug_while_taking_a_message_still_answers_it(
         monkeypatch.undo()
         after = await mention(slack, "and this one works")
         assert await wait_done(slack, CHANNEL, after) == ["white_check_mark"]
+
+
+# -- Slack Connect, unhandled requests, revocation (issue 19) ----------------------------------
+
+SHARED = "C0SHARED"
+
+
+def shared_channel_payload(slack: FakeSlack, event: dict[str, object], sender_team: str) -> dict[str, object]:
+    """An envelope as Slack sends it in a Slack Connect channel: ``authorizations`` name the installation's
+    team (the fake's), while the top-level ``team_id`` is the sender's (bolt's test_internals.py shows both)."""
+    payload = slack.event_payload(event)
+    payload.update(team_id=sender_team, is_ext_shared_channel=True)
+    return payload
+
+
+async def test_slack_connect_thread_is_one_conversation_whichever_team_speaks(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    slack.team_id = "T0HOME"
+    async with running(tmp_path, fake_model, slack, slack={"allowed_teams": ["T0HOME"]}) as daemon:
+        external = slack.message_event(
+            "hello from the partner org",
+            mention=True,
+            channel=SHARED,
+            user="U0PARTNER",
+            team="T0EXTERNAL",
+            user_team="T0EXTERNAL",
+        )
+        await slack.push(shared_channel_payload(slack, external, "T0EXTERNAL"))
+        root = str(external["ts"])
+        assert await wait_done(slack, SHARED, root) == ["white_check_mark"]
+        follow = slack.message_event("and a follow-up from home", channel=SHARED, thread_ts=root, user="U0HOMER")
+        await slack.push(shared_channel_payload(slack, follow, "T0HOME"))
+        assert await wait_done(slack, SHARED, str(follow["ts"])) == ["white_check_mark"]
+        rows = [s["conversation_id"] for s in await sessions(daemon) if s["conversation_id"].startswith("slack:")]
+        assert rows == [f"slack:T0HOME:{SHARED}:{root}"]
+        assert len(cli_processes()) == 1, "one warm session serves both organisations"
+        assert "hello from the partner org" in fake_model.find("and a follow-up from home")[-1].all_text()
+        first_stream = slack.calls_to("chat.startStream")[0].params
+        assert first_stream.get("recipient_team_id") == "T0EXTERNAL", "a stream goes to its reader's own team"
+
+
+REACTION = {
+    "type": "reaction_added",
+    "user": "U0ALICE",
+    "reaction": "tada",
+    "item": {"type": "message", "channel": CHANNEL, "ts": "1600000000.000100"},
+    "event_ts": "1600000001.000100",
+}
+MEMBER_JOINED = {"type": "member_joined_channel", "user": "U0NEW", "channel": CHANNEL, "channel_type": "C"}
+
+
+async def test_http_events_outside_the_manifest_and_foreign_clicks_get_a_200(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with running(tmp_path, fake_model, slack, mode="http") as daemon:
+        for event in (REACTION, MEMBER_JOINED):
+            assert await daemon.post_event(json_body(slack.event_payload(event))) == 200, event["type"]
+        click = slack.block_actions_form(
+            action_id="someone_elses_button", value="v", user="U0A", channel=CHANNEL, message_ts="1.2"
+        )
+        assert (
+            await daemon.post_event(urlencode(click).encode(), content_type="application/x-www-form-urlencoded") == 200
+        )
+        assert await daemon.post_event(b"") == 200, "a signed empty body"
+        assert await daemon.post_event(b"{not json") == 200, "signed, unreadable: acked"
+        assert await daemon.post_event(b"{not json", secret=None) == 401
+        assert await daemon.post_event(b"", secret=None) == 401
+        reaction = json_body(slack.event_payload(REACTION))
+        assert await daemon.post_event(reaction, secret="wrong-secret") == 401
+        form = "application/x-www-form-urlencoded"
+        assert await daemon.post_event(b"payload=%7Bnot-json", content_type=form) == 200
+        assert await daemon.post_event(b"payload=%7Bnot-json", content_type=form, secret=None) == 401
+        assert await daemon.post_event(b"\xff\xfe{", content_type=form) == 401, "not UTF-8: not Slack's"
+        for stamp in ("abc", "", "1e9", "\u00b2"):
+            assert await daemon.post_event(reaction, stamp=stamp) == 401, stamp
+        sentinel = slack.message_event("still answering", mention=True)
+        assert await daemon.post_event(json_body(slack.event_payload(sentinel))) == 200
+        await wait_reply(slack, CHANNEL, str(sentinel["ts"]), "still answering")
+        assert not fake_model.find("tada") and not fake_model.find("U0NEW")
+
+
+async def test_socket_mode_acks_envelopes_no_listener_takes(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with running(tmp_path, fake_model, slack):
+        envelopes = [await slack.push(slack.event_payload(event)) for event in (REACTION, MEMBER_JOINED)]
+        envelopes.append(
+            await slack.click(
+                action_id="someone_elses_button", value="v", user="U0A", channel=CHANNEL, message_ts="1.2"
+            )
+        )
+        await wait_until(lambda: set(envelopes) <= set(slack.acks), what="every envelope acked")
+        sentinel = await mention(slack, "still here")
+        await wait_reply(slack, CHANNEL, sentinel, "still here")
+
+
+async def slack_status(daemon: SlackDaemon) -> dict[str, object]:
+    async with aiohttp.ClientSession() as http, http.get(f"{daemon.url}/v1/status") as response:
+        channels = (await response.json())["channels"]
+    return dict(next(c for c in channels if c["name"] == "slack"))
+
+
+async def ask_api(daemon: SlackDaemon, text: str) -> dict[str, object]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{daemon.url}/v1/conversations/api-1/messages", json={"text": text}) as response,
+    ):
+        assert response.status == 200
+        return dict(await response.json())
+
+
+async def test_app_uninstalled_stops_the_slack_channel_and_the_daemon_serves_on(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with running(tmp_path, fake_model, slack) as daemon:
+        assert (await slack_status(daemon))["connected"] is True
+        with capture_logs() as logs:
+            envelope = await slack.push(slack.event_payload({"type": "app_uninstalled"}))
+            await wait_until(lambda: envelope in slack.acks, what="the app_uninstalled envelope acked")
+            await wait_for(lambda: _disconnected(daemon), what="the Slack channel to stop")
+        [line] = [entry for entry in logs if entry["event"] == "slack_channel_stopped"]
+        assert "uninstalled" in line["reason"] and "reinstall" in line["action"]
+        status = await slack_status(daemon)
+        assert status["stopped"] == "the app was uninstalled from the workspace"
+        await wait_until(lambda: slack._current_socket() is None, what="the WebSocket closed")
+        assert "echo:" in str((await ask_api(daemon, "the API still answers")).get("reply"))
+
+
+def fates() -> set[str]:
+    """The fates counted for Slack messages so far in this test process."""
+    return {
+        sample.labels["fate"]
+        for family in metrics.CHANNEL_MESSAGES.collect()
+        for sample in family.samples
+        if sample.labels.get("channel") == "slack" and sample.value > 0
+    }
+
+
+async def _disconnected(daemon: SlackDaemon) -> bool:
+    return (await slack_status(daemon))["connected"] is False
+
+
+async def test_tokens_revoked_stops_http_events_only_when_the_bot_token_goes(
+    tmp_path: Path, fake_model: FakeModel, slack: FakeSlack
+) -> None:
+    async with running(tmp_path, fake_model, slack, mode="http") as daemon:
+        user_only = {"type": "tokens_revoked", "tokens": {"oauth": ["U0ALICE"]}}
+        assert await daemon.post_event(json_body(slack.event_payload(user_only))) == 200
+        first = slack.message_event("a user token went, I did not", mention=True)
+        assert await daemon.post_event(json_body(slack.event_payload(first))) == 200
+        await wait_reply(slack, CHANNEL, str(first["ts"]), "a user token went")
+        bot = {"type": "tokens_revoked", "tokens": {"oauth": ["U0ALICE"], "bot": [slack.bot_user_id]}}
+        assert await daemon.post_event(json_body(slack.event_payload(bot))) == 200
+        await wait_for(lambda: _disconnected(daemon), what="the Slack channel to stop")
+        assert (await slack_status(daemon))["stopped"] == "the bot token was revoked"
+        after = json_body(slack.event_payload(slack.message_event("too late", mention=True)))
+        assert await daemon.post_event(after, secret=None) == 401, "still verified"
+        assert await daemon.post_event(after) == 200, "acked, so Slack keeps the subscription"
+        await wait_until(lambda: "channel_stopped" in fates(), what="the late event counted as dropped")
+        assert "echo:" in str((await ask_api(daemon, "other channels serve on")).get("reply"))
+        assert not fake_model.find("too late")

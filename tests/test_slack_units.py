@@ -40,6 +40,51 @@ def test_reply_in_thread_keys_by_the_root() -> None:
     assert message.conversation_id == "slack:T1:C1:9.0" and message.in_thread
 
 
+@pytest.mark.parametrize("secret", ["", "   "])
+def test_an_empty_signing_secret_is_refused_in_http_mode(secret: str) -> None:
+    with pytest.raises(ValueError, match="SLACK_SIGNING_SECRET"):
+        SlackConfig(bot_token="xoxb-1", signing_secret=secret)
+    assert SlackConfig(bot_token="xoxb-1", app_token="xapp-1", signing_secret="").mode == "socket"
+
+
+def test_slack_connect_keys_by_the_installation_team_not_the_senders() -> None:
+    shared = event(type="app_mention", text="<@U0BOT> hi", team="T0EXTERNAL", user_team="T0EXTERNAL")
+    message = events.parse(shared, "T0HOME", ME)
+    assert (message.team, message.user_team) == ("T0HOME", "T0EXTERNAL")
+    assert message.conversation_id == "slack:T0HOME:C1:10.1"
+    config = SlackConfig(bot_token="xoxb-1", app_token="xapp-1", allowed_teams=["T0HOME"])
+    assert events.refusal(message, config) is None, "allowed_teams matches the installation's team"
+    assert events.parse(event(), "", ME).team == "T1", "no installation team known: auth.test's"
+
+
+@pytest.mark.parametrize(
+    ("event_body", "reason"),
+    [
+        ({"type": "app_uninstalled"}, "the app was uninstalled from the workspace"),
+        ({"type": "tokens_revoked", "tokens": {"oauth": ["U1"], "bot": ["U0BOT"]}}, "the bot token was revoked"),
+        ({"type": "tokens_revoked", "tokens": {"oauth": ["U1"]}}, None),
+        ({"type": "tokens_revoked", "tokens": "junk"}, None),
+        ({"type": "reaction_added"}, None),
+    ],
+)
+def test_revocation_is_the_bot_token_or_the_app_going(event_body: dict[str, object], reason: str | None) -> None:
+    assert events.revocation({"type": "event_callback", "event": event_body}) == reason
+    assert events.revocation({"event": "not a dict"}) is None
+
+
+def test_describe_names_a_request_without_its_text() -> None:
+    body = {"type": "event_callback", "event_id": "Ev1", "event": {"type": "message", "subtype": "x", "text": "secret"}}
+    assert events.describe(body) == {
+        "type": "event_callback",
+        "event_type": "message",
+        "subtype": "x",
+        "event_id": "Ev1",
+    }
+    click = {"type": "block_actions", "actions": [{"action_id": "a"}, {"action_id": "b"}, "junk"]}
+    assert events.describe(click) == {"type": "block_actions", "actions": "a,b"}
+    assert events.describe({}) == {"type": ""}
+
+
 @pytest.mark.parametrize("bad", [{"channel": None}, {"ts": ""}, {"channel": 5}])
 def test_events_without_channel_or_ts_are_bad(bad: dict[str, object]) -> None:
     with pytest.raises(events.BadEvent):

@@ -21,12 +21,16 @@ import structlog
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
-from slack_bolt.async_app import AsyncApp
+from slack_bolt.async_app import AsyncApp, AsyncBoltContext
+from slack_bolt.error import BoltUnhandledRequestError
+from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
     AsyncRateLimitErrorRetryHandler,
 )
+from slack_sdk.signature import SignatureVerifier
+from slack_sdk.socket_mode.request import SocketModeRequest
 from slack_sdk.web.async_client import AsyncWebClient
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
@@ -51,6 +55,7 @@ SLACK_ERRORS = (SlackApiError, SlackClientError, aiohttp.ClientError, TimeoutErr
 SLACK_CONNECTION_ERRORS = (SlackClientError, aiohttp.ClientError, TimeoutError, OSError)
 
 CONNECT_BACKOFF_CAP_S = 60.0
+REVOCATION_ACK_WAIT_S = 5.0
 
 
 def connect_retrying() -> AsyncRetrying:
@@ -99,6 +104,8 @@ class SlackChannel:
         prompts = settings.suggested_prompts(self._config.profile)
         self._assistant = AssistantSurface(self._client, store, self._config, prompts, self._thread_ttl_s)
         self._app = self._bolt_app()
+        secret = self._config.signing_secret
+        self._verifier = SignatureVerifier(secret.get_secret_value()) if secret else None
         self._socket: AsyncSocketModeHandler | None = None
         if self._config.mode == "http":
             api.add_route("POST", "/slack/events", self._http_events)
@@ -110,6 +117,8 @@ class SlackChannel:
         self._streaming = self._config.stream
         self._status_api = True
         self._hellos = 0  # Slack greets every new Socket Mode connection with a "hello" frame
+        self._stopped: str | None = None  # why Slack took the app's access away (tokens_revoked, app_uninstalled)
+        self._revocation_acked = asyncio.Event()
 
     def _bolt_app(self) -> AsyncApp:
         secret = self._config.signing_secret
@@ -118,12 +127,18 @@ class SlackChannel:
             signing_secret=secret.get_secret_value() if secret else "unused-in-socket-mode",
             request_verification_enabled=self._config.mode == "http",
             logger=logging.getLogger("slack_bolt"),
+            # Bolt answers what no listener takes with a 404 (HTTP) or no ack (Socket Mode), which
+            # Slack retries and in the end disables the subscription for: the error handler acks it.
+            raise_error_for_unhandled_request=True,
         )
         app.event("app_mention")(self._on_event)
         app.event("message")(self._on_event)
+        app.event("tokens_revoked")(self._on_revoked)
+        app.event("app_uninstalled")(self._on_revoked)
         app.action(APPROVE)(self._on_approval)
         app.action(DENY)(self._on_approval)
         self._assistant.register(app)
+        app.error(self._on_bolt_error)
         return app
 
     # -- lifecycle ---------------------------------------------------------------
@@ -152,6 +167,7 @@ class SlackChannel:
                 self._app, self._config.app_token.get_secret_value(), web_client=self._client
             )
             self._socket.client.message_listeners.append(self._on_socket_frame)
+            self._socket.client.socket_mode_request_listeners.append(self._after_socket_request)
             await self._socket.connect_async()  # type: ignore[no-untyped-call]
         metrics.CHANNEL_CONNECTED.labels(channel="slack").set(1)
         log.info("slack_started", mode=self._config.mode, team=self._me.team_id, bot_user=self._me.user_id)
@@ -166,7 +182,8 @@ class SlackChannel:
             connected = self._socket is not None and await self._socket.client.is_connected()
         else:
             connected = self._intake
-        return ChannelStatus(self.name, connected, reconnects=max(self._hellos - 1, 0))
+        connected = connected and self._stopped is None
+        return ChannelStatus(self.name, connected, reconnects=max(self._hellos - 1, 0), stopped=self._stopped)
 
     async def _connect_until_up(self) -> None:
         try:
@@ -195,22 +212,94 @@ class SlackChannel:
     # -- intake (bolt listeners: translate, deduplicate, enqueue) -------------------
 
     async def _http_events(self, request: web.Request) -> web.Response:
-        if not self._intake:
+        if not self._intake and self._stopped is None:
             # Slack retries a failed delivery: the event is processed after the restart.
             return web.json_response({"error": "shutting down"}, status=503)
+        # Stopped for good, requests are still verified and acked: Slack disables an
+        # endpoint that keeps failing, and the reinstalled app needs it.
+        if not self._signed_by_slack(await request.read(), request.headers):
+            return web.json_response({"error": "invalid request"}, status=401)
         try:
             bolt_request = await to_bolt_request(request)
-        except ValueError:  # bolt parses the body before checking the signature
-            return web.json_response({"error": "the body is not a Slack request"}, status=400)
+        except ValueError:  # signed but unparseable: acked, since a retry would not help
+            log.warning("slack_unreadable_body", bytes=request.content_length, content_type=request.content_type)
+            metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="unreadable").inc()
+            return web.json_response({"ok": True, "note": "unreadable body, ignored"})
         return await to_aiohttp_response(await self._app.async_dispatch(bolt_request))
 
-    async def _on_event(self, body: dict[str, Any], event: dict[str, Any]) -> None:
+    def _signed_by_slack(self, body: bytes, headers: Mapping[str, str]) -> bool:
+        """Checked before bolt parses the body (bolt parses first, and a malformed header made it raise)."""
+        stamp = headers.get("X-Slack-Request-Timestamp", "")
+        if not (stamp.isascii() and stamp.isdigit()):
+            return False  # slack-sdk's verifier int()s it
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            return False  # Slack signs UTF-8 (JSON or a form); the verifier would raise
+        assert self._verifier is not None, "HTTP Events mode has a signing secret (config)"
+        return self._verifier.is_valid(text, stamp, headers.get("X-Slack-Signature"))
+
+    async def _on_bolt_error(self, error: Exception, body: dict[str, Any]) -> BoltResponse | None:
+        """Unhandled requests are acknowledged and ignored; a listener's exception is logged (bolt answers 500)."""
+        if isinstance(error, BoltUnhandledRequestError):
+            log.info("slack_ignored", **events.describe(body))
+            metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="ignored").inc()
+            return BoltResponse(status=200, body="")
+        log.error("slack_listener_failed", error=repr(error)[:300], **events.describe(body), exc_info=error)
+        return None
+
+    async def _on_revoked(self, body: dict[str, Any]) -> None:
+        """``tokens_revoked`` or ``app_uninstalled``: Slack took the app's access away (or a user token's)."""
+        reason = events.revocation(body)
+        if reason is None:
+            # No bot token among them (user tokens only): agentd uses none, its bot token still works.
+            log.info("slack_tokens_revoked_not_the_bot_token", **events.describe(body))
+            return
+        self._stop_for_good(events.describe(body).get("event_type", ""), reason)
+
+    def _stop_for_good(self, event_type: str, why: str) -> None:
+        """Stop taking Slack messages; the daemon and its other channels go on serving."""
+        if self._stopped is not None:
+            return
+        self._stopped = why
+        self._intake = False
+        metrics.CHANNEL_CONNECTED.labels(channel="slack").set(0)
+        log.error(
+            "slack_channel_stopped",
+            slack_event=event_type,
+            reason=why,
+            team=self._me.team_id,
+            action="reinstall the Slack app to the workspace, set its new bot token (SLACK_BOT_TOKEN), restart agentd",
+        )
+        if self._socket is not None:
+            self._lanes.spawn(self._close_socket_once_acked(), name="slack-stop")
+
+    async def _after_socket_request(self, client: object, request: SocketModeRequest) -> None:
+        """Runs after bolt's Socket Mode listener has dispatched and acked an envelope."""
+        if events.revocation(request.payload) is not None:
+            self._revocation_acked.set()
+
+    async def _close_socket_once_acked(self) -> None:
+        # Bolt acks an event before its listener runs, but the ack is sent after: closing at once
+        # would lose it (and Slack would redeliver). Wait for it, for a bounded time.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._revocation_acked.wait(), REVOCATION_ACK_WAIT_S)
+        if self._socket is not None:
+            socket, self._socket = self._socket, None
+            await socket.close_async()  # type: ignore[no-untyped-call]
+
+    async def _on_event(self, body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext) -> None:
         if not self._intake:
+            if self._stopped is not None:
+                metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="channel_stopped").inc()
             return
         try:
-            message = events.parse(event, str(body.get("team_id") or ""), self._me)
+            # The installation's team, as bolt computes it (authorizations[0].team_id for events):
+            # the top-level team_id and event.team are the sender's in a Slack Connect channel.
+            message = events.parse(event, context.team_id or "", self._me)
         except events.BadEvent as exc:
             log.warning("slack_bad_event", error=str(exc), event_id=body.get("event_id"))
+            metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="bad_event").inc()
             return
         skip = events.skip_reason(event, message, self._me, self._config) or await self._unaddressed(message)
         if skip is not None:
@@ -291,7 +380,7 @@ class SlackChannel:
             self._client,
             message.channel,
             message.thread_ts,
-            message.team,
+            message.user_team,  # a stream's recipient_team_id: the sender's own team
             message.user,
             message.is_dm,
             mentions=self._profile.slack_mentions,

@@ -56,7 +56,12 @@ class Identity:
 
 @dataclass(frozen=True)
 class SlackMessage:
-    """One person's message, as the channel needs it."""
+    """One person's message, as the channel needs it.
+
+    ``team`` is the installation's team (the workspace agentd is installed in): conversations and
+    thread records are keyed by it.  In a Slack Connect channel the sender may belong to another
+    organisation; ``user_team`` is the sender's own team.
+    """
 
     team: str
     channel: str
@@ -68,6 +73,7 @@ class SlackMessage:
     mentioned: bool
     in_thread: bool
     files: tuple[dict[str, Any], ...] = ()
+    user_team: str = ""
 
     @property
     def conversation_id(self) -> str:
@@ -81,7 +87,12 @@ class SlackMessage:
 
 
 def parse(event: dict[str, Any], team_id: str, me: Identity) -> SlackMessage:
-    """The message an ``app_mention`` or ``message`` event carries; BadEvent if it has no channel or ts."""
+    """The message an ``app_mention`` or ``message`` event carries; BadEvent if it has no channel or ts.
+
+    ``team_id`` is the installation's team (bolt's ``context.team_id``: the envelope's
+    ``authorizations[0].team_id``), never ``event.team``: in a Slack Connect channel that is the
+    sender's team, and keying by it split one thread into one conversation per organisation.
+    """
     channel, ts = event.get("channel"), event.get("ts")
     if not isinstance(channel, str) or not channel or not isinstance(ts, str) or not ts:
         raise BadEvent("event has no channel or ts")
@@ -90,8 +101,9 @@ def parse(event: dict[str, Any], team_id: str, me: Identity) -> SlackMessage:
     mention = f"<@{me.user_id}>"
     thread_ts = event.get("thread_ts")
     files = event.get("files")
+    team = team_id or me.team_id
     return SlackMessage(
-        team=str(event.get("team") or team_id or me.team_id),
+        team=team,
         channel=channel,
         ts=ts,
         thread_ts=thread_ts if isinstance(thread_ts, str) and thread_ts else ts,
@@ -101,6 +113,7 @@ def parse(event: dict[str, Any], team_id: str, me: Identity) -> SlackMessage:
         mentioned=event.get("type") == "app_mention" or mention in text,
         in_thread=isinstance(thread_ts, str) and bool(thread_ts) and thread_ts != ts,
         files=tuple(f for f in files if isinstance(f, dict)) if isinstance(files, list) else (),
+        user_team=str(event.get("user_team") or event.get("team") or team),
     )
 
 
@@ -130,6 +143,38 @@ def refusal(message: SlackMessage, config: SlackConfig) -> Refusal | None:
     if config.allowed_users and message.user not in config.allowed_users:
         return Refusal.USER
     return None
+
+
+def revocation(body: dict[str, Any]) -> str | None:
+    """Why this envelope ends the app's access (``tokens_revoked`` with a bot token, ``app_uninstalled``), else None.
+
+    A ``tokens_revoked`` that lists only user tokens (``tokens.oauth``) leaves the bot token working.
+    """
+    event = body.get("event")
+    if not isinstance(event, dict):
+        return None
+    tokens = event.get("tokens")
+    if event.get("type") == "app_uninstalled":
+        return "the app was uninstalled from the workspace"
+    if event.get("type") == "tokens_revoked" and isinstance(tokens, dict) and tokens.get("bot"):
+        return "the bot token was revoked"
+    return None
+
+
+def describe(body: dict[str, Any]) -> dict[str, str]:
+    """What a request is, for a log line: its type, event type and subtype, or action ids (no text)."""
+    event = body.get("event")
+    facts = {"type": str(body.get("type") or "")}
+    if isinstance(event, dict):
+        facts["event_type"] = str(event.get("type") or "")
+        if event.get("subtype"):
+            facts["subtype"] = str(event["subtype"])
+    actions = body.get("actions")
+    if isinstance(actions, list):
+        facts["actions"] = ",".join(str(a.get("action_id")) for a in actions if isinstance(a, dict))
+    if isinstance(body.get("event_id"), str):
+        facts["event_id"] = body["event_id"]
+    return facts
 
 
 def thread_context(history: list[dict[str, Any]], before_ts: str, me: Identity, limit: int) -> str:
