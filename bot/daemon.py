@@ -27,14 +27,14 @@ from bot import procs
 from bot.agent import ClaudeLauncher
 from bot.agent.transcripts import Transcripts
 from bot.config import HttpConfig, Settings
-from bot.core import Channel, Courier, ToolProvider
+from bot.core import Channel, Courier, Store, StoreError, ToolProvider
 from bot.gateway import Gateway
 from bot.http import Api
 from bot.jobs import Scheduler
 from bot.ledger import Ledger, Prices
 from bot.pool import Pool
 from bot.security import scrub_environ
-from bot.store import SqliteStore, Store, StoreError
+from bot.store import SqliteStore
 from bot.store_redis import RedisStore
 from bot.telemetry import Telemetry
 

@@ -22,12 +22,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bot import guard
 from bot.config import ConfigError, HttpConfig
-from bot.core import Channel, Failure, Inbound, Outcome
+from bot.core import Channel, Failure, Inbound, MirrorHealth, Outcome, StatusReporter, Store, StoreError
 from bot.jobs import JobError, JobInfo, Scheduler
 from bot.ledger import Ledger
 from bot.pool import Pool
-from bot.status import MirrorHealth, MirrorStatus, SessionStatus, StatusReporter, StatusSnapshot
-from bot.store import Store, StoreError
+from bot.status import MirrorStatus, SessionStatus, StatusSnapshot
 
 log = structlog.get_logger(__name__)
 

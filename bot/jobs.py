@@ -26,9 +26,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from bot import keys, metrics
 from bot.config import ScheduleConfig, Settings
-from bot.core import Courier, DeliveryError, Failure, Inbound, Outcome
+from bot.core import Courier, DeliveryError, Failure, Inbound, Outcome, Store, StoreError
 from bot.cron import trigger_for
-from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
 

@@ -45,6 +45,8 @@ from bot.core import (
     AgentError,
     AgentSession,
     Approver,
+    BudgetStop,
+    Caller,
     SessionSpec,
     TextDelta,
     ToolPolicy,
@@ -55,7 +57,6 @@ from bot.core import (
     Verdict,
 )
 from bot.gateway import Gateway
-from bot.ledger import BudgetStop, Caller
 from bot.reach import Reach
 
 log = structlog.get_logger(__name__)

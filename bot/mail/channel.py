@@ -27,7 +27,7 @@ import structlog
 
 from bot import keys, metrics
 from bot.config import Settings
-from bot.core import DeliveryError, Failure, Inbound, Outcome, ToolSpec
+from bot.core import ChannelStatus, DeliveryError, Failure, Inbound, Outcome, Store, StoreError, ToolSpec
 from bot.files import safe_filename, unique_path
 from bot.http import Api
 from bot.lanes import Lanes
@@ -38,8 +38,6 @@ from bot.mail.smtp import SendError
 from bot.mail.tools import MailTools
 from bot.mail.worker import ParseWorker, WorkerFailed
 from bot.pool import Pool
-from bot.status import ChannelStatus
-from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
 

@@ -36,7 +36,18 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from bot import keys, metrics
 from bot.config import ConfigError, Settings
-from bot.core import Approver, DeliveryError, Inbound, Outcome, SessionInfo, ToolRefused, ToolSpec
+from bot.core import (
+    Approver,
+    ChannelStatus,
+    DeliveryError,
+    Inbound,
+    Outcome,
+    SessionInfo,
+    Store,
+    StoreError,
+    ToolRefused,
+    ToolSpec,
+)
 from bot.files import safe_filename, unique_path
 from bot.http import Api
 from bot.lanes import Lanes
@@ -46,8 +57,6 @@ from bot.slack.approvals import APPROVE, DENY, Approvals, Click
 from bot.slack.assistant import AssistantSurface
 from bot.slack.events import Identity, SlackMessage
 from bot.slack.reply import AutoWriter, Thread
-from bot.status import ChannelStatus
-from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
 
