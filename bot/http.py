@@ -12,7 +12,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bot import guard
 from bot.config import ConfigError, HttpConfig
-from bot.core import Channel, Failure, Inbound, MirrorHealth, Outcome, StatusReporter, Store, StoreError
+from bot.core import Channel, Failure, Inbound, MirrorHealth, Outcome, Route, StatusReporter, Store, StoreError
 from bot.jobs import JobError, JobInfo, Scheduler
 from bot.ledger import Ledger
 from bot.pool import Pool
@@ -81,7 +81,20 @@ def outcome_body(outcome: Outcome) -> dict[str, Any]:
 
 
 class Api:
-    def __init__(self, config: HttpConfig, pool: Pool, store: Store) -> None:
+    """Complete when built: every part it reports on and every component's route are passed in."""
+
+    def __init__(
+        self,
+        config: HttpConfig,
+        pool: Pool,
+        store: Store,
+        *,
+        channels: Sequence[Channel] = (),
+        routes: Sequence[Route] = (),
+        scheduler: Scheduler | None = None,
+        ledger: Ledger | None = None,
+        mirror: MirrorHealth | None = None,
+    ) -> None:
         if config.api_token is None and not config.is_loopback:
             raise ConfigError(
                 "http.api_token (AGENTD_API_TOKEN) is required when http.listen is not a loopback address"
@@ -89,20 +102,16 @@ class Api:
         self._config, self._pool, self._store = config, pool, store
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
-        self._extra: list[tuple[str, str, Handler]] = []
+        self._routes = tuple(routes)  # components' own endpoints (Slack HTTP Events); each authenticates itself
         self.port: int | None = None
         self.draining = False
-        self.scheduler: Scheduler | None = None
-        self.ledger: Ledger | None = None
-        self.mirror: MirrorHealth | None = None  # the Redis transcript mirror, when there is one
-        self.channels: list[Channel] = []
+        self._scheduler = scheduler
+        self._ledger = ledger
+        self._mirror = mirror  # the Redis transcript mirror, when there is one
+        self._channels = tuple(channels)
         self._page = StatusPage.load(config)
         self._sign_ins = guard.SignInLimiter()
         self._hosts = guard.allowed_hosts(config.host)
-
-    def add_route(self, method: str, path: str, handler: Handler) -> None:
-        """A channel's own endpoint (Slack HTTP Events); it does its own authentication."""
-        self._extra.append((method, path, handler))
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -120,8 +129,8 @@ class Api:
         app.router.add_get("/v1/jobs", self._jobs)
         app.router.add_get("/v1/jobs/{job_id}/runs", self._job_runs)
         app.router.add_post("/v1/jobs/{job_id}/{action}", self._job_action)
-        for method, path, handler in self._extra:
-            app.router.add_route(method, path, handler)
+        for route in self._routes:
+            app.router.add_route(route.method, route.path, route.handler)
         return app
 
     async def start(self) -> None:
@@ -256,25 +265,25 @@ class Api:
         problems: list[str] = []
         pool = self._pool.status()
         sessions = await self._with_costs(pool.sessions, problems)
-        channels = tuple([await c.status() for c in self.channels if isinstance(c, StatusReporter)])
+        channels = tuple([await c.status() for c in self._channels if isinstance(c, StatusReporter)])
         jobs: tuple[JobInfo, ...] = ()
-        if self.scheduler is not None:
+        if self._scheduler is not None:
             try:
-                jobs = tuple(await self.scheduler.jobs())
+                jobs = tuple(await self._scheduler.jobs())
             except StoreError as exc:
                 problems.append(f"jobs: the store is unreachable ({exc})")
         mirror = None
-        if self.mirror is not None:
-            mirror = MirrorStatus(self.mirror.mirror_errors, self.mirror.last_mirror_error)
+        if self._mirror is not None:
+            mirror = MirrorStatus(self._mirror.mirror_errors, self._mirror.last_mirror_error)
         return StatusSnapshot(
             time.time(), dataclasses.replace(pool, sessions=sessions), channels, jobs, tuple(problems), mirror
         )
 
     async def _with_costs(self, sessions: tuple[SessionStatus, ...], problems: list[str]) -> tuple[SessionStatus, ...]:
-        if self.ledger is None:
+        if self._ledger is None:
             return sessions
         try:
-            spent = await self.ledger.spent_today("conversation", [s.conversation_id for s in sessions])
+            spent = await self._ledger.spent_today("conversation", [s.conversation_id for s in sessions])
         except StoreError as exc:
             problems.append(f"cost today: the store is unreachable ({exc})")
             return sessions
@@ -303,13 +312,13 @@ class Api:
         by = request.query.get("by", "conversation")
         if by not in USAGE_DIMENSIONS:
             raise BadRequest(f"by must be one of {', '.join(USAGE_DIMENSIONS)}")
-        if self.ledger is None:
+        if self._ledger is None:
             raise NotFound("metering is off (agent.gateway = false)")
-        totals = await self.ledger.report(by)
+        totals = await self._ledger.report(by)
         return web.json_response({"by": by, "usage_usd": {k: round(v, 6) for k, v in totals.items()}})
 
     async def _jobs(self, request: web.Request) -> web.Response:
-        infos = await self.scheduler.jobs() if self.scheduler is not None else []
+        infos = await self._scheduler.jobs() if self._scheduler is not None else []
         return web.json_response({"jobs": [dataclasses.asdict(info) for info in infos]})
 
     async def _job_runs(self, request: web.Request) -> web.Response:
@@ -339,10 +348,10 @@ class Api:
 
     async def _job_call(self, request: web.Request, call: Callable[[Scheduler, str], Awaitable[T]]) -> T:
         job_id = request.match_info["job_id"]
-        if self.scheduler is None:
+        if self._scheduler is None:
             raise NotFound("no jobs are scheduled (no [[schedule]] entries)")
         try:
-            return await call(self.scheduler, job_id)
+            return await call(self._scheduler, job_id)
         except JobError as exc:
             raise NotFound(str(exc)) from None
 
