@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -12,9 +13,9 @@ import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
@@ -22,11 +23,22 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bot import guard
 from bot.config import ConfigError, HttpConfig
-from bot.core import Channel, Failure, Inbound, MirrorHealth, Outcome, Route, StatusReporter, Store, StoreError
+from bot.core import (
+    Channel,
+    Conversations,
+    Failure,
+    Inbound,
+    MirrorHealth,
+    Outcome,
+    Route,
+    SessionInfo,
+    StatusReporter,
+    Store,
+    StoreError,
+)
 from bot.jobs import JobError, JobInfo, Scheduler
 from bot.ledger import Ledger
-from bot.pool import Pool
-from bot.status import MirrorStatus, SessionStatus, StatusSnapshot
+from bot.status import MirrorStatus, PoolStatus, SessionStatus, StatusSnapshot
 
 log = structlog.get_logger(__name__)
 
@@ -80,13 +92,43 @@ def outcome_body(outcome: Outcome) -> dict[str, Any]:
     return body
 
 
+class Engine(Conversations, Protocol):
+    """What the API serves from: the conversations, and the engine's snapshot and session list."""
+
+    def status(self) -> PoolStatus: ...
+
+    async def sessions(self) -> list[SessionInfo]: ...
+
+
+async def with_keepalive(deltas: AsyncIterator[str], every_s: float) -> AsyncGenerator[str | None, None]:
+    """The deltas, and a None each time ``every_s`` passes without one.
+
+    The wait runs in a task of its own, so a keep-alive tick does not cancel the stream it waits on.
+    """
+    pending: asyncio.Future[str | None] | None = None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(anext(deltas, None))
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield None
+                continue
+            text, pending = pending.result(), None
+            if text is None:
+                return
+            yield text
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
 class Api:
     """Complete when built: every part it reports on and every component's route are passed in."""
 
     def __init__(
         self,
         config: HttpConfig,
-        pool: Pool,
+        pool: Engine,
         store: Store,
         *,
         channels: Sequence[Channel] = (),
@@ -368,16 +410,11 @@ class Api:
             )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        while True:
-            try:
-                # A comment while the turn is silent (a long tool call), so idle-timeout proxies keep the stream.
-                text = await asyncio.wait_for(turn.deltas.get(), self._config.sse_keepalive_s)
-            except TimeoutError:
-                await response.write(b": keep-alive\n\n")
-                continue
-            if text is None:
-                break
-            await response.write(_sse("delta", {"text": text}))
+        # A comment while the turn is silent (a long tool call), so idle-timeout proxies keep the stream.
+        # Closed at once if the client goes away mid-stream, so no wait is left pending.
+        async with contextlib.aclosing(with_keepalive(turn.stream(), self._config.sse_keepalive_s)) as deltas:
+            async for text in deltas:
+                await response.write(b": keep-alive\n\n" if text is None else _sse("delta", {"text": text}))
         outcome = await turn.outcome
         await response.write(_sse("result" if outcome.ok else "error", outcome_body(outcome)))
         await response.write_eof()
