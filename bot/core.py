@@ -317,11 +317,11 @@ class Conversations(Protocol):
         ...
 
     async def reset(self, conversation_id: str) -> None:
-        """Forget the conversation: the next message starts a fresh session."""
+        """Forget the conversation's Claude session: its next message starts a fresh one (its files stay)."""
         ...
 
     async def cancel(self, conversation_id: str) -> bool:
-        """Interrupt the running turn; False if none was running."""
+        """Stop the running turn (queued messages still run); False if none was running."""
         ...
 
 

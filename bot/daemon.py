@@ -141,21 +141,16 @@ async def serve(
         )
         pool = Pool(settings, launcher, store, telemetry=telemetry, transcripts=transcripts)
         channels = build_channels(settings, pool, store)
-        # Tool sets first: a process (a spare too) gets the in-process tools that exist when it starts.
-        for channel in channels:
-            if isinstance(channel, ToolProvider):
-                for name, tools in channel.toolsets().items():
-                    launcher.add_toolset(name, tools)
+        mount_toolsets(launcher, channels)
         scheduler = build_scheduler(settings, pool, store, channels)
         if scheduler is not None:
             channels.append(scheduler)  # last: jobs fire once the channels they deliver to are up
-        routes = [route for channel in channels if isinstance(channel, RouteProvider) for route in channel.routes()]
         api = Api(
             settings.http,
             pool,
             store,
             channels=channels,
-            routes=routes,
+            routes=[route for c in channels if isinstance(c, RouteProvider) for route in c.routes()],
             scheduler=scheduler,
             ledger=ledger,
             mirror=transcripts,
@@ -235,6 +230,14 @@ def build_channels(settings: Settings, conversations: Conversations, store: Stor
 
         channels.append(EmailChannel(settings, settings.profile(settings.email.profile), conversations, store))
     return channels
+
+
+def mount_toolsets(launcher: ClaudeLauncher, channels: list[Channel]) -> None:
+    """Before the pool starts: a process (a spare too) gets the in-process tools that exist when it starts."""
+    for channel in channels:
+        if isinstance(channel, ToolProvider):
+            for name, tools in channel.toolsets().items():
+                launcher.add_toolset(name, tools)
 
 
 def build_scheduler(
