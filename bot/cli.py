@@ -230,7 +230,7 @@ def _import_transcripts(settings: Settings) -> int:
     import asyncio
 
     from bot.agent.transcripts import Transcripts
-    from bot.store import StoreError
+    from bot.core import StoreError
 
     transcripts = Transcripts.from_url(store.redis_url.get_secret_value(), store.transcript_retention_days)
     try:

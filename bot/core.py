@@ -1,13 +1,23 @@
-"""The small frozen types the core (pool, store, router) speaks in."""
+"""The small frozen types and the protocols the parts speak in: engine, store, channels, API, gateway.
+
+Every component is typed against these, not against another's concrete class, so each can be
+replaced (a fake in a test, a forwarding pool later) without touching its callers.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # a type only: importing aiohttp here would slow every CLI command's start
+    from aiohttp import web
 
 
 class Failure(enum.StrEnum):
@@ -277,3 +287,222 @@ class Courier(Protocol):
 
     async def deliver(self, target: str, subject: str, text: str) -> None:
         """Post or send ``text``; raise DeliveryError when the target cannot be reached."""
+
+
+# -- conversations: what the channels and the API submit messages to (implemented by ``bot.pool``) --
+
+
+class TurnHandle(Protocol):
+    """One message in flight: its reply text as it streams, then exactly one outcome."""
+
+    def stream(self) -> AsyncIterator[str]: ...
+
+    @property
+    def outcome(self) -> Awaitable[Outcome]: ...
+
+
+class Conversations(Protocol):
+    """Where a channel's messages go; one implementation today, the local pool."""
+
+    async def submit(self, inbound: Inbound) -> TurnHandle:
+        """Queue the message; the handle streams its reply and resolves to its outcome."""
+        ...
+
+    async def ask(self, inbound: Inbound) -> Outcome:
+        """Submit and wait for the outcome."""
+        ...
+
+    async def info(self, conversation_id: str) -> SessionInfo | None:
+        """The conversation's session, live or stored; None if it has none."""
+        ...
+
+    async def reset(self, conversation_id: str) -> None:
+        """Forget the conversation's Claude session: its next message starts a fresh one (its files stay)."""
+        ...
+
+    async def cancel(self, conversation_id: str) -> bool:
+        """Stop the running turn (queued messages still run); False if none was running."""
+        ...
+
+
+# -- HTTP routes a component serves on the daemon's API server -------------------------------
+
+
+RouteHandler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One endpoint of a component's own (Slack HTTP Events); the handler does its own authentication."""
+
+    method: str
+    path: str
+    handler: RouteHandler = field(compare=False)
+
+
+@runtime_checkable
+class RouteProvider(Protocol):
+    """A component that offers HTTP routes; the daemon mounts them on the API server, as it mounts tool sets."""
+
+    def routes(self) -> list[Route]: ...
+
+
+# -- conversation state (implemented by ``bot.store`` and ``bot.store_redis``) --------------------
+
+
+class StoreError(Exception):
+    """The store backend could not be reached or answered wrongly."""
+
+
+@dataclass(frozen=True)
+class ConversationRecord:
+    conversation_id: str
+    workdir: str
+    config_dir: str
+    session_id: str | None = None
+    profile: str = "chat"
+    state: str = "evicted"
+    turns: int = 0
+    cost_usd: float = 0.0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    evict_reason: str | None = None
+    # Sessions this conversation had before its transcript was lost (oldest first); kept for the record.
+    previous_session_ids: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ConversationRecord:
+        data: dict[str, Any] = json.loads(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in data.items() if k in known}
+        fields["previous_session_ids"] = tuple(fields.get("previous_session_ids", ()))
+        return cls(**fields)
+
+    def replace(self, **changes: Any) -> ConversationRecord:
+        return dataclasses.replace(self, updated_at=time.time(), **changes)
+
+
+class Store(Protocol):
+    async def get(self, conversation_id: str) -> ConversationRecord | None: ...
+
+    async def put(self, record: ConversationRecord) -> None: ...
+
+    async def delete(self, conversation_id: str) -> None: ...
+
+    async def records(self) -> list[ConversationRecord]: ...
+
+    async def ping(self) -> None:
+        """Raise StoreError unless the backend answers."""
+
+    async def close(self) -> None: ...
+
+    # Small named values with a lifetime: dedupe claims, checkpoints, outboxes,
+    # counters.  Names come from ``bot.keys``.
+
+    async def claim(self, name: str, ttl_s: int) -> bool:
+        """Set ``name`` unless it is already set: True for exactly one caller per TTL."""
+
+    async def get_value(self, name: str) -> str | None: ...
+
+    async def put_value(self, name: str, value: str, ttl_s: int) -> None: ...
+
+    async def delete_value(self, name: str) -> None: ...
+
+    async def incr(self, name: str, window_s: int) -> int:
+        """Count within a window that starts at the first increment."""
+
+    async def add_floats(self, amounts: Mapping[str, float], ttl_s: int) -> None:
+        """Add to numbers (each created at 0 with ``ttl_s``, which later adds keep), in one round trip."""
+
+    async def get_values(self, names: Sequence[str]) -> dict[str, str]:
+        """The live values among ``names``, in one round trip."""
+
+    async def values(self, prefix: str) -> dict[str, str]:
+        """Every live value whose name starts with ``prefix`` (ledger reports)."""
+
+
+# -- status: what ``/status`` asks of the channels and the transcript mirror ------------------------
+
+
+@dataclass(frozen=True)
+class ChannelStatus:
+    """One channel's connection. Fields a channel has no notion of stay None."""
+
+    name: str
+    connected: bool
+    reconnects: int
+    last_idle_renewal: float | None = None  # IMAP: when the current IDLE was (re)issued, Unix seconds
+    checkpoint_uid: int | None = None  # IMAP: the last UID taken from the mailbox
+    stopped: str | None = None  # why the channel stopped for good (Slack: the app was uninstalled)
+
+
+class MirrorHealth(Protocol):
+    """What the transcript mirror counts of its failures."""
+
+    mirror_errors: int
+    last_mirror_error: str | None
+
+
+@runtime_checkable
+class StatusReporter(Protocol):
+    """A channel that can say how its connection is doing."""
+
+    async def status(self) -> ChannelStatus: ...
+
+
+# -- metering: what the launcher needs of the model gateway (implemented by ``bot.gateway``) --------
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a model request is for: fixed per CLI process, except the user and channel of the current turn."""
+
+    conversation_id: str
+    profile: str
+    user: str = ""
+    channel: str = ""
+
+
+@dataclass(frozen=True)
+class BudgetStop:
+    """A request refused by a budget: which one, what was spent, when it resets."""
+
+    budget: str
+    spent_usd: float
+    limit_usd: float
+    resets: str
+
+    @property
+    def text(self) -> str:
+        return (
+            f"the {self.budget.replace('_', ' ')} budget is used up: ${self.spent_usd:.4f} spent of "
+            f"${self.limit_usd:.4f}; it resets {self.resets}"
+        )
+
+
+class Meter(Protocol):
+    """Issues each CLI process its own credential and meters that process's turns against the budgets."""
+
+    @property
+    def url(self) -> str:
+        """Where the CLI sends its model requests."""
+        ...
+
+    def issue(self, caller: Caller) -> str: ...
+
+    def revoke(self, credential: str) -> None: ...
+
+    def begin_turn(self, credential: str, conversation_id: str, user: str, channel: str) -> None: ...
+
+    def answer_locally(self, credential: str, on: bool) -> None:
+        """While on, the gateway answers the process itself (a spare's warm-up): no upstream call, no cost."""
+        ...
+
+    def turn_spent(self, credential: str) -> float: ...
+
+    def stopped(self, credential: str) -> BudgetStop | None:
+        """The budget that stopped the current turn, if one did."""
+        ...

@@ -27,14 +27,14 @@ from bot import procs
 from bot.agent import ClaudeLauncher
 from bot.agent.transcripts import Transcripts
 from bot.config import HttpConfig, Settings
-from bot.core import Channel, Courier, ToolProvider
+from bot.core import Channel, Conversations, Courier, RouteProvider, Store, StoreError, ToolProvider
 from bot.gateway import Gateway
 from bot.http import Api
 from bot.jobs import Scheduler
 from bot.ledger import Ledger, Prices
 from bot.pool import Pool
 from bot.security import scrub_environ
-from bot.store import SqliteStore, Store, StoreError
+from bot.store import SqliteStore
 from bot.store_redis import RedisStore
 from bot.telemetry import Telemetry
 
@@ -140,22 +140,21 @@ async def serve(
             transcripts=transcripts,
         )
         pool = Pool(settings, launcher, store, telemetry=telemetry, transcripts=transcripts)
-        api = Api(settings.http, pool, store)
-        api.ledger = ledger
-        api.mirror = transcripts
-        channels = build_channels(settings, pool, store, api)
-        api.channels = channels
-        # Tool sets first: a process (a spare too) gets the in-process tools that exist when it starts.
-        for channel in channels:
-            if isinstance(channel, ToolProvider):
-                for name, tools in channel.toolsets().items():
-                    launcher.add_toolset(name, tools)
-        if settings.schedule:
-            api.scheduler = scheduler = Scheduler(settings, pool.ask, store)
-            for channel in channels:
-                if isinstance(channel, Courier):
-                    scheduler.add_courier(channel.name, channel)
+        channels = build_channels(settings, pool, store)
+        mount_toolsets(launcher, channels)
+        scheduler = build_scheduler(settings, pool, store, channels)
+        if scheduler is not None:
             channels.append(scheduler)  # last: jobs fire once the channels they deliver to are up
+        api = Api(
+            settings.http,
+            pool,
+            store,
+            channels=channels,
+            routes=[route for c in channels if isinstance(c, RouteProvider) for route in c.routes()],
+            scheduler=scheduler,
+            ledger=ledger,
+            mirror=transcripts,
+        )
         await pool.start()
         stack.push_async_callback(bounded("pool", lambda: pool.close(NO_GRACE_S), deadline, _tree_killer(pool)))
         for channel in channels:
@@ -219,18 +218,39 @@ async def _stop_intake(channels: list[Channel], deadline: Deadline) -> None:
             group.create_task(bounded(f"{channel.name}:intake", channel.stop_intake, deadline)())
 
 
-def build_channels(settings: Settings, pool: Pool, store: Store, api: Api) -> list[Channel]:
+def build_channels(settings: Settings, conversations: Conversations, store: Store) -> list[Channel]:
     """Each configured channel, in start order; each imports its protocol library only when used."""
     channels: list[Channel] = []
     if settings.slack.enabled:
         from bot.slack import SlackChannel
 
-        channels.append(SlackChannel(settings, pool, store, api))
+        channels.append(SlackChannel(settings, settings.profile(settings.slack.profile), conversations, store))
     if settings.email.enabled:
         from bot.mail import EmailChannel
 
-        channels.append(EmailChannel(settings, pool, store, api))
+        channels.append(EmailChannel(settings, settings.profile(settings.email.profile), conversations, store))
     return channels
+
+
+def mount_toolsets(launcher: ClaudeLauncher, channels: list[Channel]) -> None:
+    """Before the pool starts: a process (a spare too) gets the in-process tools that exist when it starts."""
+    for channel in channels:
+        if isinstance(channel, ToolProvider):
+            for name, tools in channel.toolsets().items():
+                launcher.add_toolset(name, tools)
+
+
+def build_scheduler(
+    settings: Settings, conversations: Conversations, store: Store, channels: list[Channel]
+) -> Scheduler | None:
+    """The jobs, if any are scheduled, with every channel that can deliver their results."""
+    if not settings.schedule:
+        return None
+    scheduler = Scheduler(settings, conversations, store)
+    for channel in channels:
+        if isinstance(channel, Courier):
+            scheduler.add_courier(channel.name, channel)
+    return scheduler
 
 
 async def _open_transcripts(settings: Settings, stack: AsyncExitStack, deadline: Deadline) -> Transcripts | None:

@@ -26,8 +26,8 @@ from aiohttp import web
 
 from bot import metrics
 from bot.config import AgentConfig, GatewayConfig
-from bot.ledger import BudgetStop, Caller, Ledger, Usage
-from bot.store import StoreError
+from bot.core import BudgetStop, Caller, StoreError
+from bot.ledger import Ledger, Usage
 
 log = structlog.get_logger(__name__)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -12,9 +13,9 @@ import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
@@ -22,12 +23,22 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bot import guard
 from bot.config import ConfigError, HttpConfig
-from bot.core import Channel, Failure, Inbound, Outcome
+from bot.core import (
+    Channel,
+    Conversations,
+    Failure,
+    Inbound,
+    MirrorHealth,
+    Outcome,
+    Route,
+    SessionInfo,
+    StatusReporter,
+    Store,
+    StoreError,
+)
 from bot.jobs import JobError, JobInfo, Scheduler
 from bot.ledger import Ledger
-from bot.pool import Pool
-from bot.status import MirrorHealth, MirrorStatus, SessionStatus, StatusReporter, StatusSnapshot
-from bot.store import Store, StoreError
+from bot.status import MirrorStatus, PoolStatus, SessionStatus, StatusSnapshot
 
 log = structlog.get_logger(__name__)
 
@@ -81,8 +92,51 @@ def outcome_body(outcome: Outcome) -> dict[str, Any]:
     return body
 
 
+class Engine(Conversations, Protocol):
+    """What the API serves from: the conversations, and the engine's snapshot and session list."""
+
+    def status(self) -> PoolStatus: ...
+
+    async def sessions(self) -> list[SessionInfo]: ...
+
+
+async def with_keepalive(deltas: AsyncIterator[str], every_s: float) -> AsyncGenerator[str | None, None]:
+    """The deltas, and a None each time ``every_s`` passes without one.
+
+    The wait runs in a task of its own, so a keep-alive tick does not cancel the stream it waits on.
+    """
+    pending: asyncio.Future[str | None] | None = None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(anext(deltas, None))
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield None
+                continue
+            text, pending = pending.result(), None
+            if text is None:
+                return
+            yield text
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
 class Api:
-    def __init__(self, config: HttpConfig, pool: Pool, store: Store) -> None:
+    """Complete when built: every part it reports on and every component's route are passed in."""
+
+    def __init__(
+        self,
+        config: HttpConfig,
+        pool: Engine,
+        store: Store,
+        *,
+        channels: Sequence[Channel] = (),
+        routes: Sequence[Route] = (),
+        scheduler: Scheduler | None = None,
+        ledger: Ledger | None = None,
+        mirror: MirrorHealth | None = None,
+    ) -> None:
         if config.api_token is None and not config.is_loopback:
             raise ConfigError(
                 "http.api_token (AGENTD_API_TOKEN) is required when http.listen is not a loopback address"
@@ -90,20 +144,16 @@ class Api:
         self._config, self._pool, self._store = config, pool, store
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
-        self._extra: list[tuple[str, str, Handler]] = []
+        self._routes = tuple(routes)  # components' own endpoints (Slack HTTP Events); each authenticates itself
         self.port: int | None = None
         self.draining = False
-        self.scheduler: Scheduler | None = None
-        self.ledger: Ledger | None = None
-        self.mirror: MirrorHealth | None = None  # the Redis transcript mirror, when there is one
-        self.channels: list[Channel] = []
+        self._scheduler = scheduler
+        self._ledger = ledger
+        self._mirror = mirror  # the Redis transcript mirror, when there is one
+        self._channels = tuple(channels)
         self._page = StatusPage.load(config)
         self._sign_ins = guard.SignInLimiter()
         self._hosts = guard.allowed_hosts(config.host)
-
-    def add_route(self, method: str, path: str, handler: Handler) -> None:
-        """A channel's own endpoint (Slack HTTP Events); it does its own authentication."""
-        self._extra.append((method, path, handler))
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -121,8 +171,8 @@ class Api:
         app.router.add_get("/v1/jobs", self._jobs)
         app.router.add_get("/v1/jobs/{job_id}/runs", self._job_runs)
         app.router.add_post("/v1/jobs/{job_id}/{action}", self._job_action)
-        for method, path, handler in self._extra:
-            app.router.add_route(method, path, handler)
+        for route in self._routes:
+            app.router.add_route(route.method, route.path, route.handler)
         return app
 
     async def start(self) -> None:
@@ -257,25 +307,25 @@ class Api:
         problems: list[str] = []
         pool = self._pool.status()
         sessions = await self._with_costs(pool.sessions, problems)
-        channels = tuple([await c.status() for c in self.channels if isinstance(c, StatusReporter)])
+        channels = tuple([await c.status() for c in self._channels if isinstance(c, StatusReporter)])
         jobs: tuple[JobInfo, ...] = ()
-        if self.scheduler is not None:
+        if self._scheduler is not None:
             try:
-                jobs = tuple(await self.scheduler.jobs())
+                jobs = tuple(await self._scheduler.jobs())
             except StoreError as exc:
                 problems.append(f"jobs: the store is unreachable ({exc})")
         mirror = None
-        if self.mirror is not None:
-            mirror = MirrorStatus(self.mirror.mirror_errors, self.mirror.last_mirror_error)
+        if self._mirror is not None:
+            mirror = MirrorStatus(self._mirror.mirror_errors, self._mirror.last_mirror_error)
         return StatusSnapshot(
             time.time(), dataclasses.replace(pool, sessions=sessions), channels, jobs, tuple(problems), mirror
         )
 
     async def _with_costs(self, sessions: tuple[SessionStatus, ...], problems: list[str]) -> tuple[SessionStatus, ...]:
-        if self.ledger is None:
+        if self._ledger is None:
             return sessions
         try:
-            spent = await self.ledger.spent_today("conversation", [s.conversation_id for s in sessions])
+            spent = await self._ledger.spent_today("conversation", [s.conversation_id for s in sessions])
         except StoreError as exc:
             problems.append(f"cost today: the store is unreachable ({exc})")
             return sessions
@@ -304,13 +354,13 @@ class Api:
         by = request.query.get("by", "conversation")
         if by not in USAGE_DIMENSIONS:
             raise BadRequest(f"by must be one of {', '.join(USAGE_DIMENSIONS)}")
-        if self.ledger is None:
+        if self._ledger is None:
             raise NotFound("metering is off (agent.gateway = false)")
-        totals = await self.ledger.report(by)
+        totals = await self._ledger.report(by)
         return web.json_response({"by": by, "usage_usd": {k: round(v, 6) for k, v in totals.items()}})
 
     async def _jobs(self, request: web.Request) -> web.Response:
-        infos = await self.scheduler.jobs() if self.scheduler is not None else []
+        infos = await self._scheduler.jobs() if self._scheduler is not None else []
         return web.json_response({"jobs": [dataclasses.asdict(info) for info in infos]})
 
     async def _job_runs(self, request: web.Request) -> web.Response:
@@ -340,10 +390,10 @@ class Api:
 
     async def _job_call(self, request: web.Request, call: Callable[[Scheduler, str], Awaitable[T]]) -> T:
         job_id = request.match_info["job_id"]
-        if self.scheduler is None:
+        if self._scheduler is None:
             raise NotFound("no jobs are scheduled (no [[schedule]] entries)")
         try:
-            return await call(self.scheduler, job_id)
+            return await call(self._scheduler, job_id)
         except JobError as exc:
             raise NotFound(str(exc)) from None
 
@@ -360,16 +410,11 @@ class Api:
             )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        while True:
-            try:
-                # A comment while the turn is silent (a long tool call), so idle-timeout proxies keep the stream.
-                text = await asyncio.wait_for(turn.deltas.get(), self._config.sse_keepalive_s)
-            except TimeoutError:
-                await response.write(b": keep-alive\n\n")
-                continue
-            if text is None:
-                break
-            await response.write(_sse("delta", {"text": text}))
+        # A comment while the turn is silent (a long tool call), so idle-timeout proxies keep the stream.
+        # Closed at once if the client goes away mid-stream, so no wait is left pending.
+        async with contextlib.aclosing(with_keepalive(turn.stream(), self._config.sse_keepalive_s)) as deltas:
+            async for text in deltas:
+                await response.write(b": keep-alive\n\n" if text is None else _sse("delta", {"text": text}))
         outcome = await turn.outcome
         await response.write(_sse("result" if outcome.ok else "error", outcome_body(outcome)))
         await response.write_eof()

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,9 +26,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from bot import keys, metrics
 from bot.config import ScheduleConfig, Settings
-from bot.core import Courier, DeliveryError, Failure, Inbound, Outcome
+from bot.core import Conversations, Courier, DeliveryError, Failure, Inbound, Store, StoreError
 from bot.cron import trigger_for
-from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -95,9 +94,9 @@ class Scheduler:
 
     name = "schedule"
 
-    def __init__(self, settings: Settings, ask: Callable[[Inbound], Awaitable[Outcome]], store: Store) -> None:
+    def __init__(self, settings: Settings, conversations: Conversations, store: Store) -> None:
         self._jobs = {job.id: job for job in settings.schedule}
-        self._ask, self._store = ask, store
+        self._conversations, self._store = conversations, store
         self._couriers: dict[str, Courier] = {}
         self._executor = _FiringExecutor(self._fire)
         self._aps = AsyncIOScheduler(timezone=UTC, executors={"default": self._executor})
@@ -243,7 +242,7 @@ class Scheduler:
         conversation = self._conversation(job)
         run = dataclasses.replace(run, conversation_id=conversation)
         log.info("job_run_start", job=job.id, fire_time=run.fire_time, conversation=conversation, manual=manual)
-        outcome = await self._ask(
+        outcome = await self._conversations.ask(
             Inbound(conversation, job.prompt, source="job", profile=job.profile, waits=True, user=f"job:{job.id}")
         )
         run = dataclasses.replace(run, cost_usd=outcome.cost_usd)

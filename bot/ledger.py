@@ -20,7 +20,7 @@ import structlog
 
 from bot import keys, metrics
 from bot.config import BudgetConfig, PriceConfig
-from bot.store import Store, StoreError
+from bot.core import BudgetStop, Caller, Store, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -34,16 +34,6 @@ BUILTIN_PRICES: dict[str, PriceConfig] = {
     "claude-3-5-haiku": PriceConfig(input=0.8, output=4.0, cache_write=1.0, cache_read=0.08),
 }
 DIMENSIONS = ("conversation", "user", "profile", "channel", "global")
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who a model request is for: fixed per CLI process, except the user and channel of the current turn."""
-
-    conversation_id: str
-    profile: str
-    user: str = ""
-    channel: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,23 +51,6 @@ class Usage:
             "cache_write": self.cache_creation_input_tokens,
             "cache_read": self.cache_read_input_tokens,
         }
-
-
-@dataclass(frozen=True)
-class BudgetStop:
-    """A request refused by a budget: which one, what was spent, when it resets."""
-
-    budget: str
-    spent_usd: float
-    limit_usd: float
-    resets: str
-
-    @property
-    def text(self) -> str:
-        return (
-            f"the {self.budget.replace('_', ' ')} budget is used up: ${self.spent_usd:.4f} spent of "
-            f"${self.limit_usd:.4f}; it resets {self.resets}"
-        )
 
 
 class Prices:

@@ -32,6 +32,7 @@ from bot.core import (
     AgentCrashed,
     AgentError,
     AgentSession,
+    ConversationRecord,
     Failure,
     Inbound,
     Launcher,
@@ -39,6 +40,8 @@ from bot.core import (
     Profile,
     SessionInfo,
     SessionSpec,
+    Store,
+    StoreError,
     TextDelta,
     TranscriptSource,
     TurnContext,
@@ -46,7 +49,6 @@ from bot.core import (
 )
 from bot.security import safe_name
 from bot.status import RSS_HISTORY_SAMPLES, PoolStatus, PoolTotals, RecentEvents, SessionStatus
-from bot.store import ConversationRecord, Store, StoreError
 from bot.telemetry import DISABLED, Telemetry
 
 log = structlog.get_logger(__name__)

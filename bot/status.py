@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
+
+from bot.core import ChannelStatus
 
 if TYPE_CHECKING:  # only a type here: the pool imports this module and needs no scheduler
     from bot.jobs import JobInfo
@@ -60,18 +62,6 @@ class PoolStatus:
 
 
 @dataclass(frozen=True)
-class ChannelStatus:
-    """One channel's connection. Fields a channel has no notion of stay None."""
-
-    name: str
-    connected: bool
-    reconnects: int
-    last_idle_renewal: float | None = None  # IMAP: when the current IDLE was (re)issued, Unix seconds
-    checkpoint_uid: int | None = None  # IMAP: the last UID taken from the mailbox
-    stopped: str | None = None  # why the channel stopped for good (Slack: the app was uninstalled)
-
-
-@dataclass(frozen=True)
 class MirrorStatus:
     """The Redis transcript mirror: batches it failed to store since start, and the last such error."""
 
@@ -87,20 +77,6 @@ class StatusSnapshot:
     jobs: tuple[JobInfo, ...]
     problems: tuple[str, ...] = ()  # what could not be read this time (the store down, say)
     mirror: MirrorStatus | None = None  # None: no mirror (the embedded store keeps transcripts on disk)
-
-
-class MirrorHealth(Protocol):
-    """What the transcript mirror counts of its failures."""
-
-    mirror_errors: int
-    last_mirror_error: str | None
-
-
-@runtime_checkable
-class StatusReporter(Protocol):
-    """A channel that can say how its connection is doing."""
-
-    async def status(self) -> ChannelStatus: ...
 
 
 class RecentEvents:

@@ -1,4 +1,4 @@
-"""Conversation state: the Store protocol and its embedded (SQLite) implementation.
+"""Conversation state: the embedded (SQLite) implementation of ``bot.core.Store``.
 
 A record maps a conversation to its Claude session id, workdir and counters.
 Records are written whole, so a write that failed while the backend was down
@@ -8,91 +8,18 @@ is healed by the next one.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import sqlite3
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from bot import keys
+from bot.core import ConversationRecord, Store, StoreError
 
-
-class StoreError(Exception):
-    """The store backend could not be reached or answered wrongly."""
-
-
-@dataclass(frozen=True)
-class ConversationRecord:
-    conversation_id: str
-    workdir: str
-    config_dir: str
-    session_id: str | None = None
-    profile: str = "chat"
-    state: str = "evicted"
-    turns: int = 0
-    cost_usd: float = 0.0
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    evict_reason: str | None = None
-    # Sessions this conversation had before its transcript was lost (oldest first); kept for the record.
-    previous_session_ids: tuple[str, ...] = ()
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> ConversationRecord:
-        data: dict[str, Any] = json.loads(raw)
-        known = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in data.items() if k in known}
-        fields["previous_session_ids"] = tuple(fields.get("previous_session_ids", ()))
-        return cls(**fields)
-
-    def replace(self, **changes: Any) -> ConversationRecord:
-        return dataclasses.replace(self, updated_at=time.time(), **changes)
-
-
-class Store(Protocol):
-    async def get(self, conversation_id: str) -> ConversationRecord | None: ...
-
-    async def put(self, record: ConversationRecord) -> None: ...
-
-    async def delete(self, conversation_id: str) -> None: ...
-
-    async def records(self) -> list[ConversationRecord]: ...
-
-    async def ping(self) -> None:
-        """Raise StoreError unless the backend answers."""
-
-    async def close(self) -> None: ...
-
-    # Small named values with a lifetime: dedupe claims, checkpoints, outboxes,
-    # counters.  Names come from ``bot.keys``.
-
-    async def claim(self, name: str, ttl_s: int) -> bool:
-        """Set ``name`` unless it is already set: True for exactly one caller per TTL."""
-
-    async def get_value(self, name: str) -> str | None: ...
-
-    async def put_value(self, name: str, value: str, ttl_s: int) -> None: ...
-
-    async def delete_value(self, name: str) -> None: ...
-
-    async def incr(self, name: str, window_s: int) -> int:
-        """Count within a window that starts at the first increment."""
-
-    async def add_floats(self, amounts: Mapping[str, float], ttl_s: int) -> None:
-        """Add to numbers (each created at 0 with ``ttl_s``, which later adds keep), in one round trip."""
-
-    async def get_values(self, names: Sequence[str]) -> dict[str, str]:
-        """The live values among ``names``, in one round trip."""
-
-    async def values(self, prefix: str) -> dict[str, str]:
-        """Every live value whose name starts with ``prefix`` (ledger reports)."""
+# The protocol and its values live in bot.core; re-exported for code that imported them from here.
+__all__ = ["ConversationRecord", "SqliteStore", "Store", "StoreError"]
 
 
 _ADD_FLOAT = (

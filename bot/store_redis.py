@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot import keys
-from bot.store import ConversationRecord, StoreError
+from bot.core import ConversationRecord, StoreError
 
 T = TypeVar("T")
 

@@ -9,8 +9,9 @@ import pytest
 
 from bot.agent import ClaudeLauncher
 from bot.config import AgentConfig, HttpConfig, PoolConfig, Settings, StoreConfig
+from bot.core import Store
 from bot.pool import Pool
-from bot.store import SqliteStore, Store
+from bot.store import SqliteStore
 from bot.store_redis import RedisStore
 from tests import daemon_proc, leaks
 from tests.fakes.mailserver import MailServer

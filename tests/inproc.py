@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel
 
+from bot.core import Caller
 from bot.daemon import Running, serve
-from bot.ledger import Caller
 from bot.store import SqliteStore
 from tests.conftest import make_settings
 from tests.fakes.model import FakeModel

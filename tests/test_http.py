@@ -13,7 +13,7 @@ from aiohttp_sse_client2 import client as sse_client
 
 from bot import guard
 from bot.config import ConfigError, HttpConfig
-from bot.http import Api
+from bot.http import Api, with_keepalive
 from tests.conftest import PoolFactory
 from tests.fakes.model import FakeModel
 from tests.fakes.slack import FakeSlack
@@ -282,6 +282,30 @@ async def test_the_keep_alive_is_an_sse_comment(make_pool: PoolFactory, fake_mod
     ):
         raw = await response.read()
     assert b"\n\n: keep-alive\n\n" in b"\n\n" + raw and raw.endswith(b"\n\n")
+
+
+async def test_a_keep_alive_tick_loses_no_delta() -> None:
+    """The tick's wait does not cancel the stream it waits on: the delta that comes after a tick arrives whole."""
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def deltas() -> AsyncIterator[str]:
+        while (text := await queue.get()) is not None:
+            yield text
+
+    async with contextlib.aclosing(with_keepalive(deltas(), 0.01)) as ticked:
+        assert await anext(ticked) is None, "silence: a tick"
+        queue.put_nowait("after the tick")
+        seen = [text async for text in _until_text(ticked)]
+        queue.put_nowait(None)
+        rest = [text async for text in ticked if text is not None]
+    assert seen[-1] == "after the tick" and rest == []
+
+
+async def _until_text(ticked: AsyncIterator[str | None]) -> AsyncIterator[str | None]:
+    async for text in ticked:
+        yield text
+        if text is not None:
+            return
 
 
 async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -11,9 +11,9 @@ from structlog.testing import capture_logs
 
 from bot import keys
 from bot.config import DEFAULT_MODEL, AgentConfig, BudgetConfig, GatewayConfig, Settings
+from bot.core import Caller, Store, StoreError
 from bot.gateway import Gateway
-from bot.ledger import Caller, Ledger, Prices, Usage, today
-from bot.store import Store, StoreError
+from bot.ledger import Ledger, Prices, Usage, today
 from bot.store_redis import RedisStore
 from tests.fakes.model import FakeModel
 from tests.fakes.redis_server import RedisServer

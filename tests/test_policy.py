@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from bot.core import Inbound, ToolRequest, Verdict
-from bot.store import Store
+from bot.core import Inbound, Store, ToolRequest, Verdict
 from tests.conftest import PoolFactory
 from tests.fakes.model import FakeModel, ToolUse
 

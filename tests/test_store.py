@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.core import Inbound
-from bot.store import ConversationRecord, SqliteStore, Store, StoreError
+from bot.core import ConversationRecord, Inbound, Store, StoreError
+from bot.store import SqliteStore
 from bot.store_redis import RedisStore
 from tests.conftest import PoolFactory
 from tests.fakes.model import FakeModel

@@ -45,6 +45,9 @@ from bot.core import (
     AgentError,
     AgentSession,
     Approver,
+    BudgetStop,
+    Caller,
+    Meter,
     SessionSpec,
     TextDelta,
     ToolPolicy,
@@ -54,8 +57,6 @@ from bot.core import (
     TurnDone,
     Verdict,
 )
-from bot.gateway import Gateway
-from bot.ledger import BudgetStop, Caller
 from bot.reach import Reach
 
 log = structlog.get_logger(__name__)
@@ -217,7 +218,7 @@ class _ClaudeSession:
 class _Metered:
     """One process's line to the gateway: its credential, and the gateway that meters it."""
 
-    gateway: Gateway
+    gateway: Meter
     credential: str
 
     def begin(self, context: TurnContext) -> None:
@@ -284,7 +285,7 @@ class ClaudeLauncher:
         config: AgentConfig,
         config_file: Path | None = None,
         toolsets: Mapping[str, Sequence[ToolSpec]] | None = None,
-        gateway: Gateway | None = None,
+        gateway: Meter | None = None,
         telemetry: TelemetryConfig | None = None,
         transcripts: Transcripts | None = None,
     ) -> None:

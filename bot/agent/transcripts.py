@@ -47,8 +47,7 @@ from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot import keys, metrics
-from bot.core import SessionSpec
-from bot.store import StoreError
+from bot.core import SessionSpec, StoreError
 
 log = structlog.get_logger(__name__)
 

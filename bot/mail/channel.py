@@ -27,9 +27,19 @@ import structlog
 
 from bot import keys, metrics
 from bot.config import Settings
-from bot.core import DeliveryError, Failure, Inbound, Outcome, ToolSpec
+from bot.core import (
+    ChannelStatus,
+    Conversations,
+    DeliveryError,
+    Failure,
+    Inbound,
+    Outcome,
+    Profile,
+    Store,
+    StoreError,
+    ToolSpec,
+)
 from bot.files import safe_filename, unique_path
-from bot.http import Api
 from bot.lanes import Lanes
 from bot.mail import compose, policy, smtp
 from bot.mail.imap import Fetched, ImapWatcher, Mark
@@ -37,9 +47,6 @@ from bot.mail.parse import Mail, addresses, message_id, parse, raw_body
 from bot.mail.smtp import SendError
 from bot.mail.tools import MailTools
 from bot.mail.worker import ParseWorker, WorkerFailed
-from bot.pool import Pool
-from bot.status import ChannelStatus
-from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -74,9 +81,9 @@ class Answer:
 class EmailChannel:
     name = "email"
 
-    def __init__(self, settings: Settings, pool: Pool, store: Store, api: Api) -> None:
-        self._config, self._pool, self._store = settings.email, pool, store
-        self._staging = pool.data_dir / "incoming"
+    def __init__(self, settings: Settings, profile: Profile, conversations: Conversations, store: Store) -> None:
+        self._config, self._profile, self._conversations, self._store = settings.email, profile, conversations, store
+        self._staging = settings.store.data_dir.resolve() / "incoming"
         self._watcher = ImapWatcher(self._config, store, self._deliver)
         self._parser = ParseWorker(self._config.parse_timeout_s)
         self._tools = MailTools(self._config, settings.triage, self._parser)
@@ -346,7 +353,7 @@ class EmailChannel:
 
     async def _turn(self, conversation: str, job: Job) -> Answer | None:
         """The agent's answer; None when the message ended without one (recorded, or to be retried)."""
-        outcome = await self._pool.ask(self._inbound(conversation, job.mail))
+        outcome = await self._conversations.ask(self._inbound(conversation, job.mail))
         if outcome.failure in RETRY_LATER:
             log.warning("email_retry_later", message_id=job.mail.message_id, failure=str(outcome.failure))
             return None
@@ -375,7 +382,7 @@ class EmailChannel:
     def _inbound(self, conversation: str, mail: Mail) -> Inbound:
         files = self._stage(mail)
         text = compose.prompt(mail, self._config.max_body_chars)
-        return Inbound(conversation, text, "email", files, profile=self._config.profile, user=mail.sender)
+        return Inbound(conversation, text, "email", files, profile=self._profile.name, user=mail.sender)
 
     def _stage(self, mail: Mail) -> tuple[Path, ...]:
         if not mail.attachments:

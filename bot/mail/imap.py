@@ -26,8 +26,8 @@ from tenacity import (
 
 from bot import keys, metrics
 from bot.config import EmailConfig
+from bot.core import Store, StoreError
 from bot.mail.mailbox import ImapError, Mailbox, text_of
-from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
 

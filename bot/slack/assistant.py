@@ -35,10 +35,9 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import keys, metrics
 from bot.config import SlackConfig, SuggestedPrompt
-from bot.core import Outcome
+from bot.core import Outcome, Store, StoreError
 from bot.slack import events
 from bot.slack.events import SlackMessage
-from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
 

@@ -36,18 +36,29 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from bot import keys, metrics
 from bot.config import ConfigError, Settings
-from bot.core import Approver, DeliveryError, Inbound, Outcome, SessionInfo, ToolRefused, ToolSpec
+from bot.core import (
+    Approver,
+    ChannelStatus,
+    Conversations,
+    DeliveryError,
+    Inbound,
+    Outcome,
+    Profile,
+    Route,
+    SessionInfo,
+    Store,
+    StoreError,
+    ToolRefused,
+    ToolSpec,
+    TurnHandle,
+)
 from bot.files import safe_filename, unique_path
-from bot.http import Api
 from bot.lanes import Lanes
-from bot.pool import Pool, Turn
 from bot.slack import events
 from bot.slack.approvals import APPROVE, DENY, Approvals, Click
 from bot.slack.assistant import AssistantSurface
 from bot.slack.events import Identity, SlackMessage
 from bot.slack.reply import AutoWriter, Thread
-from bot.status import ChannelStatus
-from bot.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -88,12 +99,11 @@ class FileRefused(Exception):
 class SlackChannel:
     name = "slack"
 
-    def __init__(self, settings: Settings, pool: Pool, store: Store, api: Api) -> None:
-        self._config, self._pool, self._store = settings.slack, pool, store
-        self._profile = settings.profile(self._config.profile)
+    def __init__(self, settings: Settings, profile: Profile, conversations: Conversations, store: Store) -> None:
+        self._config, self._profile, self._conversations, self._store = settings.slack, profile, conversations, store
         self._post_allowlist = frozenset(c.removeprefix("#") for c in settings.triage.slack_channels)
         self._thread_ttl_s = keys.conversation_ttl_s(settings.store.conversation_ttl_days)
-        self._staging = pool.data_dir / "incoming"
+        self._staging = settings.store.data_dir.resolve() / "incoming"
         assert self._config.bot_token is not None
         self._token = self._config.bot_token.get_secret_value()
         self._client = AsyncWebClient(
@@ -107,8 +117,6 @@ class SlackChannel:
         secret = self._config.signing_secret
         self._verifier = SignatureVerifier(secret.get_secret_value()) if secret else None
         self._socket: AsyncSocketModeHandler | None = None
-        if self._config.mode == "http":
-            api.add_route("POST", "/slack/events", self._http_events)
         self._me = Identity("", "", "")
         self._approvals = Approvals(self._config.approval_timeout_s)
         self._lanes: Lanes[SlackMessage] = Lanes("slack", self._serve)
@@ -175,6 +183,12 @@ class SlackChannel:
     async def _on_socket_frame(self, client: object, message: dict[str, Any], raw: str | None) -> None:
         if message.get("type") == "hello":
             self._hellos += 1
+
+    def routes(self) -> list[Route]:
+        """Slack's HTTP Events endpoint, in HTTP mode; Socket Mode needs none (the daemon mounts these)."""
+        if self._config.mode != "http":
+            return []
+        return [Route("POST", "/slack/events", self._http_events)]
 
     async def status(self) -> ChannelStatus:
         """Connected: the WebSocket is up (Socket Mode), or the token was accepted (HTTP Events)."""
@@ -407,7 +421,7 @@ class SlackChannel:
         await self._submit(message, thread, staged)
 
     async def _submit(self, message: SlackMessage, thread: Thread, staged: tuple[Path, ...]) -> None:
-        info = await self._pool.info(message.conversation_id)
+        info = await self._conversations.info(message.conversation_id)
         queued = info is not None and info.state == "busy"
         mark = await self._show_status(message, queued)
         prompt = await self._prompt(message)
@@ -420,7 +434,7 @@ class SlackChannel:
             self._approver(message, thread),
             user=message.user,
         )
-        turn = await self._pool.submit(inbound)
+        turn = await self._conversations.submit(inbound)
         metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="accepted").inc()
         await self._remember_thread(message)
         self._lanes.spawn(self._deliver(message, thread, turn, mark), name=f"slack-reply:{message.conversation_id}")
@@ -556,19 +570,19 @@ class SlackChannel:
         cid = message.conversation_id
         log.info("slack_control", conversation=cid, word=message.control, user=message.user)
         if message.control == "reset":
-            await self._pool.reset(cid)
+            await self._conversations.reset(cid)
             await thread.post(":recycle: Started a fresh session for this thread. Files in its workspace stay.")
         elif message.control == "cancel":
-            cancelled = await self._pool.cancel(cid)
+            cancelled = await self._conversations.cancel(cid)
             await thread.post(
                 ":octagonal_sign: Cancelled the running turn." if cancelled else "Nothing is running here."
             )
         else:
-            await thread.post(stats_text(await self._pool.info(cid)))
+            await thread.post(stats_text(await self._conversations.info(cid)))
 
     # -- delivery -------------------------------------------------------------------
 
-    async def _deliver(self, message: SlackMessage, thread: Thread, turn: Turn, mark: str | None) -> None:
+    async def _deliver(self, message: SlackMessage, thread: Thread, turn: TurnHandle, mark: str | None) -> None:
         logger = log.bind(conversation=message.conversation_id, channel=message.channel)
         try:
             writer = AutoWriter(thread, self._streaming, self._streaming_unavailable)

@@ -20,8 +20,9 @@ import aiohttp
 
 from bot import logs
 from bot.config import AgentConfig, BudgetConfig, GatewayConfig, LogConfig
+from bot.core import Caller
 from bot.gateway import Gateway
-from bot.ledger import Caller, Ledger, Prices
+from bot.ledger import Ledger, Prices
 from bot.store import SqliteStore
 from tests.fakes.model import FakeModel
 
