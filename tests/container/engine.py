@@ -239,8 +239,14 @@ def kube_play(manifest: Path, seccomp_root: Path) -> None:
 
 
 def kube_down(manifest: Path, name: str) -> None:
+    """Remove the pod, its claim's volume and the volumes podman made of the manifest's ConfigMaps.
+
+    ``kube down`` leaves those volumes; a ConfigMap's would be reused, stale, by the next play.
+    """
     podman("kube", "down", str(manifest), check=False)
-    podman("volume", "rm", "--force", f"{name}-data", check=False)
+    configmaps = [d["metadata"]["name"] for d in yaml.safe_load_all(manifest.read_text()) if d["kind"] == "ConfigMap"]
+    for volume in (f"{name}-data", *configmaps):
+        podman("volume", "rm", "--force", volume, check=False)
 
 
 def pod_ip(name: str) -> str:
