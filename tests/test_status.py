@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import aiohttp
 from playwright.async_api import Browser, Page, async_playwright
 
 from bot.config import HttpConfig
-from bot.core import Inbound
+from bot.core import Channel, ChannelStatus, Inbound
 from bot.http import STATUS_COOKIE, Api
 from bot.status import RecentEvents
 from tests.conftest import PoolFactory
@@ -138,10 +139,12 @@ async def test_a_hostile_conversation_id_is_shown_as_text(tmp_path: Path, fake_m
 
 
 @contextlib.asynccontextmanager
-async def exposed_api(make_pool: PoolFactory, listen: str = "0.0.0.0:0") -> AsyncIterator[str]:
+async def exposed_api(
+    make_pool: PoolFactory, listen: str = "0.0.0.0:0", channels: Sequence[Channel] = ()
+) -> AsyncIterator[str]:
     """The HTTP server listening on every interface (beyond loopback), with its required token."""
     pool = await make_pool()
-    server = Api(HttpConfig(listen=listen, api_token=TOKEN), pool, pool.store)
+    server = Api(HttpConfig(listen=listen, api_token=TOKEN), pool, pool.store, channels=channels)
     await server.start()
     try:
         yield f"http://127.0.0.1:{server.port}"
@@ -221,6 +224,31 @@ async def test_the_sign_in_page_says_where_the_daemon_listens(make_pool: PoolFac
         assert response is not None and response.status == 401
         said = await page.inner_text("body")
         assert "listens only on loopback (127.0.0.1:0)" in said and "beyond" not in said
+
+
+@dataclass
+class StoppedSlack:
+    """A channel as Slack's looks once the app was uninstalled: stopped for good, with the reason."""
+
+    name: str = "slack"
+
+    async def start(self) -> None: ...
+
+    async def stop_intake(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def status(self) -> ChannelStatus:
+        return ChannelStatus(self.name, False, 0, stopped="app_uninstalled: <b>reinstall</b> the app")
+
+
+async def test_a_stopped_channel_shows_why_on_the_page(make_pool: PoolFactory) -> None:
+    async with exposed_api(make_pool, channels=[StoppedSlack()]) as url, chromium() as browser:
+        page = await browser.new_page()
+        await sign_in(page, url)
+        cell = '[...document.querySelectorAll("#channels tr td")].map((td) => td.textContent)'
+        await until(page, f"{cell}.includes('stopped: app_uninstalled: <b>reinstall</b> the app')")
+        assert await page.locator("#channels b").count() == 0  # the reason is text, never markup
 
 
 async def test_sign_in_attempts_are_rate_limited_per_client(make_pool: PoolFactory) -> None:
