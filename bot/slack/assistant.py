@@ -96,6 +96,16 @@ def context_block(context: dict[str, str]) -> str:
     )
 
 
+async def _saved(save: AsyncSaveThreadContext, context: dict[str, str] | None, bound: Any) -> bool:
+    """Keep the viewed channel ({} when Slack sent none usable); a store failure is logged, not raised."""
+    try:
+        await save(context or {})
+    except StoreError as exc:
+        bound.error("store_error", error=str(exc))
+        return False
+    return True
+
+
 def _json_or_none(raw: str) -> Any:
     try:
         return json.loads(raw)
@@ -197,10 +207,7 @@ class AssistantSurface:
         context = viewed_channel(thread.get("context"))
         if context is None:
             bound.warning("slack_assistant_no_context", note="the agent is not told which channel is viewed")
-        try:
-            await save_thread_context(context or {})
-        except StoreError as exc:
-            bound.error("store_error", error=str(exc))
+        await _saved(save_thread_context, context, bound)
         rule = self._refusal(body, thread)
         if rule is not None:
             bound.warning("slack_refused", rule=str(rule), note="no suggested prompts")
@@ -233,10 +240,7 @@ class AssistantSurface:
         bound = log.bind(channel=thread["channel_id"], thread_ts=thread["thread_ts"])
         if context is None:
             bound.warning("slack_assistant_bad_context", note="the viewed channel is forgotten")
-        try:
-            await save_thread_context(context or {})
-        except StoreError as exc:
-            bound.error("store_error", error=str(exc))
+        if not await _saved(save_thread_context, context, bound):
             return
         bound.info("slack_assistant_context_changed", viewing=(context or {}).get("channel_id"))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from bot import logs, procs
 from bot.config import LogConfig
 from bot.core import Inbound
-from tests.bench.bench_pool import GATEWAYS, make_pool
+from tests.bench.bench_pool import close_gateways, make_pool
 from tests.fakes.model_process import ModelProcess
 
 
@@ -76,8 +76,7 @@ async def main(sessions: int, seconds: float) -> None:
         f" -> {old / new:.1f}x less"
     )
     await pool.close(grace_s=5)
-    for gateway in GATEWAYS:
-        await gateway.close()
+    await close_gateways()
     model.stop()
 
 

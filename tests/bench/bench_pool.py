@@ -164,6 +164,12 @@ async def fleet(pool: Pool, conversations: int, turns: int) -> tuple[int, int, f
 GATEWAYS: list[Gateway] = []
 
 
+async def close_gateways() -> None:
+    """Close every gateway ``make_pool`` started."""
+    while GATEWAYS:
+        await GATEWAYS.pop().close()
+
+
 async def make_pool(model: ModelProcess, root: Path, **pool: object) -> Pool:
     """A pool as the daemon runs it: every CLI talks to the model through a gateway."""
     settings = make_settings(root / uuid.uuid4().hex, model, pool=dict(pool))
@@ -227,8 +233,7 @@ async def main(repeats: int, quick: bool) -> None:
         f" {lost} lost, {duplicated} duplicated,"
         f" peak RSS sum {peak:.0f} MiB vs memory_budget_mb {budget} ({elapsed:.1f} s)"
     )
-    for gateway in GATEWAYS:
-        await gateway.close()
+    await close_gateways()
     model.stop()
 
 

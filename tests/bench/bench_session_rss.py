@@ -18,7 +18,7 @@ from pathlib import Path
 from bot import logs, procs
 from bot.config import LogConfig
 from bot.core import Inbound
-from tests.bench.bench_pool import GATEWAYS, make_pool
+from tests.bench.bench_pool import close_gateways, make_pool
 from tests.fakes.model_process import ModelProcess
 
 TOOLS = {
@@ -57,8 +57,7 @@ async def main(runs: int) -> None:
             f"run {run}: session RSS with tool use: "
             + ", ".join(f"after {turn} turns {now:.0f} MiB (peak {peak:.0f})" for turn, (now, peak) in marks.items())
         )
-    for gateway in GATEWAYS:
-        await gateway.close()
+    await close_gateways()
     model.stop()
 
 
