@@ -347,7 +347,7 @@ class RouteProvider(Protocol):
     def routes(self) -> list[Route]: ...
 
 
-# -- conversation state (implemented by ``bot.store`` and ``bot.store_redis``) --------------------
+# -- conversation state (implemented by ``bot.store`` and ``bot.store.redis``) --------------------
 
 
 class StoreError(Exception):
@@ -400,7 +400,7 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     # Small named values with a lifetime: dedupe claims, checkpoints, outboxes,
-    # counters.  Names come from ``bot.keys``.
+    # counters.  Names come from ``bot.store.keys``.
 
     async def claim(self, name: str, ttl_s: int) -> bool:
         """Set ``name`` unless it is already set: True for exactly one caller per TTL."""

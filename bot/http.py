@@ -36,8 +36,8 @@ from bot.core import (
     Store,
     StoreError,
 )
+from bot.gateway.ledger import Ledger
 from bot.jobs import JobError, JobInfo, Scheduler
-from bot.ledger import Ledger
 from bot.status import MirrorStatus, PoolStatus, SessionStatus, StatusSnapshot
 
 log = structlog.get_logger(__name__)

@@ -24,10 +24,11 @@ from apscheduler.executors.base import BaseExecutor
 from apscheduler.job import Job as ApsJob
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from bot import keys, metrics
+from bot import metrics
 from bot.config import ScheduleConfig, Settings
 from bot.core import Conversations, Courier, DeliveryError, Failure, Inbound, Store, StoreError
 from bot.cron import trigger_for
+from bot.store import keys
 
 log = structlog.get_logger(__name__)
 

@@ -11,8 +11,8 @@ from bot.agent import ClaudeLauncher
 from bot.config import AgentConfig, HttpConfig, PoolConfig, Settings, StoreConfig
 from bot.core import Store
 from bot.pool import Pool
-from bot.store import SqliteStore
-from bot.store_redis import RedisStore
+from bot.store.redis import RedisStore
+from bot.store.sqlite import SqliteStore
 from tests import daemon_proc, leaks
 from tests.fakes.mailserver import MailServer
 from tests.fakes.model import FakeModel

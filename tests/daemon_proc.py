@@ -37,7 +37,7 @@ class DaemonProcess:
         extra_env: dict[str, str] | None = None,
         toml: str = "",
         http_toml: str = "",
-        module: str = "bot.cli",
+        module: str = "bot.app.cli",
     ) -> None:
         self.port = free_port()
         self.config = tmp / "agentd.toml"

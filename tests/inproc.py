@@ -1,4 +1,4 @@
-"""Runs the real daemon (``bot.daemon.serve``) in-process, so tests can reach its parts and its store."""
+"""Runs the real daemon (``bot.app.daemon.serve``) in-process, so tests can reach its parts and its store."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel
 
+from bot.app.daemon import Running, serve
 from bot.core import Caller
-from bot.daemon import Running, serve
-from bot.store import SqliteStore
+from bot.store.sqlite import SqliteStore
 from tests.conftest import make_settings
 from tests.fakes.model import FakeModel
 from tests.fakes.redis_server import free_port

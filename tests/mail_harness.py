@@ -10,9 +10,9 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from bot import keys
 from bot.config import EmailConfig
-from bot.store import SqliteStore
+from bot.store import keys
+from bot.store.sqlite import SqliteStore
 from tests.fakes.mailserver import DOMAIN, PASSWORD, MailServer
 from tests.fakes.model import FakeModel
 from tests.helpers import wait_for

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from bot import cli, daemon
+from bot.app import cli, daemon
 from bot.pool import Pool
 
 

@@ -6,14 +6,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-ENGINE = ("claude_agent_sdk", "mcp", "slack_bolt", "slack_sdk", "aioimaplib", "aiosmtplib", "bot.daemon", "bot.pool")
+ENGINE = (
+    "claude_agent_sdk",
+    "mcp",
+    "slack_bolt",
+    "slack_sdk",
+    "aioimaplib",
+    "aiosmtplib",
+    "bot.app.daemon",
+    "bot.pool",
+)
 # Not the engine, but each costs more start-up than the command's own work: none for --help, and the
 # one-request commands use the stdlib's HTTP client.
 HEAVY = ("aiohttp", "pydantic", "bot.config", "structlog")
 
 PROBE = """
 import sys
-from bot import cli
+from bot.app import cli
 try:
     cli.main(sys.argv[1:])
 except SystemExit:

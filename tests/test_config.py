@@ -56,7 +56,7 @@ def test_invalid_config_names_the_key(tmp_path: Path, toml: str, key: str) -> No
 def test_cli_reports_bad_config_in_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, "[pool]\nmax_sessions = 0\n")
     result = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "--config", str(path), "run"], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "bot.app.cli", "--config", str(path), "run"], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
@@ -66,7 +66,7 @@ def test_cli_reports_bad_config_in_one_line(tmp_path: Path) -> None:
 def test_config_command_redacts_secrets(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "ANTHROPIC_API_KEY": "sk-very-secret", "AGENTD_API_TOKEN": "api-secret"}
     result = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "config"], capture_output=True, text=True, timeout=30, env=env
+        [sys.executable, "-m", "bot.app.cli", "config"], capture_output=True, text=True, timeout=30, env=env
     )
     assert result.returncode == 0, result.stderr
     assert "sk-very-secret" not in result.stdout and "api-secret" not in result.stdout

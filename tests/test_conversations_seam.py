@@ -13,7 +13,7 @@ from pathlib import Path
 from bot.config import AgentConfig, Settings, SlackConfig, StoreConfig
 from bot.core import Conversations, Inbound, Outcome, SessionInfo
 from bot.slack import SlackChannel
-from bot.store import SqliteStore
+from bot.store.sqlite import SqliteStore
 from tests.fakes.slack import FakeSlack
 from tests.slack_harness import wait_done, wait_reply
 

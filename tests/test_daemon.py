@@ -29,7 +29,7 @@ async def daemon(tmp_path: Path, fake_model: FakeModel) -> AsyncIterator[DaemonP
 
 
 async def run_cli(daemon: DaemonProcess, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "bot.cli", "--config", str(daemon.config), *args]
+    command = [sys.executable, "-m", "bot.app.cli", "--config", str(daemon.config), *args]
     return await asyncio.to_thread(
         subprocess.run, command, input=stdin, env=daemon.env, capture_output=True, text=True, timeout=60
     )

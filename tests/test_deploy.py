@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from bot import daemon
+from bot.app import daemon
 from bot.config import HttpConfig, PoolConfig, load_settings
 
 ROOT = Path(__file__).parent.parent

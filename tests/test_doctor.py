@@ -20,9 +20,9 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
-from bot import doctor
+from bot.app import doctor
+from bot.app.doctor import Check, Finding, Mark
 from bot.config import EmailConfig, Settings, SlackConfig, TriageConfig
-from bot.doctor import Check, Finding, Mark
 from bot.probe import Caveat, ProbeFailed
 from bot.slack.probe import MANIFEST_SCOPES
 from tests.conftest import make_settings
@@ -431,7 +431,7 @@ async def test_gateway_off_is_skipped(tmp_path: Path, fake_model: FakeModel) -> 
 
 def doctor_command(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "bot.cli", "doctor", "--config", str(config), "--timeout", "10"],
+        [sys.executable, "-m", "bot.app.cli", "doctor", "--config", str(config), "--timeout", "10"],
         env=env,
         capture_output=True,
         text=True,

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bot import handover
+from bot.app import handover
 from tests.daemon_proc import SECRETS, DaemonProcess
 from tests.fakes.model import FakeModel, ToolUse
 
@@ -25,7 +25,7 @@ SECRET_VALUES = [*SECRETS.values(), "sk-test-anthropic-key"]
 def agentd(args: list[str], config: Path, path: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {"PATH": path, "HOME": os.environ.get("HOME", "/root"), "ANTHROPIC_API_KEY": "sk-x", **env}
     return subprocess.run(
-        [sys.executable, "-m", "bot.cli", "--config", str(config), *args],
+        [sys.executable, "-m", "bot.app.cli", "--config", str(config), *args],
         env=environ,
         capture_output=True,
         text=True,

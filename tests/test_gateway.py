@@ -13,7 +13,7 @@ import pytest
 
 from bot.config import PriceConfig
 from bot.core import Failure, Inbound
-from bot.ledger import Prices, Usage
+from bot.gateway.ledger import Prices, Usage
 from tests.daemon_proc import DaemonProcess
 from tests.fakes.mailserver import MailServer, message
 from tests.fakes.model import FakeModel, ToolUse

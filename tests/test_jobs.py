@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from bot.store_redis import RedisStore
+from bot.store.redis import RedisStore
 from tests.daemon_proc import DaemonProcess
 from tests.fakes.model import FakeModel, RecordedRequest
 from tests.fakes.redis_server import RedisServer
@@ -130,7 +130,7 @@ async def test_run_pause_and_resume_through_the_api_and_the_cli(
 async def agentd(tmp_path: Path, *args: str) -> str:
     result = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "bot.cli", *args],
+        [sys.executable, "-m", "bot.app.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,

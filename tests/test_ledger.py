@@ -9,12 +9,12 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from bot import keys
 from bot.config import DEFAULT_MODEL, AgentConfig, BudgetConfig, GatewayConfig, Settings
 from bot.core import Caller, Store, StoreError
-from bot.gateway import Gateway
-from bot.ledger import Ledger, Prices, Usage, today
-from bot.store_redis import RedisStore
+from bot.gateway.ledger import Ledger, Prices, Usage, today
+from bot.gateway.proxy import Gateway
+from bot.store import keys
+from bot.store.redis import RedisStore
 from tests.fakes.model import FakeModel
 from tests.fakes.redis_server import RedisServer
 from tests.helpers import wait_for

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from bot import keys
+from bot.store import keys
 from tests.daemon_proc import DaemonProcess
 from tests.fakes.mailserver import DOMAIN, PASSWORD, MailServer, message
 from tests.fakes.model import FakeModel

@@ -53,7 +53,7 @@ class Once:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bot.cli",
+            "bot.app.cli",
             "--config",
             str(self.config),
             "once",

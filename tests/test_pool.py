@@ -10,7 +10,7 @@ import pytest
 
 from bot import procs
 from bot.core import Failure, Inbound
-from bot.store import SqliteStore
+from bot.store.sqlite import SqliteStore
 from tests.conftest import PoolFactory
 from tests.fakes.model import FakeModel
 from tests.helpers import wait_until

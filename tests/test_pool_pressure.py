@@ -16,7 +16,7 @@ from bot import files, procs
 from bot.agent import ClaudeLauncher
 from bot.core import AgentSession, Failure, Inbound, Outcome, SessionSpec
 from bot.pool import LOST_CONTEXT_NOTICE, Pool
-from bot.store import SqliteStore
+from bot.store.sqlite import SqliteStore
 from tests.conftest import PoolFactory, make_settings
 from tests.fakes.model import FakeModel
 from tests.helpers import wait_until

@@ -13,7 +13,7 @@ import aiohttp
 import psutil
 import pytest
 
-from bot import daemon
+from bot.app import daemon
 from bot.config import HttpConfig
 from tests.fakes.model import FakeModel
 from tests.helpers import gone, wait_until

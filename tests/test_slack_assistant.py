@@ -18,9 +18,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bot import keys
 from bot.config import ConfigError, load_settings
 from bot.slack.assistant import FEEDBACK, TITLE_CHARS, context_block, title_from, viewed_channel, well_formed
+from bot.store import keys
 from tests.fakes.model import FakeModel
 from tests.fakes.slack import FakeSlack
 from tests.helpers import wait_for, wait_until

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bot.core import ConversationRecord, Inbound, Store, StoreError
-from bot.store import SqliteStore
-from bot.store_redis import RedisStore
+from bot.store.redis import RedisStore
+from bot.store.sqlite import SqliteStore
 from tests.conftest import PoolFactory
 from tests.fakes.model import FakeModel
 from tests.fakes.redis_server import RedisServer, free_port

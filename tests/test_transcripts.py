@@ -16,13 +16,13 @@ import pytest
 import redis.asyncio as redis
 from claude_agent_sdk.testing import run_session_store_conformance
 
-from bot import keys
 from bot.agent import ClaudeLauncher
 from bot.agent.transcripts import Backfill, RedisSessionStore, Transcripts, durability
+from bot.app.daemon import unstable_data_dir
 from bot.core import Inbound
-from bot.daemon import unstable_data_dir
 from bot.pool import LOST_CONTEXT_NOTICE, Pool
-from bot.store import SqliteStore
+from bot.store import keys
+from bot.store.sqlite import SqliteStore
 from tests.bench.bench_mirror import measure
 from tests.conftest import make_settings
 from tests.daemon_proc import DaemonProcess
@@ -257,7 +257,7 @@ async def test_sessions_import_with_redis_down_fails_clearly(
 
 def run_cli(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "bot.cli", "--config", str(daemon.config), *args],
+        [sys.executable, "-m", "bot.app.cli", "--config", str(daemon.config), *args],
         env=daemon.env,
         capture_output=True,
         text=True,

@@ -46,8 +46,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bot import keys, metrics
+from bot import metrics
 from bot.core import SessionSpec, StoreError
+from bot.store import keys
 
 log = structlog.get_logger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 import aiosmtplib
 import structlog
 
-from bot import keys, metrics
+from bot import metrics
 from bot.config import Settings
 from bot.core import (
     ChannelStatus,
@@ -47,6 +47,7 @@ from bot.mail.parse import Mail, addresses, message_id, parse, raw_body
 from bot.mail.smtp import SendError
 from bot.mail.tools import MailTools
 from bot.mail.worker import ParseWorker, WorkerFailed
+from bot.store import keys
 
 log = structlog.get_logger(__name__)
 

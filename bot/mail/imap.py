@@ -24,10 +24,11 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from bot import keys, metrics
+from bot import metrics
 from bot.config import EmailConfig
 from bot.core import Store, StoreError
 from bot.mail.mailbox import ImapError, Mailbox, text_of
+from bot.store import keys
 
 log = structlog.get_logger(__name__)
 

@@ -33,11 +33,12 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.models.blocks import ContextActionsBlock, FeedbackButtonObject, FeedbackButtonsElement
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import keys, metrics
+from bot import metrics
 from bot.config import SlackConfig, SuggestedPrompt
 from bot.core import Outcome, Store, StoreError
 from bot.slack import events
 from bot.slack.events import SlackMessage
+from bot.store import keys
 
 log = structlog.get_logger(__name__)
 

@@ -34,7 +34,7 @@ from slack_sdk.socket_mode.request import SocketModeRequest
 from slack_sdk.web.async_client import AsyncWebClient
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from bot import keys, metrics
+from bot import metrics
 from bot.config import ConfigError, Settings
 from bot.core import (
     Approver,
@@ -59,6 +59,7 @@ from bot.slack.approvals import APPROVE, DENY, Approvals, Click
 from bot.slack.assistant import AssistantSurface
 from bot.slack.events import Identity, SlackMessage
 from bot.slack.reply import AutoWriter, Thread
+from bot.store import keys
 
 log = structlog.get_logger(__name__)
 

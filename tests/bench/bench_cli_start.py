@@ -16,8 +16,8 @@ import sys
 import time
 
 COMMANDS = {
-    "agentd --help": [sys.executable, "-m", "bot.cli", "--help"],
-    "agentd sessions": [sys.executable, "-m", "bot.cli", "sessions", "--url", "http://127.0.0.1:9"],
+    "agentd --help": [sys.executable, "-m", "bot.app.cli", "--help"],
+    "agentd sessions": [sys.executable, "-m", "bot.app.cli", "sessions", "--url", "http://127.0.0.1:9"],
 }
 BASELINE = [sys.executable, "-c", "pass"]
 

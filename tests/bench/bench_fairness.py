@@ -25,7 +25,7 @@ from bot import logs
 from bot.config import AgentConfig, LogConfig, PoolConfig, Settings, StoreConfig
 from bot.core import AgentSession, Inbound, SessionSpec, TurnContext, TurnDone
 from bot.pool import Pool
-from bot.store import SqliteStore
+from bot.store.sqlite import SqliteStore
 from tests.bench.bench_lru import InstantLauncher, InstantSession
 
 HEAVY_TURN_S = 0.4

@@ -21,9 +21,9 @@ import aiohttp
 from bot import logs
 from bot.config import AgentConfig, BudgetConfig, GatewayConfig, LogConfig
 from bot.core import Caller
-from bot.gateway import Gateway
-from bot.ledger import Ledger, Prices
-from bot.store import SqliteStore
+from bot.gateway.ledger import Ledger, Prices
+from bot.gateway.proxy import Gateway
+from bot.store.sqlite import SqliteStore
 from tests.fakes.model import FakeModel
 
 REQUEST = {

@@ -27,7 +27,7 @@ from bot import logs
 from bot.config import AgentConfig, LogConfig, PoolConfig, Settings, StoreConfig
 from bot.core import AgentSession, Inbound, SessionSpec, TextDelta, TurnContext, TurnDone
 from bot.pool import LOST_CONTEXT_NOTICE, Pool
-from bot.store import SqliteStore
+from bot.store.sqlite import SqliteStore
 
 
 @dataclass(frozen=True)

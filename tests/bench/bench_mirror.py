@@ -21,11 +21,11 @@ from bot import logs
 from bot.agent import ClaudeLauncher
 from bot.agent.transcripts import Flush, Transcripts
 from bot.config import HttpConfig, LogConfig
-from bot.gateway import Gateway
+from bot.gateway.ledger import Ledger, Prices
+from bot.gateway.proxy import Gateway
 from bot.http import Api
-from bot.ledger import Ledger, Prices
 from bot.pool import Pool
-from bot.store import SqliteStore
+from bot.store.sqlite import SqliteStore
 from tests.bench.bench_pool import bare_turn, connected_bare, median_ms, timed
 from tests.conftest import make_settings
 from tests.fakes.model import FakeModel

@@ -22,11 +22,11 @@ from bot import logs, procs
 from bot.agent import ClaudeLauncher
 from bot.config import HttpConfig, LogConfig
 from bot.core import Inbound
-from bot.gateway import Gateway
+from bot.gateway.ledger import Ledger, Prices
+from bot.gateway.proxy import Gateway
 from bot.http import Api
-from bot.ledger import Ledger, Prices
 from bot.pool import Pool
-from bot.store import SqliteStore
+from bot.store.sqlite import SqliteStore
 from tests.conftest import make_settings
 from tests.fakes.model_process import ModelProcess
 from tests.helpers import wait_until

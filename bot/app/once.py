@@ -20,6 +20,7 @@ import structlog
 
 from bot import procs, workdir_fs
 from bot.agent import ClaudeLauncher
+from bot.app.daemon import open_store
 from bot.config import ConfigError, Settings
 from bot.core import (
     AgentCrashed,
@@ -32,9 +33,8 @@ from bot.core import (
     TurnContext,
     TurnDone,
 )
-from bot.daemon import open_store
-from bot.gateway import Gateway
-from bot.ledger import Ledger, Prices
+from bot.gateway.ledger import Ledger, Prices
+from bot.gateway.proxy import Gateway
 from bot.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)

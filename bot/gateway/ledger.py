@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from bot import keys, metrics
+from bot import metrics
 from bot.config import BudgetConfig, PriceConfig
 from bot.core import BudgetStop, Caller, Store, StoreError
+from bot.store import keys
 
 log = structlog.get_logger(__name__)
 

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     import aiohttp
 
     from bot.agent.transcripts import Transcripts
+    from bot.app.once import OnceRequest, OnceResult
     from bot.config import Settings
-    from bot.once import OnceRequest, OnceResult
 
 
 class CommandFailed(Exception):
@@ -33,12 +33,12 @@ class DaemonUnreachable(OSError):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from bot import handover
+    from bot.app import handover
 
     if args.command in ("run", "once") and argv is None and not handover.take_handed_over(os.environ):
         handover.reexec_without_secrets(os.environ)  # returns only when there are no secrets to move
     if args.command == "doctor":  # an invalid config is one of its findings, not a stop
-        from bot import doctor
+        from bot.app import doctor
 
         return doctor.main(args.config or _env_config(), os.environ, args.timeout)
     from bot import logs
@@ -130,7 +130,7 @@ def _once(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio
 
     from bot import logs
-    from bot.once import OnceRequest
+    from bot.app.once import OnceRequest
     from bot.security import scrub_environ
 
     _refuse_without_sandbox(settings)
@@ -173,7 +173,7 @@ async def _once_main(settings: Settings, request: OnceRequest) -> OnceResult | N
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, task.cancel)
     try:
-        from bot.once import run_once
+        from bot.app.once import run_once
 
         return await run_once(settings, request)
     except asyncio.CancelledError:
@@ -182,7 +182,7 @@ async def _once_main(settings: Settings, request: OnceRequest) -> OnceResult | N
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     _refuse_without_sandbox(settings)
-    from bot import daemon
+    from bot.app import daemon
 
     daemon.run(settings)
     return 0

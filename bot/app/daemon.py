@@ -28,14 +28,14 @@ from bot.agent import ClaudeLauncher
 from bot.agent.transcripts import Transcripts
 from bot.config import HttpConfig, Settings
 from bot.core import Channel, Conversations, Courier, RouteProvider, Store, StoreError, ToolProvider
-from bot.gateway import Gateway
+from bot.gateway.ledger import Ledger, Prices
+from bot.gateway.proxy import Gateway
 from bot.http import Api
 from bot.jobs import Scheduler
-from bot.ledger import Ledger, Prices
 from bot.pool import Pool
 from bot.security import scrub_environ
-from bot.store import SqliteStore
-from bot.store_redis import RedisStore
+from bot.store.redis import RedisStore
+from bot.store.sqlite import SqliteStore
 from bot.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)

@@ -27,7 +27,7 @@ from aiohttp import web
 from bot import metrics
 from bot.config import AgentConfig, GatewayConfig
 from bot.core import BudgetStop, Caller, StoreError
-from bot.ledger import Ledger, Usage
+from bot.gateway.ledger import Ledger, Usage
 
 log = structlog.get_logger(__name__)
 

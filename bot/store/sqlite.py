@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bot import keys
 from bot.core import ConversationRecord, Store, StoreError
+from bot.store import keys
 
 # The protocol and its values live in bot.core; re-exported for code that imported them from here.
 __all__ = ["ConversationRecord", "SqliteStore", "Store", "StoreError"]

@@ -13,8 +13,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bot import keys
 from bot.core import ConversationRecord, StoreError
+from bot.store import keys
 
 T = TypeVar("T")
 
