@@ -13,11 +13,11 @@ from bot.core import Store
 from bot.pool import Pool
 from bot.store.redis import RedisStore
 from bot.store.sqlite import SqliteStore
-from tests import daemon_proc, leaks
 from tests.fakes.mailserver import MailServer
 from tests.fakes.model import FakeModel
 from tests.fakes.redis_server import RedisServer
 from tests.fakes.slack import FakeSlack
+from tests.support import daemon_proc, leaks
 
 RUN = pytest.StashKey[leaks.RunSnapshot]()
 
@@ -26,6 +26,16 @@ RUN = pytest.StashKey[leaks.RunSnapshot]()
 def _snapshot_processes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Before the first test: what runs already, so the session-end check blames only this run."""
     request.config.stash[RUN] = leaks.RunSnapshot.take(tmp_path_factory.getbasetemp(), leaks.mark_environment())
+
+
+UNIT = Path(__file__).parent / "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests under tests/unit/ are the pure ones: ``bash tests/run -m unit`` runs them alone."""
+    for item in items:
+        if item.path.is_relative_to(UNIT):
+            item.add_marker(pytest.mark.unit)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from tests.mail_corpus import figures, samples
+from tests.support.mail_corpus import figures, samples
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from bot.pool import Pool
 from bot.store.sqlite import SqliteStore
 from tests.conftest import make_settings
 from tests.fakes.model_process import ModelProcess
-from tests.helpers import wait_until
+from tests.support.helpers import wait_until
 
 
 async def timed(action: Callable[[], Awaitable[object]]) -> float:

@@ -23,8 +23,8 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from tests.daemon_proc import DaemonProcess
 from tests.fakes.model_process import ModelProcess
+from tests.support.daemon_proc import DaemonProcess
 
 SPAWN_ESTIMATE_MB = 280
 

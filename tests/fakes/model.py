@@ -105,7 +105,7 @@ class FakeModel:
     on_request: Callable[[RecordedRequest], None] | None = None
     api_keys: set[str] | None = None  # when set, any other key is refused with 401 as the real API does
     paths: list[str] = field(default_factory=list)  # "METHOD path?query" of every request, in order
-    host: str = "127.0.0.1"  # 0.0.0.0 for a container on a bridge network (tests/test_container.py)
+    host: str = "127.0.0.1"  # 0.0.0.0 for a container on a bridge network (tests/integration/deploy/test_container.py)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
     _runner: web.AppRunner | None = None
 

@@ -27,7 +27,7 @@ from urllib.parse import quote
 from aiohttp import WSMsgType, web
 
 from bot.slack.probe import MANIFEST_SCOPES
-from tests.helpers import wait_until
+from tests.support.helpers import wait_until
 
 MAX_TEXT = 40_000  # chat.postMessage text
 MAX_MARKDOWN = 12_000  # markdown_text params, markdown_text chunks and markdown blocks
