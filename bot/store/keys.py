@@ -198,3 +198,19 @@ def transcript_summary(project_key: str, session_id: str) -> str:
 def transcript_sessions(project_key: str) -> str:
     """A sorted set: session id -> last append time (epoch ms) of one project."""
     return f"{PREFIX}:tx:sessions:{{{_quoted(project_key)}}}"
+
+
+# -- Fleet (replicas on one Redis) ----------------------------------------------------
+# One conversation's lease and its fencing epoch share a hash tag, so one script sees both.
+# The epoch only grows (INCR on every new owner) and outlives leases: it is kept as long as the
+# conversation record. A lease lives lease_ttl_s unless its owner renews it.
+
+
+def conversation_lease(conversation_id: str) -> str:
+    """``"<replica> <epoch>"`` while a replica owns the conversation's live process."""
+    return f"{PREFIX}:fleet:{{{_quoted(conversation_id)}}}:lease"
+
+
+def conversation_epoch(conversation_id: str) -> str:
+    """The fencing token of the conversation's latest owner (an INCR counter)."""
+    return f"{PREFIX}:fleet:{{{_quoted(conversation_id)}}}:epoch"
