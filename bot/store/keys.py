@@ -214,3 +214,11 @@ def conversation_lease(conversation_id: str) -> str:
 def conversation_epoch(conversation_id: str) -> str:
     """The fencing token of the conversation's latest owner (an INCR counter)."""
     return f"{PREFIX}:fleet:{{{_quoted(conversation_id)}}}:epoch"
+
+
+FLEET_REPLICAS = f"{PREFIX}:fleet:replicas"  # sorted set: replica -> its last heartbeat (epoch ms)
+
+
+def fleet_replica(replica: str) -> str:
+    """JSON: a replica's last heartbeat (its room, its address, its clock); expires unless renewed."""
+    return f"{PREFIX}:fleet:replica:{_quoted(replica)}"
