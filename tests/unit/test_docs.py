@@ -203,7 +203,7 @@ def links(path: Path) -> Iterator[str]:
                 yield target
 
 
-PAGES = [paths.ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+PAGES = [paths.ROOT / "README.md", paths.ROOT / "deploy" / "README.md", *sorted(DOCS.glob("*.md"))]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(paths.ROOT)))
