@@ -72,12 +72,13 @@ def _segments(key: str) -> list[str]:
 
 def _resolve(key: str) -> str | None:
     """The settings key a documented one names (free names as ``*``), or None if there is none."""
-    node, out = TREE, []
+    node, out = TREE, list[str]()
     for segment in _segments(key):
         name = segment if segment in node else ANY if ANY in node else None
         if name is None:
             return None
-        node, out = node[name], [*out, name]
+        node = node[name]
+        out.append(name)
     return ".".join(out) if not node else None
 
 
