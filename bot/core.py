@@ -424,6 +424,41 @@ class Store(Protocol):
         """Every live value whose name starts with ``prefix`` (ledger reports)."""
 
 
+# -- durable intake: every accepted message gets exactly one outcome, across crashes --------------
+
+
+@dataclass(frozen=True)
+class IntakeEntry:
+    """An inbound message, written durably before its source is acknowledged."""
+
+    key: str  # its identity at the source (Slack event id, Message-ID, Idempotency-Key, job occurrence)
+    conversation_id: str
+    payload: str  # JSON: what its channel needs to run it again after a crash
+    accepted_at: float
+
+
+@dataclass(frozen=True)
+class IntakeOutcome:
+    key: str
+    outcome: str  # JSON: the outcome as its channel recorded it
+    recorded_at: float
+
+
+class Intake(Protocol):
+    """Accept, then record the outcome, then forget: what was accepted and never finished is replayed."""
+
+    async def accept(self, entry: IntakeEntry) -> bool:
+        """True for the first acceptance of ``entry.key``; False for a retry or replay of it."""
+
+    async def record(self, key: str, outcome: str) -> None:
+        """The message's one outcome; from now on ``outcome(key)`` returns it and it is not replayed."""
+
+    async def outcome(self, key: str) -> IntakeOutcome | None: ...
+
+    async def unfinished(self) -> list[IntakeEntry]:
+        """Accepted, no outcome yet, oldest first: after a crash, these are run again."""
+
+
 # -- status: what ``/status`` asks of the channels and the transcript mirror ------------------------
 
 

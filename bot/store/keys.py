@@ -222,3 +222,25 @@ FLEET_REPLICAS = f"{PREFIX}:fleet:replicas"  # sorted set: replica -> its last h
 def fleet_replica(replica: str) -> str:
     """JSON: a replica's last heartbeat (its room, its address, its clock); expires unless renewed."""
     return f"{PREFIX}:fleet:replica:{_quoted(replica)}"
+
+
+# -- Durable intake -----------------------------------------------------------------------
+# Each replica appends what it accepts to its own stream, read by its own consumer in one group;
+# an entry is acknowledged and deleted once its outcome is recorded. A crashed replica's pending
+# entries are what another replica claims (XAUTOCLAIM). Outcomes are kept for retries and lookups.
+INTAKE_GROUP = "agentd"
+INTAKE_OUTCOME_TTL_S = 7 * DAY_S
+
+
+def intake_stream(replica: str) -> str:
+    return f"{PREFIX}:intake:{{{_quoted(replica)}}}"
+
+
+def intake_accepted(key: str) -> str:
+    """The stream entry id of an accepted message, by its key: a second acceptance is a retry."""
+    return f"{PREFIX}:intake:accepted:{_quoted(key)}"
+
+
+def intake_outcome(key: str) -> str:
+    """JSON ``{"outcome", "recorded_at"}`` of a message whose outcome is recorded."""
+    return f"{PREFIX}:intake:outcome:{_quoted(key)}"
