@@ -86,16 +86,18 @@ end
 local id = redis.call('XADD', KEYS[1], '*', 'key', ARGV[3], 'conversation', ARGV[4], 'payload', ARGV[5],
   'accepted_at', ARGV[6])
 redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
-redis.call('SET', KEYS[2], id, 'EX', ARGV[7])
+redis.call('SET', KEYS[2], KEYS[1] .. '\\n' .. id, 'EX', ARGV[7])
 return 1
 """
-# KEYS: stream, accepted, outcome.  ARGV: group, outcome_json, ttl_s.
+# KEYS: accepted, outcome.  ARGV: group, outcome_json, ttl_s.  The entry is acknowledged on the stream
+# it was accepted into, whichever replica records it (after a failover, not the one that accepted it).
 _RECORD = """
-local id = redis.call('GET', KEYS[2])
-redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
-if id then
-  redis.call('XACK', KEYS[1], ARGV[1], id)
-  redis.call('XDEL', KEYS[1], id)
+local accepted = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+if accepted then
+  local stream, id = string.match(accepted, '^(.*)\\n(.*)$')
+  redis.call('XACK', stream, ARGV[1], id)
+  redis.call('XDEL', stream, id)
 end
 return 1
 """
@@ -131,7 +133,7 @@ class RedisIntake:
     async def record(self, key: str, outcome: str) -> None:
         recorded = json.dumps({"outcome": outcome, "recorded_at": time.time()})
         await self._record(
-            keys=[self._stream, keys.intake_accepted(key), keys.intake_outcome(key)],
+            keys=[keys.intake_accepted(key), keys.intake_outcome(key)],
             args=[keys.INTAKE_GROUP, recorded, keys.INTAKE_OUTCOME_TTL_S],
         )
 
@@ -149,6 +151,24 @@ class RedisIntake:
         reply: Any = await self._redis.xreadgroup(keys.INTAKE_GROUP, self.replica, {self._stream: "0"})
         entries: list[tuple[Any, Any]] = reply[0][1] if reply else []
         return [_entry(fields) for _id, fields in entries if fields]
+
+    async def adopt(self, replica: str, min_idle_s: float) -> list[IntakeEntry]:
+        """Take over a dead replica's unfinished entries (pending longer than ``min_idle_s``), oldest first.
+
+        Call it only once the replica's heartbeat has expired: a live replica's slow turn would
+        otherwise run twice. What is taken is this replica's to run and record from then on.
+        """
+        stream = keys.intake_stream(replica)
+        taken: list[IntakeEntry] = []
+        cursor = "0-0"
+        while True:
+            reply: Any = await self._redis.xautoclaim(
+                stream, keys.INTAKE_GROUP, self.replica, int(min_idle_s * 1000), start_id=cursor, count=100
+            )
+            cursor, entries = _text(reply[0]), reply[1]
+            taken += [_entry(fields) for _id, fields in entries if fields]
+            if cursor == "0-0":
+                return taken
 
     async def _ensure_group(self) -> None:
         if self._group_ready:

@@ -83,3 +83,24 @@ async def test_hostile_keys_and_payloads_are_kept_verbatim(opened: tuple[Intake,
     assert await intake.accept(entry(key, payload=payload))
     (kept,) = await intake.unfinished()
     assert (kept.key, kept.payload) == (key, payload)
+
+
+async def test_a_surviving_replica_adopts_a_dead_ones_unfinished_messages(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        tag = uuid.uuid4().hex[:8]
+        dead, alive = RedisIntake(client, f"dead-{tag}"), RedisIntake(client, f"alive-{tag}")
+        keys = [f"slack:event:{tag}-{i}" for i in range(3)]
+        for key in keys:
+            assert await dead.accept(entry(key))
+        await dead.record(keys[0], '{"ok": true}')
+        adopted = await alive.adopt(f"dead-{tag}", min_idle_s=0)
+        assert [e.key for e in adopted] == keys[1:]
+        assert await alive.adopt(f"dead-{tag}", min_idle_s=0) == adopted, "still pending until recorded"
+        for key in keys[1:]:
+            await alive.record(key, '{"ok": true, "by": "the survivor"}')
+        assert await alive.adopt(f"dead-{tag}", min_idle_s=0) == []
+        assert await RedisIntake(client, f"dead-{tag}").unfinished() == [], "the dead replica's restart runs none"
+        assert not await alive.accept(entry(keys[1])), "a retry of an adopted message is still a retry"
+    finally:
+        await client.aclose()
