@@ -21,7 +21,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 import structlog
@@ -116,19 +116,51 @@ class Turn:
         )
 
 
+class WorkerHost(Protocol):
+    """All a worker reaches of the pool that hosts it: room, persistence, spares, and what it serves with."""
+
+    settings: Settings
+    data_dir: Path
+    launcher: Launcher
+    telemetry: Telemetry
+    events: RecentEvents
+
+    @property
+    def stopping(self) -> bool: ...
+
+    async def admit(self, worker: Worker) -> bool:
+        """Wait for room under the pool's limits; False if refused (its turns are answered then)."""
+
+    async def restore_transcript(self, spec: SessionSpec) -> bool: ...
+
+    async def persist(self, record: ConversationRecord) -> None:
+        """Store the record; a store failure is logged, not raised."""
+
+    def spare_started(self) -> None:
+        """A spare's process is up: spawning spares works again."""
+
+    def fill_spares(self) -> None: ...
+
+    async def notify_room(self) -> None:
+        """This worker went idle: a waiter may now evict it."""
+
+    async def exited(self, worker: Worker) -> None:
+        """The process is gone: free its room, store its final record, hand its queued turns on."""
+
+
 class Worker:
     """Owns one CLI process for its whole life: connect, serve turns, disconnect, sweep its tree."""
 
     def __init__(
         self,
-        pool: Pool,
+        host: WorkerHost,
         record: ConversationRecord,
         resume: bool,
         spare: bool,
         profile: Profile,
         predecessor: Worker | None = None,
     ) -> None:
-        self.pool, self.record, self.resume, self.spare = pool, record, resume, spare
+        self.host, self.record, self.resume, self.spare = host, record, resume, spare
         # What this process is started with (tools, MCP servers, prompt): fixed for its life.
         self.profile = profile
         self.predecessor = predecessor
@@ -191,6 +223,25 @@ class Worker:
         self.spare, self.record = False, record
         self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
 
+    def spec(self) -> SessionSpec:
+        assert self.record.session_id is not None
+        return SessionSpec(
+            conversation_id=self.record.conversation_id,
+            workdir=Path(self.record.workdir),
+            config_dir=Path(self.record.config_dir),
+            data_dir=self.host.data_dir,
+            session_id=self.record.session_id,
+            resume=self.resume,
+            profile=self.profile,
+        )
+
+    def crashed(self, kind: str, detail: str) -> None:
+        metrics.CRASHES.labels(kind=kind).inc()
+        self.host.events.add("crash", self.record.conversation_id, f"{kind}: {detail}")
+
+    def _idle_deadline(self) -> float:
+        return max(self.last_used + self.host.settings.pool.idle_timeout_s - time.monotonic(), 0.0)
+
     def process_alive(self) -> bool:
         if self.pid is None:  # not connected yet, or a launcher without a process
             return True
@@ -203,12 +254,12 @@ class Worker:
                 self._inherit(self.predecessor.record)
                 self.predecessor = None
             # Retired before it ever started (its conversation moved on): no process needed.
-            if self.retire_reason is not None or not await self.pool.admit(self):
+            if self.retire_reason is not None or not await self.host.admit(self):
                 return
             await self._serve_all()
         except AgentCrashed as exc:
             self.log.error("crash", error=str(exc), pid=self.pid)
-            self.pool.crashed(self, "memory" if self.memory_kill_mb is not None else "turn", str(exc)[:200])
+            self.crashed("memory" if self.memory_kill_mb is not None else "turn", str(exc)[:200])
         except AgentError as exc:
             self.log.error("spawn_failed", error=str(exc))
             self.fail_queued(Failure.AGENT_ERROR, str(exc))
@@ -218,7 +269,7 @@ class Worker:
         finally:
             self.state = "closed"
             await self._sweep_tree()
-            await self.pool.worker_exited(self)
+            await self.host.exited(self)
 
     async def _sweep_tree(self) -> None:
         """Whatever the CLI left running (a killed CLI's sandbox helper) dies with it."""
@@ -238,7 +289,7 @@ class Worker:
             return
         if transcript_exists(Path(self.record.config_dir), self.record.session_id):
             return
-        if await self.pool.restore_transcript(self.pool.spec_for(self.record, self.resume, self.profile)):
+        if await self.host.restore_transcript(self.spec()):
             self.log.info("transcript_restored")
             return
         lost = self.record.session_id
@@ -252,9 +303,8 @@ class Worker:
 
     async def _serve_all(self) -> None:
         await self._recover_lost_transcript()
-        spec = self.pool.spec_for(self.record, self.resume, self.profile)
         started = time.monotonic()
-        async with self.pool.launcher.open(spec) as session:
+        async with self.host.launcher.open(self.spec()) as session:
             self.session, self.pid, self.state, self.connected = session, session.pid, "warm", True
             self.process = procs.handle(self.pid) if self.pid is not None else None
             self.remember_tree()
@@ -266,16 +316,17 @@ class Worker:
             )
             if self.spare:
                 await self._preheat(session)
-            self.pool.spawn_succeeded(self)
+            if self.spare:
+                self.host.spare_started()
             if not self.spare:
                 self.record = self.record.replace(state="warm")
-                await self.pool.persist(self.record)
+                await self.host.persist(self.record)
             while (turn := await self._next_turn()) is not None:
                 await self._serve(session, turn)
                 self._check_ceilings()
                 if self.refill_spares:
                     self.refill_spares = False
-                    self.pool.fill_spares()
+                    self.host.fill_spares()
 
     async def _preheat(self, session: AgentSession) -> None:
         """A spare's warm-up (answered by the gateway, then cleared): its first real reply is a warm one."""
@@ -284,7 +335,7 @@ class Worker:
         if session_id and session_id != self.record.session_id:
             self.record = self.record.replace(session_id=session_id)
             if not self.spare:  # adopted while warming: its stored record must name the session it continues
-                await self.pool.persist(self.record)
+                await self.host.persist(self.record)
         self.preheated = True
         self.log.info("preheat", seconds=round(time.monotonic() - started, 3), session_after=session_id)
 
@@ -298,13 +349,13 @@ class Worker:
                 return None
             if self.queue:
                 return self.queue.popleft() if self._still_alive() else None
-            if self.pool.stopping:
+            if self.host.stopping:
                 self.retire("shutdown")
                 continue
             self.state = "warm"
             self._wakeup.clear()
-            await self.pool.notify_room()
-            timeout = None if self.spare else self.pool.idle_deadline(self)
+            await self.host.notify_room()
+            timeout = None if self.spare else self._idle_deadline()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
             except TimeoutError:
@@ -315,7 +366,7 @@ class Worker:
         if self.process_alive():
             return True
         self.log.error("died_idle", pid=self.pid)
-        self.pool.crashed(self, "idle", f"pid {self.pid} died while idle")
+        self.crashed("idle", f"pid {self.pid} died while idle")
         self.retire("died")
         return False
 
@@ -342,14 +393,14 @@ class Worker:
             self.retire("error")
         finally:
             self._close_turn(turn, started)
-            if self.pool.stopping:
+            if self.host.stopping:
                 turn.fail(Failure.SHUTDOWN)
             else:
                 turn.fail(Failure.AGENT_ERROR, "internal error")
 
     def _trace(self, done: asyncio.Future[Outcome], turn: Turn, started_ns: int) -> None:
         if not done.cancelled():
-            self.pool.telemetry.record_turn(done.result(), self.profile.name, turn.inbound.source, started_ns)
+            self.host.telemetry.record_turn(done.result(), self.profile.name, turn.inbound.source, started_ns)
 
     async def _serve_turn(self, session: AgentSession, turn: Turn, started: float) -> None:
         notice, self.notice = self.notice, None
@@ -362,7 +413,7 @@ class Worker:
         if notice is not None:
             outcome = dataclasses.replace(outcome, reply=f"{notice}\n\n{outcome.reply}")
         turn.finish(outcome)
-        await self.pool.persist(self.record)
+        await self.host.persist(self.record)
 
     def _close_turn(self, turn: Turn, started: float) -> None:
         if self.current is turn:
@@ -375,7 +426,7 @@ class Worker:
         return turn.inbound.text + files.attachment_note(placed)
 
     async def _run_turn(self, session: AgentSession, turn: Turn, prompt: str) -> TurnDone:
-        async with asyncio.timeout(self.pool.settings.agent.turn_timeout_s):
+        async with asyncio.timeout(self.host.settings.agent.turn_timeout_s):
             inbound = turn.inbound
             context = TurnContext(self.record.conversation_id, inbound.user, inbound.source, inbound.approver)
             async for event in session.turn(prompt, context):
@@ -402,7 +453,7 @@ class Worker:
         )
         self.last_turn_cost = cost
         if done is not None and done.budget is not None:
-            self.pool.events.add("budget_stop", self.record.conversation_id, done.budget)
+            self.host.events.add("budget_stop", self.record.conversation_id, done.budget)
         seconds = time.monotonic() - started
         metrics.TURN_SECONDS.observe(seconds)
         self.log.info(
@@ -421,7 +472,7 @@ class Worker:
 
     def _outcome(self, turn: Turn, done: TurnDone) -> Outcome:
         failure = _failure_of(done)
-        parking = self.pool.data_dir / "sent" / Path(self.record.workdir).name
+        parking = self.host.data_dir / "sent" / Path(self.record.workdir).name
         return Outcome(
             files=files.take_outbox(Path(self.record.workdir), parking),
             conversation_id=self.record.conversation_id,
@@ -437,12 +488,12 @@ class Worker:
 
     def _crash_failure(self, exc: AgentCrashed) -> tuple[Failure, str]:
         if self.memory_kill_mb is not None:
-            ceiling = self.pool.settings.pool.hard_ceiling_mb
+            ceiling = self.host.settings.pool.hard_ceiling_mb
             return Failure.MEMORY, f"{self.memory_kill_mb:.0f} MiB > {ceiling} MiB"
         return Failure.CRASHED, str(exc)[:200]
 
     def _check_ceilings(self) -> None:
-        limits = self.pool.settings.pool
+        limits = self.host.settings.pool
         if self.pid is not None:
             self.note_rss(procs.tree_rss_mb(self.pid))
             self.remember_tree()
@@ -735,18 +786,6 @@ class Pool:
             log.warning("transcript_restore_failed", conversation=spec.conversation_id, error=str(exc))
             return False
 
-    def spec_for(self, record: ConversationRecord, resume: bool, profile: Profile) -> SessionSpec:
-        assert record.session_id is not None
-        return SessionSpec(
-            conversation_id=record.conversation_id,
-            workdir=Path(record.workdir),
-            config_dir=Path(record.config_dir),
-            data_dir=self.data_dir,
-            session_id=record.session_id,
-            resume=resume,
-            profile=profile,
-        )
-
     # -- spares ------------------------------------------------------------------
 
     def fill_spares(self) -> None:
@@ -769,9 +808,8 @@ class Pool:
         await asyncio.sleep(delay_s)
         self.fill_spares()
 
-    def spawn_succeeded(self, worker: Worker) -> None:
-        if worker.spare:
-            self._spare_backoff.succeeded()
+    def spare_started(self) -> None:
+        self._spare_backoff.succeeded()
 
     # -- room --------------------------------------------------------------------
 
@@ -884,12 +922,9 @@ class Pool:
         async with self._room:
             self._room.notify_all()
 
-    def idle_deadline(self, worker: Worker) -> float:
-        return max(worker.last_used + self.settings.pool.idle_timeout_s - time.monotonic(), 0.0)
-
     # -- exits and persistence -----------------------------------------------------
 
-    async def worker_exited(self, worker: Worker) -> None:
+    async def exited(self, worker: Worker) -> None:
         cid = worker.record.conversation_id
         if not worker.spare:
             worker.record = self._exit_record(worker)
@@ -993,10 +1028,6 @@ class Pool:
             self._rss_pids.discard(pid)
             _remove_series(pid)
 
-    def crashed(self, worker: Worker, kind: str, detail: str) -> None:
-        metrics.CRASHES.labels(kind=kind).inc()
-        self.events.add("crash", worker.record.conversation_id, f"{kind}: {detail}")
-
     def _sample_worker(self, worker: Worker, snapshot: procs.Snapshot) -> None:
         assert worker.pid is not None
         limits = self.settings.pool
@@ -1021,7 +1052,7 @@ class Pool:
         worker.tree.kill_survivors()
         if worker.current is None and worker.retire_reason is None:
             worker.log.error("died_idle", pid=worker.pid)
-            self.crashed(worker, "idle", f"pid {worker.pid} died while idle")
+            worker.crashed("idle", f"pid {worker.pid} died while idle")
             worker.retire("died")
 
     # -- introspection -------------------------------------------------------------
