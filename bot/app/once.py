@@ -29,12 +29,12 @@ from bot.core import (
     Failure,
     Outcome,
     SessionSpec,
-    TextDelta,
     TurnContext,
     TurnDone,
 )
 from bot.gateway.ledger import Ledger, Prices
 from bot.gateway.proxy import Gateway
+from bot.pool.turn import drive, failure_detail, failure_of
 from bot.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
@@ -163,24 +163,20 @@ async def _one_turn(launcher: ClaudeLauncher, spec: SessionSpec, prompt: str, ti
 
 
 async def _drive(session: AgentSession, tree: procs.ProcessTree, prompt: str, conversation_id: str) -> TurnDone:
-    if session.pid is not None:
-        tree.remember(session.pid)
-    async for event in session.turn(prompt, TurnContext(conversation_id, user=CHANNEL, channel=CHANNEL)):
-        if isinstance(event, TextDelta):
-            if session.pid is not None:
-                tree.remember(session.pid)  # the sandbox helper starts with the first Bash call
-            continue
-        return event
-    raise AgentCrashed("the agent's turn ended without a result")
+    def remember(_text: str = "") -> None:
+        if session.pid is not None:
+            tree.remember(session.pid)  # the sandbox helper starts with the first Bash call
+
+    remember()
+    return await drive(session, prompt, TurnContext(conversation_id, user=CHANNEL, channel=CHANNEL), remember)
 
 
 def _outcome(spec: SessionSpec, done: TurnDone | _Failed) -> Outcome:
     if isinstance(done, _Failed):
         return Outcome(spec.conversation_id, "", None, 0.0, 0, failure=done.failure, error=done.detail)
-    failure = Failure.BUDGET if done.budget else Failure.INTERRUPTED if done.interrupted else None
-    failure = failure or (Failure.AGENT_ERROR if done.error else None)
+    failure = failure_of(done)
     cost = done.metered_usd if done.metered_usd is not None else done.total_cost_usd
-    error = done.budget or done.error or ("interrupted" if done.interrupted else None)
+    error = None if failure is None else failure_detail(done)
     return Outcome(spec.conversation_id, done.reply, done.session_id, cost, 1, failure=failure, error=error)
 
 

@@ -26,7 +26,7 @@ from bot.config import AgentConfig, LogConfig, PoolConfig, Settings, StoreConfig
 from bot.core import AgentSession, Inbound, SessionSpec, TurnContext, TurnDone
 from bot.pool import Pool
 from bot.store.sqlite import SqliteStore
-from tests.bench.bench_lru import InstantLauncher, InstantSession
+from tests.fakes.launcher import InstantLauncher, InstantSession
 
 HEAVY_TURN_S = 0.4
 LIGHT_TURN_S = 0.05

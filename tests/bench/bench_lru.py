@@ -18,16 +18,15 @@ import asyncio
 import random
 import tempfile
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from bot import logs
 from bot.config import AgentConfig, LogConfig, PoolConfig, Settings, StoreConfig
-from bot.core import AgentSession, Inbound, SessionSpec, TextDelta, TurnContext, TurnDone
+from bot.core import Inbound
 from bot.pool import LOST_CONTEXT_NOTICE, Pool
 from bot.store.sqlite import SqliteStore
+from tests.fakes.launcher import InstantLauncher
 
 
 @dataclass(frozen=True)
@@ -39,40 +38,6 @@ class HitRatios:
     @property
     def of_ideal(self) -> float:
         return self.pool / self.ideal if self.ideal else 1.0
-
-
-class InstantSession:
-    """Stands in for a CLI process: every turn answers at once."""
-
-    def __init__(self, spec: SessionSpec) -> None:
-        self._session_id = spec.session_id
-
-    @property
-    def pid(self) -> int | None:
-        return None
-
-    async def turn(self, text: str, context: TurnContext) -> AsyncIterator[TextDelta | TurnDone]:
-        yield TurnDone(reply=text, session_id=self._session_id, total_cost_usd=0.0, error=None, interrupted=False)
-
-    async def interrupt(self) -> None:
-        return None
-
-    async def preheat(self) -> str | None:
-        return None
-
-
-class InstantLauncher:
-    def __init__(self) -> None:
-        self.opened = 0
-
-    @asynccontextmanager
-    async def open(self, spec: SessionSpec) -> AsyncIterator[AgentSession]:
-        self.opened += 1
-        # Like the CLI, keep a transcript, so a successor finds its session to resume.
-        transcript = spec.config_dir / "projects" / "bench" / f"{spec.session_id}.jsonl"
-        transcript.parent.mkdir(parents=True, exist_ok=True)
-        transcript.touch()
-        yield InstantSession(spec)
 
 
 def zipf_trace(conversations: int, messages: int, seed: int = 7, exponent: float = 1.0) -> list[int]:

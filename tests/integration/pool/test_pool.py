@@ -208,15 +208,16 @@ async def test_the_sampler_outlives_a_failing_sample(make_pool: PoolFactory, mon
     """The RSS sampler enforces the memory kill: one bad sample must not end it silently."""
     pool = await make_pool(pool={"rss_sample_s": 0.05, "prewarm": 0})
     calls = 0
-    real_sample = type(pool).sample
+    sampler = pool._sampler
+    real_sample = type(sampler).sample
 
     def flaky_sample(self: object, snapshot: procs.Snapshot | None = None) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("a bug in one sample")
-        real_sample(pool, snapshot)
+        real_sample(sampler, snapshot)
 
-    monkeypatch.setattr(type(pool), "sample", flaky_sample)
+    monkeypatch.setattr(type(sampler), "sample", flaky_sample)
     await wait_until(lambda: calls >= 3, what="samples after the failed one")
     assert pool._monitor is not None and not pool._monitor.done()

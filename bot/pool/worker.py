@@ -1,0 +1,475 @@
+"""One CLI process's whole life (``Worker``), and the little it needs of its pool (``WorkerHost``).
+
+A worker connects, serves its queue one turn at a time, and disconnects; the pool decides when it
+starts (room) and when it retires. It never sees the pool itself, only ``WorkerHost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections import deque
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+import structlog
+
+from bot import files, metrics, procs
+from bot.config import Settings
+from bot.core import (
+    AgentCrashed,
+    AgentError,
+    AgentSession,
+    ConversationRecord,
+    Failure,
+    Launcher,
+    Outcome,
+    Profile,
+    SessionInfo,
+    SessionSpec,
+    TurnContext,
+    TurnDone,
+)
+from bot.pool.turn import FAILURE_TEXT, Turn, drive, failure_detail, failure_of
+from bot.status import RSS_HISTORY_SAMPLES, RecentEvents, SessionStatus
+from bot.telemetry import Telemetry
+
+log = structlog.get_logger(__name__)
+
+LOST_CONTEXT_NOTICE = "(The earlier context of this conversation is no longer available; I started a fresh session.)"
+
+
+class WorkerState(StrEnum):
+    STARTING = "starting"  # waiting for room, or its CLI is starting
+    WARM = "warm"  # connected, between turns
+    BUSY = "busy"  # serving a turn
+    CLOSING = "closing"  # retiring: serves no more turns
+    CLOSED = "closed"  # its process has exited
+
+
+class WorkerHost(Protocol):
+    """All a worker reaches of the pool that hosts it: room, persistence, spares, and what it serves with."""
+
+    settings: Settings
+    data_dir: Path
+    launcher: Launcher
+    telemetry: Telemetry
+    events: RecentEvents
+
+    @property
+    def stopping(self) -> bool: ...
+
+    async def admit(self, worker: Worker) -> bool:
+        """Wait for room under the pool's limits; False if refused (its turns are answered then)."""
+
+    async def restore_transcript(self, spec: SessionSpec) -> bool: ...
+
+    async def persist(self, record: ConversationRecord) -> None:
+        """Store the record; a store failure is logged, not raised."""
+
+    def spare_started(self) -> None:
+        """A spare's process is up: spawning spares works again."""
+
+    def fill_spares(self) -> None: ...
+
+    async def notify_room(self) -> None:
+        """This worker went idle: a waiter may now evict it."""
+
+    async def exited(self, worker: Worker) -> None:
+        """The process is gone: free its room, store its final record, hand its queued turns on."""
+
+
+class Worker:
+    """Owns one CLI process for its whole life: connect, serve turns, disconnect, sweep its tree."""
+
+    def __init__(
+        self,
+        host: WorkerHost,
+        record: ConversationRecord,
+        resume: bool,
+        spare: bool,
+        profile: Profile,
+        predecessor: Worker | None = None,
+    ) -> None:
+        self.host, self.record, self.resume, self.spare = host, record, resume, spare
+        # What this process is started with (tools, MCP servers, prompt): fixed for its life.
+        self.profile = profile
+        self.predecessor = predecessor
+        self.successor: Worker | None = None
+        self.queue: deque[Turn] = deque()
+        self.current: Turn | None = None
+        self.state = WorkerState.STARTING
+        self.retire_reason: str | None = None
+        self.session: AgentSession | None = None
+        self.pid: int | None = None
+        self.process: psutil.Process | None = None
+        self.tree = procs.ProcessTree()
+        self.connected = False
+        self.rss_mb: float | None = None
+        self.rss_history: deque[float] = deque(maxlen=RSS_HISTORY_SAMPLES)
+        self.memory_kill_mb: float | None = None
+        self.turns_served = 0
+        self.cost_base = 0.0
+        self.last_used = time.monotonic()
+        self.admitted = False
+        self.tenant: str | None = None  # who a per-user cap counts this conversation under
+        self.fresh = False
+        self.notice: str | None = None
+        self.preheated = False
+        self.refill_spares = False  # an adopted spare starts its replacement after its first turn
+        self.last_turn_cost = 0.0
+        self._wakeup = asyncio.Event()
+        self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
+        self.task: asyncio.Task[None] = asyncio.create_task(self._run(), name=f"worker:{record.conversation_id}")
+
+    @property
+    def idle(self) -> bool:
+        return self.state is WorkerState.WARM and not self.queue
+
+    @property
+    def busy(self) -> bool:
+        """Running a turn, holding queued ones, or waiting for room: what a per-user cap counts."""
+        return self.current is not None or bool(self.queue) or (not self.admitted and not self.spare)
+
+    def enqueue(self, turn: Turn) -> None:
+        self.queue.append(turn)
+        self._wakeup.set()
+
+    def take_over(self, turns: list[Turn]) -> None:
+        """Put a predecessor's unserved turns first, in their order, ahead of anything newer."""
+        self.queue.extendleft(reversed(turns))
+        self._wakeup.set()
+
+    def retire(self, reason: str) -> None:
+        if self.retire_reason is None:
+            self.retire_reason = reason
+            self.state = WorkerState.CLOSING if self.state is not WorkerState.BUSY else self.state
+        self._wakeup.set()
+
+    async def interrupt(self) -> None:
+        if self.session is not None and self.current is not None:
+            await self.session.interrupt()
+
+    def adopt(self, record: ConversationRecord) -> None:
+        self.spare, self.record = False, record
+        self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
+
+    def spec(self) -> SessionSpec:
+        assert self.record.session_id is not None
+        return SessionSpec(
+            conversation_id=self.record.conversation_id,
+            workdir=Path(self.record.workdir),
+            config_dir=Path(self.record.config_dir),
+            data_dir=self.host.data_dir,
+            session_id=self.record.session_id,
+            resume=self.resume,
+            profile=self.profile,
+        )
+
+    def crashed(self, kind: str, detail: str) -> None:
+        metrics.CRASHES.labels(kind=kind).inc()
+        self.host.events.add("crash", self.record.conversation_id, f"{kind}: {detail}")
+
+    def _idle_deadline(self) -> float:
+        return max(self.last_used + self.host.settings.pool.idle_timeout_s - time.monotonic(), 0.0)
+
+    def process_alive(self) -> bool:
+        if self.pid is None:  # not connected yet, or a launcher without a process
+            return True
+        return self.process is not None and procs.still_running(self.process)
+
+    async def _run(self) -> None:
+        try:
+            if self.predecessor is not None:
+                await asyncio.wait([self.predecessor.task])
+                self._inherit(self.predecessor.record)
+                self.predecessor = None
+            # Retired before it ever started (its conversation moved on): no process needed.
+            if self.retire_reason is not None or not await self.host.admit(self):
+                return
+            await self._serve_all()
+        except AgentCrashed as exc:
+            self.log.error("crash", error=str(exc), pid=self.pid)
+            self.crashed("memory" if self.memory_kill_mb is not None else "turn", str(exc)[:200])
+        except AgentError as exc:
+            self.log.error("spawn_failed", error=str(exc))
+            self.fail_queued(Failure.AGENT_ERROR, str(exc))
+        except Exception:  # task boundary: a bug here must not take the pool down
+            self.log.exception("worker_failed")
+            self.fail_queued(Failure.AGENT_ERROR, "internal error")
+        finally:
+            self.state = WorkerState.CLOSED
+            await self._sweep_tree()
+            await self.host.exited(self)
+
+    async def _sweep_tree(self) -> None:
+        """Whatever the CLI left running (a killed CLI's sandbox helper) dies with it."""
+        killed = await self.tree.sweep()
+        if killed:
+            self.log.warning("orphans_killed", pids=killed)
+
+    def _inherit(self, record: ConversationRecord) -> None:
+        """Continue from the predecessor's final record: resume its session unless it was reset."""
+        self.resume = record.session_id is not None and record.turns > 0
+        self.record = record if self.resume else record.replace(session_id=str(uuid.uuid4()), turns=0)
+        self.log = log.bind(conversation=self.record.conversation_id, session=self.record.session_id)
+
+    async def _recover_lost_transcript(self) -> None:
+        """A resume needs the session's transcript: restore it from the mirror, or else start afresh."""
+        if not self.resume or self.record.session_id is None:
+            return
+        if transcript_exists(Path(self.record.config_dir), self.record.session_id):
+            return
+        if await self.host.restore_transcript(self.spec()):
+            self.log.info("transcript_restored")
+            return
+        lost = self.record.session_id
+        self.record = self.record.replace(
+            session_id=str(uuid.uuid4()),
+            turns=0,
+            previous_session_ids=(*self.record.previous_session_ids, lost),
+        )
+        self.resume, self.notice = False, LOST_CONTEXT_NOTICE
+        self.log.warning("transcript_lost", lost_session=lost, session=self.record.session_id)
+
+    async def _serve_all(self) -> None:
+        await self._recover_lost_transcript()
+        started = time.monotonic()
+        async with self.host.launcher.open(self.spec()) as session:
+            self.session, self.pid, self.state, self.connected = session, session.pid, WorkerState.WARM, True
+            self.process = procs.handle(self.pid) if self.pid is not None else None
+            self.remember_tree()
+            seconds = time.monotonic() - started
+            metrics.SPAWNS.labels(kind="resume" if self.resume else "spare" if self.spare else "new").inc()
+            metrics.SPAWN_SECONDS.observe(seconds)
+            self.log.info(
+                "resume" if self.resume else "spawn", pid=self.pid, spare=self.spare, seconds=round(seconds, 3)
+            )
+            if self.spare:
+                await self._preheat(session)
+            if self.spare:
+                self.host.spare_started()
+            if not self.spare:
+                self.record = self.record.replace(state="warm")
+                await self.host.persist(self.record)
+            while (turn := await self._next_turn()) is not None:
+                await self._serve(session, turn)
+                self._check_ceilings()
+                if self.refill_spares:
+                    self.refill_spares = False
+                    self.host.fill_spares()
+
+    async def _preheat(self, session: AgentSession) -> None:
+        """A spare's warm-up (answered by the gateway, then cleared): its first real reply is a warm one."""
+        started = time.monotonic()
+        session_id = await session.preheat()
+        if session_id and session_id != self.record.session_id:
+            self.record = self.record.replace(session_id=session_id)
+            if not self.spare:  # adopted while warming: its stored record must name the session it continues
+                await self.host.persist(self.record)
+        self.preheated = True
+        self.log.info("preheat", seconds=round(time.monotonic() - started, 3), session_after=session_id)
+
+    def remember_tree(self, snapshot: procs.Snapshot | None = None) -> None:
+        if self.pid is not None:
+            self.tree.remember(self.pid, snapshot)
+
+    async def _next_turn(self) -> Turn | None:
+        while True:
+            if self.retire_reason is not None:
+                return None
+            if self.queue:
+                return self.queue.popleft() if self._still_alive() else None
+            if self.host.stopping:
+                self.retire("shutdown")
+                continue
+            self.state = WorkerState.WARM
+            self._wakeup.clear()
+            await self.host.notify_room()
+            timeout = None if self.spare else self._idle_deadline()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                self.retire("idle")
+
+    def _still_alive(self) -> bool:
+        """A CLI that died while idle must not get the next turn: retire, and a successor resumes it."""
+        if self.process_alive():
+            return True
+        self.log.error("died_idle", pid=self.pid)
+        self.crashed("idle", f"pid {self.pid} died while idle")
+        self.retire("died")
+        return False
+
+    async def _serve(self, session: AgentSession, turn: Turn) -> None:
+        self.state, self.current = WorkerState.BUSY, turn
+        turn.started.set()
+        started, started_ns = time.monotonic(), time.time_ns()
+        self.log.info("turn_start", source=turn.inbound.source, chars=len(turn.inbound.text))
+        turn.outcome.add_done_callback(lambda done: self._trace(done, turn, started_ns))
+        try:
+            await self._serve_turn(session, turn, started)
+        except AgentCrashed as exc:
+            self._close_turn(turn, started)
+            turn.fail(*self._crash_failure(exc), record=self.record)
+            raise
+        except TimeoutError:
+            self._close_turn(turn, started)
+            turn.fail(Failure.TIMEOUT, record=self.record)
+            self.retire("timeout")
+        except Exception:  # the turn's boundary: whatever broke, this message still gets its one outcome
+            self.log.exception("turn_failed")
+            self._close_turn(turn, started)
+            turn.fail(Failure.AGENT_ERROR, "internal error", record=self.record)
+            self.retire("error")
+        finally:
+            self._close_turn(turn, started)
+            if self.host.stopping:
+                turn.fail(Failure.SHUTDOWN)
+            else:
+                turn.fail(Failure.AGENT_ERROR, "internal error")
+
+    def _trace(self, done: asyncio.Future[Outcome], turn: Turn, started_ns: int) -> None:
+        if not done.cancelled():
+            self.host.telemetry.record_turn(done.result(), self.profile.name, turn.inbound.source, started_ns)
+
+    async def _serve_turn(self, session: AgentSession, turn: Turn, started: float) -> None:
+        notice, self.notice = self.notice, None
+        if notice is not None:
+            turn.deltas.put_nowait(notice + "\n\n")
+        self.remember_tree()
+        done = await self._run_turn(session, turn, self._prompt(turn))
+        self._end_turn(turn, done, started)
+        outcome = self._outcome(turn, done)
+        if notice is not None:
+            outcome = dataclasses.replace(outcome, reply=f"{notice}\n\n{outcome.reply}")
+        turn.finish(outcome)
+        await self.host.persist(self.record)
+
+    def _close_turn(self, turn: Turn, started: float) -> None:
+        if self.current is turn:
+            self._end_turn(turn, None, started)
+
+    def _prompt(self, turn: Turn) -> str:
+        if not turn.inbound.files:
+            return turn.inbound.text
+        placed = files.move_into_inbox(turn.inbound.files, Path(self.record.workdir))
+        return turn.inbound.text + files.attachment_note(placed)
+
+    async def _run_turn(self, session: AgentSession, turn: Turn, prompt: str) -> TurnDone:
+        inbound = turn.inbound
+        context = TurnContext(self.record.conversation_id, inbound.user, inbound.source, inbound.approver)
+        async with asyncio.timeout(self.host.settings.agent.turn_timeout_s):
+            return await drive(session, prompt, context, turn.deltas.put_nowait)
+
+    def _end_turn(self, turn: Turn, done: TurnDone | None, started: float) -> None:
+        cost = 0.0
+        if done is not None:
+            cost = self._turn_cost(done)
+        self.turns_served += 1
+        self.current, self.last_used = None, time.monotonic()
+        if self.state is WorkerState.BUSY:
+            self.state = WorkerState.CLOSING if self.retire_reason else WorkerState.WARM
+        session_id = done.session_id if done is not None else self.record.session_id
+        self.record = self.record.replace(
+            turns=self.record.turns + 1,
+            cost_usd=self.record.cost_usd + cost,
+            session_id=session_id,
+            state="warm",
+        )
+        self.last_turn_cost = cost
+        if done is not None and done.budget is not None:
+            self.host.events.add("budget_stop", self.record.conversation_id, done.budget)
+        seconds = time.monotonic() - started
+        metrics.TURN_SECONDS.observe(seconds)
+        self.log.info(
+            "turn_end", seconds=round(seconds, 3), cost_usd=round(cost, 6), ok=done is not None and done.error is None
+        )
+
+    def _turn_cost(self, done: TurnDone) -> float:
+        """The gateway's metered cost when there is one (cross-checked with the CLI's own counter), else the CLI's."""
+        reported = max(done.total_cost_usd - self.cost_base, 0.0)
+        self.cost_base = done.total_cost_usd
+        if done.metered_usd is None:
+            return reported
+        if abs(done.metered_usd - reported) > max(1e-6, 0.05 * max(done.metered_usd, reported)):
+            self.log.warning("cost_mismatch", metered_usd=round(done.metered_usd, 6), cli_usd=round(reported, 6))
+        return done.metered_usd
+
+    def _outcome(self, turn: Turn, done: TurnDone) -> Outcome:
+        failure = failure_of(done)
+        parking = self.host.data_dir / "sent" / Path(self.record.workdir).name
+        return Outcome(
+            files=files.take_outbox(Path(self.record.workdir), parking),
+            conversation_id=self.record.conversation_id,
+            reply=done.reply,
+            session_id=done.session_id,
+            cost_usd=self.last_turn_cost,
+            turns=self.record.turns,
+            failure=failure,
+            error=None if failure is None else f"{FAILURE_TEXT[failure]} ({failure_detail(done)})",
+        )
+
+    def _crash_failure(self, exc: AgentCrashed) -> tuple[Failure, str]:
+        if self.memory_kill_mb is not None:
+            ceiling = self.host.settings.pool.hard_ceiling_mb
+            return Failure.MEMORY, f"{self.memory_kill_mb:.0f} MiB > {ceiling} MiB"
+        return Failure.CRASHED, str(exc)[:200]
+
+    def _check_ceilings(self) -> None:
+        limits = self.host.settings.pool
+        if self.pid is not None:
+            self.note_rss(procs.tree_rss_mb(self.pid))
+            self.remember_tree()
+        if self.rss_mb is not None and self.rss_mb > limits.session_max_rss_mb:
+            self.retire("memory")
+        elif self.turns_served >= limits.session_max_turns:
+            self.retire("turns")
+
+    def fail_queued(self, failure: Failure, detail: str | None = None) -> None:
+        while self.queue:
+            self.queue.popleft().fail(failure, detail, record=self.record)
+
+    def note_rss(self, rss_mb: float | None) -> None:
+        self.rss_mb = rss_mb
+        if rss_mb is not None:
+            self.rss_history.append(round(rss_mb, 1))
+
+    @property
+    def shown_state(self) -> WorkerState:
+        return WorkerState.BUSY if self.current is not None else self.state
+
+    def status(self) -> SessionStatus:
+        return SessionStatus(
+            conversation_id=self.record.conversation_id,
+            profile=self.profile.name,
+            state=self.shown_state,
+            pid=self.pid,
+            rss_mb=None if self.rss_mb is None else round(self.rss_mb, 1),
+            rss_history_mb=tuple(self.rss_history),
+            turns=self.record.turns,
+            idle_s=round(time.monotonic() - self.last_used, 1),
+            queued=len(self.queue),
+        )
+
+    def info(self) -> SessionInfo:
+        state = self.shown_state
+        return SessionInfo(
+            conversation_id=self.record.conversation_id,
+            session_id=self.record.session_id,
+            state=state,
+            pid=self.pid,
+            rss_mb=None if self.rss_mb is None else round(self.rss_mb, 1),
+            turns=self.record.turns,
+            idle_s=round(time.monotonic() - self.last_used, 1),
+            cost_usd=round(self.record.cost_usd, 6),
+        )
+
+
+def transcript_exists(config_dir: Path, session_id: str) -> bool:
+    """The CLI keeps a session's transcript at ``<config>/projects/<encoded cwd>/<session>.jsonl``."""
+    return any(config_dir.glob(f"projects/*/{session_id}.jsonl"))
