@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as redis
 
 from bot.fleet.lease import Fenced, Held, Lease, Leases
 from bot.store import keys
-from tests.fakes.redis_server import RedisServer
 from tests.support.helpers import wait_for
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[redis.Redis]:
-    connection = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield connection
-    await connection.aclose()
 
 
 def conversation() -> str:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
-import pytest
 import redis.asyncio as redis
 from pydantic import SecretStr
 
@@ -13,17 +11,7 @@ from bot.config import AgentConfig, PoolConfig, Settings
 from bot.fleet.member import Member, settings_digest
 from bot.fleet.placement import Room
 from bot.fleet.registry import Registry
-from bot.store import keys
-from tests.fakes.redis_server import RedisServer
 from tests.support.helpers import wait_for
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[redis.Redis]:
-    connection = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    await connection.delete(keys.FLEET_REPLICAS)
-    yield connection
-    await connection.aclose()
 
 
 async def test_a_joined_replica_is_listed_with_its_current_room_and_leaves_on_exit(client: redis.Redis) -> None:

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 
-import pytest
 import redis.asyncio as redis
 from structlog.testing import capture_logs
 
 from bot.fleet.placement import Room
 from bot.fleet.registry import Beat, Registry
 from bot.store import keys
-from tests.fakes.redis_server import RedisServer
 from tests.support.helpers import wait_for
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[redis.Redis]:
-    connection = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    await connection.delete(keys.FLEET_REPLICAS)
-    yield connection
-    await connection.aclose()
 
 
 def beat(name: str, sessions: int = 1) -> Beat:
