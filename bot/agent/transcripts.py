@@ -36,8 +36,10 @@ from claude_agent_sdk import (
     project_key_for_directory,
 )
 
-# Not exported by the SDK, but the exact inverse of its mirror (same paths, same subpath checks);
-# the SDK version is pinned, and the fresh-host tests cover it.
+# A reach into the SDK's private modules: it exports no way to bring a stored transcript back to disk
+# without spawning a CLI, and this is the exact inverse of its mirror (same paths, same subpath checks).
+# The SDK version is pinned; tests/unit/test_sdk_private.py fails, naming the version, when the name, its
+# signature or the result we read (config_dir/projects, cleanup, RuntimeError on a failed load) change.
 from claude_agent_sdk._internal.session_resume import materialize_resume_session
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry

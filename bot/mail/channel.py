@@ -1,28 +1,20 @@
 """The email channel: IMAP intake, one lane per email thread, threaded replies over SMTP, exactly once.
 
-Exactly once, across crashes: a message's outcome is recorded (keyed by its
-Message-ID) before the message is marked, and its reply is written to an
-outbox before it is sent.  A message seen again (a rescan, a restart, a new
-UIDVALIDITY) is only marked if its outcome exists, and a reply in the outbox is
-sent again only if it was not confirmed sent, with the same Message-ID.
+The intake flow lives here: parse, look up the recorded outcome, screen, queue
+in the thread's lane, answer, send, record.  Which thread a mail joins is
+``threads``'s job; how an outcome and a reply survive a crash is ``outbox``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import email.policy
-import hashlib
-import json
 import os
 import signal
 import uuid
 from dataclasses import dataclass, replace
-from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
 
-import aiosmtplib
 import structlog
 
 from bot import metrics
@@ -43,8 +35,9 @@ from bot.files import safe_filename, unique_path
 from bot.lanes import Lanes
 from bot.mail import compose, policy, smtp
 from bot.mail.imap import Fetched, ImapWatcher, Mark
-from bot.mail.parse import Mail, addresses, message_id, parse, raw_body
-from bot.mail.smtp import SendError
+from bot.mail.outbox import MailStatus, Outbox, OutboxEntry, OutcomeRecord, body_digest
+from bot.mail.parse import Mail, message_id, parse
+from bot.mail.threads import Threads
 from bot.mail.tools import MailTools
 from bot.mail.worker import ParseWorker, WorkerFailed
 from bot.store import keys
@@ -53,6 +46,8 @@ log = structlog.get_logger(__name__)
 
 # Failures that say nothing about the message: leave it unmarked, it is taken again later.
 RETRY_LATER = (Failure.SHUTDOWN, Failure.STORE, Failure.POOL_BUSY, Failure.USER_LIMIT)
+# Failures of sending or recording a reply: retried soon, or recorded if the server's refusal is permanent.
+_DEFERRABLE: tuple[type[Exception], ...] = (*smtp.SEND_FAILURES, StoreError)
 
 
 @dataclass(frozen=True)
@@ -63,10 +58,6 @@ class Job:
 
 
 MAX_ATTEMPTS = 6
-# A conversation's participants are its root's From, To and Cc: a huge Cc list is cut here.
-MAX_PARTICIPANTS = 100
-# Only the most recent References are looked up: enough for any real thread, bounded for a hostile one.
-MAX_REFERENCES = 20
 
 
 @dataclass(frozen=True)
@@ -74,7 +65,7 @@ class Answer:
     """What to send back for one message, and the outcome to record once it is sent."""
 
     text: str
-    status: str
+    status: MailStatus
     reason: str | None = None
     files: tuple[Path, ...] = ()
 
@@ -85,7 +76,9 @@ class EmailChannel:
     def __init__(self, settings: Settings, profile: Profile, conversations: Conversations, store: Store) -> None:
         self._config, self._profile, self._conversations, self._store = settings.email, profile, conversations, store
         self._staging = settings.store.data_dir.resolve() / "incoming"
-        self._watcher = ImapWatcher(self._config, store, self._deliver)
+        self._watcher = ImapWatcher(self._config, store, self._take_in)
+        self._threads = Threads(self._config, store)
+        self._outbox = Outbox(store, self._crash_point)
         self._parser = ParseWorker(self._config.parse_timeout_s)
         self._tools = MailTools(self._config, settings.triage, self._parser)
         self._lanes: Lanes[Job] = Lanes("email", self._process)
@@ -127,7 +120,7 @@ class EmailChannel:
         message = compose.new_message(self._address, target, subject, text, await self._html(text))
         try:
             await smtp.send(self._config, message.as_bytes(policy=email.policy.SMTP), self._address, target)
-        except (smtp.SendError, aiosmtplib.SMTPException, OSError) as exc:
+        except smtp.SEND_FAILURES as exc:
             raise DeliveryError(str(exc)[:300] or type(exc).__name__) from exc
         log.info("email_delivered", to=target, subject=subject)
 
@@ -147,40 +140,41 @@ class EmailChannel:
 
     # -- intake: called by the IMAP loop for each message; records or enqueues, never waits for the agent --
 
-    async def _deliver(self, fetched: Fetched) -> None:
+    async def _take_in(self, fetched: Fetched) -> None:
         mail = await self._parse(fetched)
         if mail is None or mail.message_id in self._inflight:
             return
-        recorded = await self._store.get_value(keys.mail_outcome(mail.message_id))
+        recorded = await self._outbox.outcome(mail.message_id)
         if recorded is not None:
-            await self._seen_again(fetched, mail, json.loads(recorded))
+            await self._seen_again(fetched, mail, recorded)
             return
         screened = await self._screen(mail)
         if screened is not None:
             status, reason = screened
             if not fetched.complete:
-                status, reason = "oversized", f"{self._too_large(fetched)}; not answered: {reason}"
+                status, reason = MailStatus.OVERSIZED, f"{self._too_large(fetched)}; not answered: {reason}"
             await self._finish(fetched, mail.message_id, status, reason)
             return
         self._inflight.add(mail.message_id)
-        self._lanes.put(await self._conversation(mail), Job(fetched, mail))
+        self._lanes.put(await self._threads.conversation(mail), Job(fetched, mail))
 
-    async def _seen_again(self, fetched: Fetched, mail: Mail, recorded: dict[str, Any]) -> None:
+    async def _seen_again(self, fetched: Fetched, mail: Mail, recorded: OutcomeRecord) -> None:
         """A Message-ID with an outcome: the same mail again is only marked; another mail reusing it is recorded.
 
         A stranger chooses his Message-ID: one that copies a message already taken must not vanish
         under that message's outcome, nor be answered through its outbox.
         """
-        digest = _body_digest(fetched.raw)
-        if recorded.get("body", digest) == digest:
-            self._watcher.mark(self._mark(fetched, recorded.get("status", "")))
+        digest = body_digest(fetched.raw)
+        if recorded.body in (None, digest):
+            self._watcher.mark(self._mark(fetched, recorded.status))
             return
         own_id = f"{mail.message_id}#{digest[:16]}"
-        if (again := await self._store.get_value(keys.mail_outcome(own_id))) is not None:
-            self._watcher.mark(self._mark(fetched, json.loads(again).get("status", "")))
+        if (again := await self._outbox.outcome(own_id)) is not None:
+            self._watcher.mark(self._mark(fetched, again.status))
             return
         log.warning("email_message_id_reused", message_id=mail.message_id, sender=mail.sender)
-        await self._finish(fetched, own_id, "ignored", "reuses the Message-ID of another message already taken")
+        reason = "reuses the Message-ID of another message already taken"
+        await self._finish(fetched, own_id, MailStatus.IGNORED, reason)
 
     async def _parse(self, fetched: Fetched) -> Mail | None:
         """The parsed mail; None (with the ``unreadable`` outcome recorded) if the parser failed or timed out."""
@@ -192,7 +186,7 @@ class EmailChannel:
         except Exception:  # task boundary: malformed MIME must never stop the inbox
             log.exception("email_unparseable", uid=fetched.uid)
             reason = "the message could not be parsed"
-        await self._finish(fetched, _raw_id(fetched.raw), "unreadable", reason)
+        await self._finish(fetched, _raw_id(fetched.raw), MailStatus.UNREADABLE, reason)
         return None
 
     def _too_large(self, fetched: Fetched) -> str:
@@ -202,78 +196,23 @@ class EmailChannel:
     def _max_attachment_bytes(self) -> int:
         return int(self._config.max_attachment_mb * 1_000_000)
 
-    async def _screen(self, mail: Mail) -> tuple[str, str] | None:
+    async def _screen(self, mail: Mail) -> tuple[MailStatus, str] | None:
         """(status, reason) for mail that must not be answered; None for mail the agent should see."""
         if reason := policy.loop_reason(mail, self._config.own):
-            return "ignored", reason
+            return MailStatus.IGNORED, reason
         if reason := policy.sender_refusal(mail, self._config):
-            return "refused", reason
+            return MailStatus.REFUSED, reason
         count = await self._store.incr(keys.mail_sender_rate(mail.sender), keys.MAIL_RATE_WINDOW_S)
         if count > self._config.sender_rate_per_hour:
-            return "rate_limited", f"more than {self._config.sender_rate_per_hour} messages from this sender in an hour"
+            limit = self._config.sender_rate_per_hour
+            return MailStatus.RATE_LIMITED, f"more than {limit} messages from this sender in an hour"
         # A From address costs nothing to vary: the sender's domain has a budget of its own.
         domain = mail.sender.rpartition("@")[2]
         count = await self._store.incr(keys.mail_domain_rate(domain), keys.MAIL_RATE_WINDOW_S)
         if count > self._config.domain_rate_per_hour:
-            return "rate_limited", f"more than {self._config.domain_rate_per_hour} messages from {domain} in an hour"
+            limit = self._config.domain_rate_per_hour
+            return MailStatus.RATE_LIMITED, f"more than {limit} messages from {domain} in an hour"
         return None
-
-    async def _conversation(self, mail: Mail) -> str:
-        """Mailbox mode: one conversation. Thread mode: the thread any known Message-ID belongs to, else its root."""
-        if self._config.conversation == "mailbox":
-            conversation = f"email:mailbox:{self._config.mailbox}"
-        else:
-            conversation = await self._thread_conversation(mail)
-        # A Message-ID already mapped stays with its thread: a stranger reusing one (say the agent's reply,
-        # learned from a forward) must not re-point it and pull the thread's next reply into his conversation.
-        if await self._store.get_value(keys.mail_thread(mail.message_id)) is None:
-            await self._remember(mail.message_id, conversation)
-        return conversation
-
-    async def _thread_conversation(self, mail: Mail) -> str:
-        """The thread's conversation if the sender takes part in it; else one of the sender's own.
-
-        Every recipient of a thread (and whoever they forward it to) knows its Message-IDs, and a
-        stranger chooses his own Message-ID, References and In-Reply-To: no key he names may be
-        enough to continue someone else's conversation. Every candidate is checked against its
-        participants; an outsider whose every candidate is taken gets a fresh key nobody can name.
-        """
-        candidates = [*await self._known_threads(mail), f"email:{_root(mail)}", f"email:{mail.message_id}"]
-        unclaimed = None
-        for conversation in dict.fromkeys(candidates):
-            participants = await self._participants(conversation)
-            if mail.sender in participants:
-                return conversation
-            if not participants and unclaimed is None:
-                unclaimed = conversation
-            elif participants:
-                log.info("email_thread_outsider", conversation=conversation, message_id=mail.message_id)
-        conversation = unclaimed or f"email:{mail.message_id}#{uuid.uuid4().hex[:12]}"
-        await self._add_participants(conversation, _participants_of(mail))
-        return conversation
-
-    async def _participants(self, conversation: str) -> frozenset[str]:
-        raw = await self._store.get_value(keys.mail_participants(conversation))
-        return frozenset(json.loads(raw)) if raw else frozenset()
-
-    async def _add_participants(self, conversation: str, added: frozenset[str]) -> None:
-        known = await self._participants(conversation)
-        if added <= known:
-            return
-        value = json.dumps([*sorted(known), *sorted(added - known)][:MAX_PARTICIPANTS])
-        await self._store.put_value(keys.mail_participants(conversation), value, keys.MAIL_RECORD_TTL_S)
-
-    async def _known_threads(self, mail: Mail) -> list[str]:
-        """The conversations of the Message-IDs this mail names, the most recent reference first."""
-        found = []
-        recent = mail.references[-MAX_REFERENCES:]  # a stranger's References can be thousands long
-        for known_id in dict.fromkeys([*reversed(recent), mail.in_reply_to]):
-            if known_id and (known := await self._store.get_value(keys.mail_thread(known_id))):
-                found.append(known)
-        return found
-
-    async def _remember(self, message_id: str, conversation: str) -> None:
-        await self._store.put_value(keys.mail_thread(message_id), conversation, keys.MAIL_RECORD_TTL_S)
 
     # -- one message in its thread's lane --------------------------------------------
 
@@ -281,25 +220,26 @@ class EmailChannel:
         retrying = False
         try:
             await self._reply(conversation, job)
-        except (SendError, StoreError, aiosmtplib.SMTPException, OSError) as exc:
+        except _DEFERRABLE as exc:
             if smtp.permanent(exc):
-                await self._finish(job.fetched, job.mail.message_id, "undeliverable", str(exc)[:300], conversation)
+                reason = str(exc)[:300]
+                await self._finish(job.fetched, job.mail.message_id, MailStatus.UNDELIVERABLE, reason, conversation)
             else:
                 retrying = self._defer(conversation, job, exc)
         except Exception:  # task boundary: a bug must still give the message one outcome, not a rescan loop
             log.exception("email_failed", conversation=conversation, message_id=job.mail.message_id)
-            await self._finish(job.fetched, job.mail.message_id, "failed", "internal error", conversation)
+            await self._finish(job.fetched, job.mail.message_id, MailStatus.FAILED, "internal error", conversation)
         finally:
             if not retrying:
                 self._inflight.discard(job.mail.message_id)
 
     async def _reply(self, conversation: str, job: Job) -> None:
         mail = job.mail
-        outbox = await self._outbox(mail.message_id) or await self._answer(conversation, job)
-        if outbox is None:
+        entry = await self._outbox.pending(mail.message_id) or await self._answer(conversation, job)
+        if entry is None:
             return
-        await self._send_once(mail.message_id, outbox)
-        await self._finish(job.fetched, mail.message_id, outbox["status"], outbox.get("reason"), conversation)
+        await self._outbox.send_once(mail.message_id, entry, self._send)
+        await self._finish(job.fetched, mail.message_id, entry.status, entry.reason, conversation)
 
     def _defer(self, conversation: str, job: Job, exc: Exception) -> bool:
         log.error(
@@ -328,29 +268,22 @@ class EmailChannel:
             self._inflight.discard(job.mail.message_id)
             raise
 
-    async def _answer(self, conversation: str, job: Job) -> dict[str, Any] | None:
+    async def _answer(self, conversation: str, job: Job) -> OutboxEntry | None:
         """Run the turn and put its reply in the outbox; None when the message ended without a reply."""
         mail = job.mail
         replies = await self._store.incr(keys.mail_thread_replies(conversation), keys.MAIL_RECORD_TTL_S)
         if replies > self._config.thread_reply_cap:
             reason = f"the thread reached its cap of {self._config.thread_reply_cap} replies"
-            await self._finish(job.fetched, mail.message_id, "reply_cap", reason, conversation)
+            await self._finish(job.fetched, mail.message_id, MailStatus.REPLY_CAP, reason, conversation)
             return None
         answer = await self._turn(conversation, job) if job.fetched.complete else self._refusal_of_size(job)
         if answer is None:
             return None
         message = compose.reply(mail, answer.text, self._address, answer.files, await self._html(answer.text))
-        await self._remember(str(message["Message-ID"]).strip(), conversation)
-        await self._add_participants(conversation, frozenset({mail.sender}))
-        outbox = {
-            "state": "sending",
-            "status": answer.status,
-            "reason": answer.reason,
-            "to": mail.sender,
-            "raw": _encode(message),
-        }
-        await self._store.put_value(keys.mail_outbox(mail.message_id), json.dumps(outbox), keys.MAIL_RECORD_TTL_S)
-        return outbox
+        await self._threads.bind_reply(str(message["Message-ID"]).strip(), conversation, mail.sender)
+        entry = OutboxEntry.of(message, mail.sender, answer.status, answer.reason)
+        await self._outbox.put(mail.message_id, entry)
+        return entry
 
     async def _turn(self, conversation: str, job: Job) -> Answer | None:
         """The agent's answer; None when the message ended without one (recorded, or to be retried)."""
@@ -359,9 +292,9 @@ class EmailChannel:
             log.warning("email_retry_later", message_id=job.mail.message_id, failure=str(outcome.failure))
             return None
         if not outcome.ok and not self._config.error_reply:
-            await self._finish(job.fetched, job.mail.message_id, "failed", outcome.error, conversation)
+            await self._finish(job.fetched, job.mail.message_id, MailStatus.FAILED, outcome.error, conversation)
             return None
-        status = "replied" if outcome.ok else "failed_replied"
+        status = MailStatus.REPLIED if outcome.ok else MailStatus.FAILED_REPLIED
         return Answer(_reply_text(outcome), status, outcome.error, outcome.files)
 
     async def _html(self, text: str) -> str | None:
@@ -378,7 +311,8 @@ class EmailChannel:
 
     def _refusal_of_size(self, job: Job) -> Answer:
         """Only the headers of an oversized mail were fetched: say so, without the agent."""
-        return Answer(compose.too_large_text(self._config.max_message_mb), "oversized", self._too_large(job.fetched))
+        text = compose.too_large_text(self._config.max_message_mb)
+        return Answer(text, MailStatus.OVERSIZED, self._too_large(job.fetched))
 
     def _inbound(self, conversation: str, mail: Mail) -> Inbound:
         files = self._stage(mail)
@@ -399,19 +333,6 @@ class EmailChannel:
 
     # -- sending and recording ------------------------------------------------------------
 
-    async def _outbox(self, message_id: str) -> dict[str, Any] | None:
-        raw = await self._store.get_value(keys.mail_outbox(message_id))
-        return None if raw is None else dict(json.loads(raw))
-
-    async def _send_once(self, message_id: str, outbox: dict[str, Any]) -> None:
-        if outbox["state"] == "sent":
-            return
-        self._crash_point("before_send")
-        await self._send(base64.b64decode(outbox["raw"]), outbox["to"])
-        outbox["state"] = "sent"
-        await self._store.put_value(keys.mail_outbox(message_id), json.dumps(outbox), keys.MAIL_RECORD_TTL_S)
-        self._crash_point("after_send")
-
     async def _send(self, raw: bytes, to: str) -> None:
         await smtp.send(self._config, raw, self._address, to)
 
@@ -421,45 +342,28 @@ class EmailChannel:
         return self._config.address
 
     async def _finish(
-        self, fetched: Fetched, message_id: str, status: str, reason: str | None, conversation: str | None = None
+        self,
+        fetched: Fetched,
+        message_id: str,
+        status: MailStatus,
+        reason: str | None,
+        conversation: str | None = None,
     ) -> None:
-        """Record the outcome first, then mark: a crash between them only leaves a mark to redo."""
-        record = {
-            "status": status,
-            "reason": reason,
-            "conversation": conversation,
-            "uid": fetched.uid,
-            "body": _body_digest(fetched.raw),
-        }
-        await self._store.put_value(keys.mail_outcome(message_id), json.dumps(record), keys.MAIL_RECORD_TTL_S)
+        """Record the message's one outcome first, then mark it: a crash between them only leaves a mark to redo."""
+        record = OutcomeRecord(status, reason, conversation, fetched.uid, body_digest(fetched.raw))
+        await self._outbox.record(message_id, record)
         metrics.CHANNEL_MESSAGES.labels(channel="email", fate=status).inc()
         log.info("email_outcome", message_id=message_id, status=status, reason=reason, conversation=conversation)
         self._watcher.mark(self._mark(fetched, status))
 
-    def _mark(self, fetched: Fetched, status: str) -> Mark:
-        folder = self._config.refused_folder if status == "refused" else self._config.processed_folder
+    def _mark(self, fetched: Fetched, status: MailStatus | None) -> Mark:
+        folder = self._config.refused_folder if status is MailStatus.REFUSED else self._config.processed_folder
         return Mark(fetched.uidvalidity, fetched.uid, folder)
 
     def _crash_point(self, name: str) -> None:
         """Tests only (``email.debug_crash_at``): die like ``kill -9`` at a named point."""
         if self._config.debug_crash_at == name:
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _root(mail: Mail) -> str:
-    if mail.references:
-        return mail.references[0]
-    return mail.in_reply_to or mail.message_id
-
-
-def _participants_of(mail: Mail) -> frozenset[str]:
-    """The sender and everyone the mail was addressed to (From, To, Cc), lower case."""
-    found: set[str] = set()
-    for name in ("from", "to", "cc"):
-        for value in mail.header(name):
-            found.update(address.lower() for _, address in addresses(value) if "@" in address)
-    sender = {mail.sender} if mail.sender else set()
-    return frozenset(sender | set(sorted(found - sender)[: MAX_PARTICIPANTS - 1]))
 
 
 def _reply_text(outcome: Outcome) -> str:
@@ -469,14 +373,5 @@ def _reply_text(outcome: Outcome) -> str:
     return f"Sorry, I could not finish answering your message: {outcome.error}{partial}"
 
 
-def _body_digest(raw: bytes) -> str:
-    """The mail's body, hashed: the same mail delivered twice (other Received lines) has the same one."""
-    return hashlib.sha256(raw_body(raw) or b"").hexdigest()
-
-
 def _raw_id(raw: bytes) -> str:
     return message_id({}, raw)
-
-
-def _encode(message: EmailMessage) -> str:
-    return base64.b64encode(message.as_bytes(policy=email.policy.SMTP)).decode()

@@ -62,12 +62,13 @@ class Mark:
     folder: str | None = None
 
 
-Deliver = Callable[[Fetched], Awaitable[None]]
+# Takes in one fetched mail: records its outcome or queues it, never waits for the agent.
+TakeIn = Callable[[Fetched], Awaitable[None]]
 
 
 class ImapWatcher:
-    def __init__(self, config: EmailConfig, store: Store, deliver: Deliver) -> None:
-        self._config, self._store, self._deliver = config, store, deliver
+    def __init__(self, config: EmailConfig, store: Store, take_in: TakeIn) -> None:
+        self._config, self._store, self._take_in = config, store, take_in
         self._marks: list[Mark] = []
         self._wake = asyncio.Event()
         self._box = Mailbox(config)
@@ -166,9 +167,9 @@ class ImapWatcher:
         uids = await self._search(client, last, full)
         log.debug("imap_catch_up", last_uid=last, full=full, found=uids[:50])
         for uid in uids:
-            fetched = await self._take(client, uidvalidity, uid)
+            fetched = await self._fetch(client, uidvalidity, uid)
             if fetched is not None:
-                await self._deliver(fetched)
+                await self._take_in(fetched)
             if uid > last:
                 last = uid
                 await self._save_checkpoint(uidvalidity, last)
@@ -181,7 +182,7 @@ class ImapWatcher:
         # "UID n:*" names the highest UID even when it is below n.
         return uids if full else [u for u in uids if u > last]
 
-    async def _take(self, client: aioimaplib.IMAP4, uidvalidity: int, uid: int) -> Fetched | None:
+    async def _fetch(self, client: aioimaplib.IMAP4, uidvalidity: int, uid: int) -> Fetched | None:
         """The whole message, or only its headers when RFC822.SIZE is over ``max_message_mb``; None if expunged."""
         size = await self._box.size(uid)
         if size is None:

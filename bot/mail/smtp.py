@@ -23,8 +23,12 @@ class SendError(Exception):
         self.code = code
 
 
+# What ``send`` raises when the server did not take the mail: callers catch these, never aiosmtplib's names.
+SEND_FAILURES: tuple[type[Exception], ...] = (SendError, aiosmtplib.SMTPException, OSError)
+
+
 async def send(config: EmailConfig, raw: bytes, sender: str, to: str) -> None:
-    """Hand ``raw`` to the SMTP server for ``to``; raises SendError or an aiosmtplib error if it is not taken."""
+    """Hand ``raw`` to the SMTP server for ``to``; raises one of ``SEND_FAILURES`` if it is not taken."""
     try:
         errors, _ = await aiosmtplib.send(
             raw,

@@ -252,7 +252,7 @@ async def test_a_job_run_is_stopped_by_its_own_budget(tmp_path: Path, fake_model
 
 
 async def test_a_spare_warms_up_without_a_trace(tmp_path: Path, fake_model: FakeModel) -> None:
-    from bot.agent.launcher import WARM_UP_PROMPT
+    from bot.agent.session import WARM_UP_PROMPT
 
     async with daemon(tmp_path, fake_model, pool={"prewarm": 1, "session_max_turns": 2}) as d:
         assert d.parts is not None
