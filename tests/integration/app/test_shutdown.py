@@ -13,7 +13,7 @@ import aiohttp
 import psutil
 import pytest
 
-from bot.app import daemon, shutdown
+from bot.app import shutdown, wiring
 from bot.config import HttpConfig
 from tests.fakes.model import FakeModel
 from tests.support import paths
@@ -60,7 +60,7 @@ async def test_stuck_services_share_one_deadline_and_the_cli_dies(
     tmp_path: Path, fake_model: FakeModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(shutdown, "SHUTDOWN_MARGIN_S", 2.0)
-    monkeypatch.setattr(daemon, "build_channels", lambda *_: [HangingChannel()])
+    monkeypatch.setattr(wiring, "build_channels", lambda *_: [HangingChannel()])
     fake_model.add("slow", text="never sent", delay_s=30)
     channels: dict[str, Any] = {}
     running = InProcessDaemon(tmp_path, fake_model, channels, http={"drain_grace_s": 1.0})
