@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bot import guard
@@ -36,8 +37,7 @@ from bot.core import (
     Store,
     StoreError,
 )
-from bot.gateway.ledger import Ledger
-from bot.jobs import JobError, JobInfo, Scheduler
+from bot.jobs import JobError, JobInfo, JobRun
 from bot.status import MirrorStatus, PoolStatus, SessionStatus, StatusSnapshot
 
 log = structlog.get_logger(__name__)
@@ -122,8 +122,45 @@ async def with_keepalive(deltas: AsyncIterator[str], every_s: float) -> AsyncGen
             pending.cancel()
 
 
+class Jobs(Protocol):
+    """What the API asks of the scheduler (``bot.jobs.Scheduler``)."""
+
+    async def jobs(self) -> list[JobInfo]: ...
+
+    async def history(self, job_id: str) -> list[JobRun]: ...
+
+    async def run_now(self, job_id: str) -> JobRun: ...
+
+    async def pause(self, job_id: str) -> None: ...
+
+    async def resume(self, job_id: str) -> None: ...
+
+
+class Spending(Protocol):
+    """What the API asks of the ledger (``bot.gateway.ledger.Ledger``)."""
+
+    async def spent_today(self, dimension: str, values: list[str]) -> dict[str, float]: ...
+
+    async def report(self, by: str) -> dict[str, float]: ...
+
+
+class Door:
+    """Open until the daemon drains: then new work is refused (503) and /readyz says so."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+    def refusal(self) -> web.Response | None:
+        # New work is refused at the door; turns already running finish within the drain grace.
+        return web.json_response(DRAINING_BODY, status=STATUS[Failure.SHUTDOWN]) if self.draining else None
+
+
 class Api:
-    """Complete when built: every part it reports on and every component's route are passed in."""
+    """The HTTP server: complete when built, with every part it reports on and every component's route passed in.
+
+    It serves the probes itself; the rest is its route providers': the status page, the conversations,
+    the usage report and the jobs. ``Access`` guards all of them, the components' own routes too.
+    """
 
     def __init__(
         self,
@@ -133,44 +170,53 @@ class Api:
         *,
         channels: Sequence[Channel] = (),
         routes: Sequence[Route] = (),
-        scheduler: Scheduler | None = None,
-        ledger: Ledger | None = None,
+        scheduler: Jobs | None = None,
+        ledger: Spending | None = None,
         mirror: MirrorHealth | None = None,
     ) -> None:
         if config.api_token is None and not config.is_loopback:
             raise ConfigError(
                 "http.api_token (AGENTD_API_TOKEN) is required when http.listen is not a loopback address"
             )
-        self._config, self._pool, self._store = config, pool, store
+        self._config, self._store = config, store
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._routes = tuple(routes)  # components' own endpoints (Slack HTTP Events); each authenticates itself
         self.port: int | None = None
-        self.draining = False
-        self._scheduler = scheduler
-        self._ledger = ledger
-        self._mirror = mirror  # the Redis transcript mirror, when there is one
-        self._channels = tuple(channels)
-        self._page = StatusPage.load(config)
-        self._sign_ins = guard.SignInLimiter()
-        self._hosts = guard.allowed_hosts(config.host)
+        self._door = Door()
+        page = StatusPage.load(config)
+        self._access = Access(config, page)
+        self._status = StatusRoutes(
+            config, self._access, page, pool, channels=channels, jobs=scheduler, spending=ledger, mirror=mirror
+        )
+        self._providers = (
+            self._status,
+            ConversationRoutes(config, pool, self._door),
+            UsageRoutes(ledger),
+            JobRoutes(scheduler, self._door),
+        )
+
+    @property
+    def draining(self) -> bool:
+        return self._door.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._door.draining = value
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._guard, self._auth], client_max_size=self._config.max_text_chars * 4 + 65536
+            middlewares=self._access.middlewares(), client_max_size=self._config.max_text_chars * 4 + 65536
         )
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/status", self._status_page)
-        app.router.add_post("/status/login", self._status_login)
-        app.router.add_get("/v1/status", self._status_json)
-        app.router.add_post("/v1/conversations/{conversation_id}/messages", self._message)
-        app.router.add_get("/v1/sessions", self._sessions)
-        app.router.add_get("/v1/usage", self._usage)
-        app.router.add_get("/v1/jobs", self._jobs)
-        app.router.add_get("/v1/jobs/{job_id}/runs", self._job_runs)
-        app.router.add_post("/v1/jobs/{job_id}/{action}", self._job_action)
+        for provider in self._providers:
+            for route in provider.routes():
+                if route.method == "GET":
+                    app.router.add_get(route.path, route.handler)  # and HEAD, as aiohttp does for a GET
+                else:
+                    app.router.add_route(route.method, route.path, route.handler)
         for route in self._routes:
             app.router.add_route(route.method, route.path, route.handler)
         return app
@@ -201,6 +247,35 @@ class Api:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def status(self) -> StatusSnapshot:
+        return await self._status.status()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self._door.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        try:
+            await self._store.ping()
+        except StoreError as exc:
+            return web.json_response({"status": "store unavailable", "error": str(exc)}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class Access:
+    """Who may call what: refusals before any handler or parser, then the API token (or the page's cookie)."""
+
+    def __init__(self, config: HttpConfig, page: StatusPage) -> None:
+        self._config, self._page = config, page
+        self._hosts = guard.allowed_hosts(config.host)
+
+    def middlewares(self) -> list[Middleware]:
+        return [self._guard, self._auth]
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -257,18 +332,46 @@ class Api:
         expected = f"Bearer {token.get_secret_value()}"
         return hmac.compare_digest(given.encode(), expected.encode())
 
-    def _cookie_value(self) -> str | None:
+    def cookie_value(self) -> str | None:
+        """The page's cookie: an HMAC of the API token, never the token itself; None without a token."""
         token = self._config.api_token
         if token is None:
             return None
         return hmac.new(token.get_secret_value().encode(), b"agentd status page", hashlib.sha256).hexdigest()
 
     def _cookie_authorized(self, request: web.Request) -> bool:
-        expected = self._cookie_value()
+        expected = self.cookie_value()
         given = request.cookies.get(STATUS_COOKIE, "")
         return expected is not None and hmac.compare_digest(given.encode(), expected.encode())
 
-    # -- the status page -------------------------------------------------------------
+
+class StatusRoutes:
+    """The /status page, its sign-in form, and the snapshot of every part that it shows (/v1/status)."""
+
+    def __init__(
+        self,
+        config: HttpConfig,
+        access: Access,
+        page: StatusPage,
+        pool: Engine,
+        *,
+        channels: Sequence[Channel],
+        jobs: Jobs | None,
+        spending: Spending | None,
+        mirror: MirrorHealth | None,
+    ) -> None:
+        self._config, self._access, self._page, self._pool = config, access, page, pool
+        self._channels = tuple(channels)
+        self._jobs, self._spending = jobs, spending
+        self._mirror = mirror  # the Redis transcript mirror, when there is one
+        self._sign_ins = guard.SignInLimiter()
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("GET", "/status", self._status_page),
+            Route("POST", "/status/login", self._status_login),
+            Route("GET", "/v1/status", self._status_json),
+        ]
 
     async def _status_page(self, request: web.Request) -> web.Response:
         return self._page.page()
@@ -276,7 +379,7 @@ class Api:
     async def _status_login(self, request: web.Request) -> web.Response:
         """The page's sign-in form posts the API token here; the answer sets the page's cookie."""
         token = self._config.api_token
-        expected = self._cookie_value()
+        expected = self._access.cookie_value()
         if token is None or expected is None:
             raise web.HTTPSeeOther("/status")
         if wait := self._sign_ins.take(request.remote or ""):
@@ -309,9 +412,9 @@ class Api:
         sessions = await self._with_costs(pool.sessions, problems)
         channels = tuple([await c.status() for c in self._channels if isinstance(c, StatusReporter)])
         jobs: tuple[JobInfo, ...] = ()
-        if self._scheduler is not None:
+        if self._jobs is not None:
             try:
-                jobs = tuple(await self._scheduler.jobs())
+                jobs = tuple(await self._jobs.jobs())
             except StoreError as exc:
                 problems.append(f"jobs: the store is unreachable ({exc})")
         mirror = None
@@ -322,85 +425,35 @@ class Api:
         )
 
     async def _with_costs(self, sessions: tuple[SessionStatus, ...], problems: list[str]) -> tuple[SessionStatus, ...]:
-        if self._ledger is None:
+        if self._spending is None:
             return sessions
         try:
-            spent = await self._ledger.spent_today("conversation", [s.conversation_id for s in sessions])
+            spent = await self._spending.spent_today("conversation", [s.conversation_id for s in sessions])
         except StoreError as exc:
             problems.append(f"cost today: the store is unreachable ({exc})")
             return sessions
         return tuple(dataclasses.replace(s, cost_today_usd=round(spent[s.conversation_id], 6)) for s in sessions)
 
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
 
-    async def _readyz(self, request: web.Request) -> web.Response:
-        if self.draining:
-            return web.json_response({"status": "draining"}, status=503)
-        try:
-            await self._store.ping()
-        except StoreError as exc:
-            return web.json_response({"status": "store unavailable", "error": str(exc)}, status=503)
-        return web.json_response({"status": "ready"})
+class ConversationRoutes:
+    """The conversation API: a message in, its reply out (one JSON body, or streamed as server-sent events)."""
 
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    def __init__(self, config: HttpConfig, pool: Engine, door: Door) -> None:
+        self._config, self._pool, self._door = config, pool, door
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("POST", "/v1/conversations/{conversation_id}/messages", self._message),
+            Route("GET", "/v1/sessions", self._sessions),
+        ]
 
     async def _sessions(self, request: web.Request) -> web.Response:
         rows = [dataclasses.asdict(r) for r in await self._pool.sessions()]
         return web.json_response({"sessions": rows})
 
-    async def _usage(self, request: web.Request) -> web.Response:
-        by = request.query.get("by", "conversation")
-        if by not in USAGE_DIMENSIONS:
-            raise BadRequest(f"by must be one of {', '.join(USAGE_DIMENSIONS)}")
-        if self._ledger is None:
-            raise NotFound("metering is off (agent.gateway = false)")
-        totals = await self._ledger.report(by)
-        return web.json_response({"by": by, "usage_usd": {k: round(v, 6) for k, v in totals.items()}})
-
-    async def _jobs(self, request: web.Request) -> web.Response:
-        infos = await self._scheduler.jobs() if self._scheduler is not None else []
-        return web.json_response({"jobs": [dataclasses.asdict(info) for info in infos]})
-
-    async def _job_runs(self, request: web.Request) -> web.Response:
-        runs = await self._job_call(request, lambda scheduler, job_id: scheduler.history(job_id))
-        return web.json_response({"runs": [run.to_json() for run in runs]})
-
-    async def _job_action(self, request: web.Request) -> web.Response:
-        action = request.match_info["action"]
-        if action == "run":
-            if self.draining:
-                return web.json_response(DRAINING_BODY, status=STATUS[Failure.SHUTDOWN])
-            run = await self._job_call(request, lambda scheduler, job_id: scheduler.run_now(job_id))
-            return web.json_response({"run": run.to_json()})
-        if action not in ("pause", "resume"):
-            return web.json_response({"error": f"unknown action {action!r}: run, pause or resume"}, status=404)
-        control = self._pause if action == "pause" else self._resume
-        await self._job_call(request, control)
-        return web.json_response({"job": request.match_info["job_id"], "paused": action == "pause"})
-
-    @staticmethod
-    async def _pause(scheduler: Scheduler, job_id: str) -> None:
-        await scheduler.pause(job_id)
-
-    @staticmethod
-    async def _resume(scheduler: Scheduler, job_id: str) -> None:
-        await scheduler.resume(job_id)
-
-    async def _job_call(self, request: web.Request, call: Callable[[Scheduler, str], Awaitable[T]]) -> T:
-        job_id = request.match_info["job_id"]
-        if self._scheduler is None:
-            raise NotFound("no jobs are scheduled (no [[schedule]] entries)")
-        try:
-            return await call(self._scheduler, job_id)
-        except JobError as exc:
-            raise NotFound(str(exc)) from None
-
     async def _message(self, request: web.Request) -> web.StreamResponse:
-        if self.draining:
-            # New work is refused at the door; turns already running finish within the drain grace.
-            return web.json_response(DRAINING_BODY, status=STATUS[Failure.SHUTDOWN])
+        if (refusal := self._door.refusal()) is not None:
+            return refusal
         inbound = await self._parse_message(request)
         turn = await self._pool.submit(inbound)
         if "text/event-stream" not in request.headers.get("Accept", ""):
@@ -434,6 +487,77 @@ class Api:
         if len(text) > self._config.max_text_chars:
             raise BadRequest(f"field 'text' is longer than {self._config.max_text_chars} characters")
         return Inbound(conversation_id=f"api:{conversation_id}", text=text, source="api", user="api")
+
+
+class UsageRoutes:
+    """The metered cost report (/v1/usage), by one dimension."""
+
+    def __init__(self, spending: Spending | None) -> None:
+        self._spending = spending
+
+    def routes(self) -> list[Route]:
+        return [Route("GET", "/v1/usage", self._usage)]
+
+    async def _usage(self, request: web.Request) -> web.Response:
+        by = request.query.get("by", "conversation")
+        if by not in USAGE_DIMENSIONS:
+            raise BadRequest(f"by must be one of {', '.join(USAGE_DIMENSIONS)}")
+        if self._spending is None:
+            raise NotFound("metering is off (agent.gateway = false)")
+        totals = await self._spending.report(by)
+        return web.json_response({"by": by, "usage_usd": {k: round(v, 6) for k, v in totals.items()}})
+
+
+class JobRoutes:
+    """The scheduled jobs: list them, their runs, and run, pause or resume one."""
+
+    def __init__(self, jobs: Jobs | None, door: Door) -> None:
+        self._jobs, self._door = jobs, door
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("GET", "/v1/jobs", self._list),
+            Route("GET", "/v1/jobs/{job_id}/runs", self._job_runs),
+            Route("POST", "/v1/jobs/{job_id}/{action}", self._job_action),
+        ]
+
+    async def _list(self, request: web.Request) -> web.Response:
+        infos = await self._jobs.jobs() if self._jobs is not None else []
+        return web.json_response({"jobs": [dataclasses.asdict(info) for info in infos]})
+
+    async def _job_runs(self, request: web.Request) -> web.Response:
+        runs = await self._job_call(request, lambda scheduler, job_id: scheduler.history(job_id))
+        return web.json_response({"runs": [run.to_json() for run in runs]})
+
+    async def _job_action(self, request: web.Request) -> web.Response:
+        action = request.match_info["action"]
+        if action == "run":
+            if (refusal := self._door.refusal()) is not None:
+                return refusal
+            run = await self._job_call(request, lambda scheduler, job_id: scheduler.run_now(job_id))
+            return web.json_response({"run": run.to_json()})
+        if action not in ("pause", "resume"):
+            return web.json_response({"error": f"unknown action {action!r}: run, pause or resume"}, status=404)
+        control = self._pause if action == "pause" else self._resume
+        await self._job_call(request, control)
+        return web.json_response({"job": request.match_info["job_id"], "paused": action == "pause"})
+
+    @staticmethod
+    async def _pause(scheduler: Jobs, job_id: str) -> None:
+        await scheduler.pause(job_id)
+
+    @staticmethod
+    async def _resume(scheduler: Jobs, job_id: str) -> None:
+        await scheduler.resume(job_id)
+
+    async def _job_call(self, request: web.Request, call: Callable[[Jobs, str], Awaitable[T]]) -> T:
+        job_id = request.match_info["job_id"]
+        if self._jobs is None:
+            raise NotFound("no jobs are scheduled (no [[schedule]] entries)")
+        try:
+            return await call(self._jobs, job_id)
+        except JobError as exc:
+            raise NotFound(str(exc)) from None
 
 
 class StatusPage:

@@ -1,8 +1,9 @@
 """``agentd once``: one task on a fresh CLI process, with the daemon's isolation, gateway and budgets.
 
-The same building blocks as ``agentd run`` (store, ledger, gateway, launcher, process-tree sweep),
-without the pool: nothing is kept warm. The process, its sandbox helpers and the gateway are gone
-when ``run_once`` returns; a temp workdir (no ``--cwd``) and the session's Claude state are removed.
+The same services as ``agentd run``, built by ``wiring`` (store, ledger, gateway, launcher), and its
+process-tree sweep, without the pool: nothing is kept warm. The process, its sandbox helpers and the
+gateway are gone when ``run_once`` returns; a temp workdir (no ``--cwd``) and the session's Claude
+state are removed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import structlog
 
 from bot import procs, workdir_fs
 from bot.agent import ClaudeLauncher
-from bot.app.daemon import open_store
+from bot.app import wiring
+from bot.app.shutdown import Cleanups
 from bot.config import ConfigError, Settings
 from bot.core import (
     AgentCrashed,
@@ -32,8 +34,6 @@ from bot.core import (
     TurnContext,
     TurnDone,
 )
-from bot.gateway.ledger import Ledger, Prices
-from bot.gateway.proxy import Gateway
 from bot.pool.turn import drive, failure_detail, failure_of
 from bot.telemetry import Telemetry
 
@@ -123,22 +123,11 @@ async def run_once(settings: Settings, request: OnceRequest) -> OnceResult:
 
 @asynccontextmanager
 async def _services(settings: Settings) -> AsyncIterator[tuple[ClaudeLauncher, Telemetry]]:
-    """Store, ledger, gateway and telemetry as ``agentd run`` has them, closed in reverse order."""
+    """The daemon's services (``wiring``) without the transcript mirror, closed in reverse order on leaving."""
     async with AsyncExitStack() as stack:
-        store = open_store(settings)
-        stack.push_async_callback(store.close)
-        ledger = Ledger(store, settings.budget, Prices(settings.gateway.prices))
-        gateway = None
-        if settings.agent.gateway:
-            # A port of its own: a daemon running beside it may hold the configured one.
-            host = settings.gateway.listen.rpartition(":")[0]
-            gateway = Gateway(settings.agent, settings.gateway.model_copy(update={"listen": f"{host}:0"}), ledger)
-            await gateway.start()
-            stack.push_async_callback(gateway.close)
-        telemetry = Telemetry.start(settings.telemetry)
-        stack.push_async_callback(asyncio.to_thread, telemetry.close)
-        launcher = ClaudeLauncher(settings.agent, settings.config_file, gateway=gateway, telemetry=settings.telemetry)
-        yield launcher, telemetry
+        # Unbounded cleanups: a signal cancels `once` (the CLI's handlers), and no shutdown deadline applies.
+        services = await wiring.open_services(settings, Cleanups(stack), mirror=False, own_gateway_port=True)
+        yield services.launcher, services.telemetry
 
 
 async def _one_turn(launcher: ClaudeLauncher, spec: SessionSpec, prompt: str, timeout_s: float) -> TurnDone | _Failed:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from bot.app import cli, daemon
+from bot.app import cli, shutdown
 from bot.pool import Pool
 
 
@@ -22,5 +22,5 @@ async def close_never(self: Pool, grace_s: float) -> None:
 
 if __name__ == "__main__":
     Pool.close = close_never  # type: ignore[method-assign]
-    daemon.SHUTDOWN_MARGIN_S = 2.0
+    shutdown.SHUTDOWN_MARGIN_S = 2.0
     sys.exit(cli.main())

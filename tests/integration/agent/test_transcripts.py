@@ -18,7 +18,7 @@ from claude_agent_sdk.testing import run_session_store_conformance
 
 from bot.agent import ClaudeLauncher
 from bot.agent.transcripts import Backfill, RedisSessionStore, Transcripts, durability
-from bot.app.daemon import unstable_data_dir
+from bot.app.wiring import unstable_data_dir
 from bot.core import Inbound
 from bot.pool import LOST_CONTEXT_NOTICE, Pool
 from bot.store import keys

@@ -15,6 +15,7 @@ ENGINE = (
     "aioimaplib",
     "aiosmtplib",
     "bot.app.daemon",
+    "bot.app.wiring",
     "bot.pool",
 )
 # Not the engine, but each costs more start-up than the command's own work: none for --help, and the

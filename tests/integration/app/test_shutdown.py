@@ -13,7 +13,7 @@ import aiohttp
 import psutil
 import pytest
 
-from bot.app import daemon
+from bot.app import shutdown, wiring
 from bot.config import HttpConfig
 from tests.fakes.model import FakeModel
 from tests.support import paths
@@ -59,12 +59,12 @@ async def ask(url: str, text: str) -> None:
 async def test_stuck_services_share_one_deadline_and_the_cli_dies(
     tmp_path: Path, fake_model: FakeModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(daemon, "SHUTDOWN_MARGIN_S", 2.0)
-    monkeypatch.setattr(daemon, "build_channels", lambda *_: [HangingChannel()])
+    monkeypatch.setattr(shutdown, "SHUTDOWN_MARGIN_S", 2.0)
+    monkeypatch.setattr(wiring, "build_channels", lambda *_: [HangingChannel()])
     fake_model.add("slow", text="never sent", delay_s=30)
     channels: dict[str, Any] = {}
     running = InProcessDaemon(tmp_path, fake_model, channels, http={"drain_grace_s": 1.0})
-    budget_s = daemon.shutdown_budget_s(running.settings.http)
+    budget_s = shutdown.shutdown_budget_s(running.settings.http)
     await running.start()
     in_flight = asyncio.create_task(ask(running.url, "slow"))
     await wait_until(lambda: bool(fake_model.find("slow")), what="the slow turn to reach the model")
@@ -78,7 +78,7 @@ async def test_stuck_services_share_one_deadline_and_the_cli_dies(
 
 
 def test_manifests_leave_room_for_the_shutdown_budget() -> None:
-    expected = daemon.shutdown_budget_s(HttpConfig()) + RUNTIME_SLACK_S
+    expected = shutdown.shutdown_budget_s(HttpConfig()) + RUNTIME_SLACK_S
     manifest = (DEPLOY / "k8s" / "statefulset.yaml").read_text()
     kubernetes = re.search(r"^\s*terminationGracePeriodSeconds:\s*(\d+)", manifest, re.M)
     compose = re.search(r"^\s*stop_grace_period:\s*(\d+)s\s", (DEPLOY / "compose.yaml").read_text(), re.M)

@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from bot.app import daemon
+from bot.app import shutdown
 from bot.config import HttpConfig, PoolConfig, load_settings
 from tests.support import paths
 
@@ -70,7 +70,7 @@ def memory_limit_mb(pool: PoolConfig) -> int:
 
 
 def grace_s(http: HttpConfig) -> int:
-    return int(daemon.shutdown_budget_s(http)) + RUNTIME_SLACK_S
+    return int(shutdown.shutdown_budget_s(http)) + RUNTIME_SLACK_S
 
 
 def pins(lock: Path) -> dict[str, str]:
