@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -40,7 +38,6 @@ from bot.core import (
     Approver,
     ChannelStatus,
     Conversations,
-    DeliveryError,
     Inbound,
     Outcome,
     Profile,
@@ -48,16 +45,16 @@ from bot.core import (
     SessionInfo,
     Store,
     StoreError,
-    ToolRefused,
     ToolSpec,
     TurnHandle,
 )
-from bot.files import safe_filename, unique_path
 from bot.lanes import Lanes
 from bot.slack import events
 from bot.slack.approvals import APPROVE, DENY, Approvals, Click
 from bot.slack.assistant import AssistantSurface
+from bot.slack.courier import SlackCourier
 from bot.slack.events import Identity, SlackMessage
+from bot.slack.files import FileRefused, SlackFiles
 from bot.slack.reply import AutoWriter, Thread
 from bot.store import keys
 
@@ -90,11 +87,6 @@ def _log_retry(state: RetryCallState) -> None:
 
 INTERNAL_ERROR_TEXT = "Something went wrong on our side; this message was not processed. Please send it again."
 REFUSED_TEXT = "Sorry, I can't take requests from you here. An admin can give you access."
-DOWNLOAD_CHUNK = 64 * 1024
-
-
-class FileRefused(Exception):
-    """An attachment that is too large, of a refused type, or cannot be fetched; the message is the reason."""
 
 
 class SlackChannel:
@@ -102,16 +94,15 @@ class SlackChannel:
 
     def __init__(self, settings: Settings, profile: Profile, conversations: Conversations, store: Store) -> None:
         self._config, self._profile, self._conversations, self._store = settings.slack, profile, conversations, store
-        self._post_allowlist = frozenset(c.removeprefix("#") for c in settings.triage.slack_channels)
         self._thread_ttl_s = keys.conversation_ttl_s(settings.store.conversation_ttl_days)
-        self._staging = settings.store.data_dir.resolve() / "incoming"
         assert self._config.bot_token is not None
-        self._token = self._config.bot_token.get_secret_value()
+        token = self._config.bot_token.get_secret_value()
         self._client = AsyncWebClient(
-            token=self._token,
+            token=token,
             base_url=self._config.api_url or AsyncWebClient.BASE_URL,
             retry_handlers=[AsyncConnectionErrorRetryHandler(), AsyncRateLimitErrorRetryHandler(max_retry_count=3)],
         )
+        self._files = SlackFiles(self._config, self._client, token, settings.store.data_dir.resolve() / "incoming")
         prompts = settings.suggested_prompts(self._config.profile)
         self._assistant = AssistantSurface(self._client, store, self._config, prompts, self._thread_ttl_s)
         self._app = self._bolt_app()
@@ -119,6 +110,8 @@ class SlackChannel:
         self._verifier = SignatureVerifier(secret.get_secret_value()) if secret else None
         self._socket: AsyncSocketModeHandler | None = None
         self._me = Identity("", "", "")
+        allowlist = frozenset(c.removeprefix("#") for c in settings.triage.slack_channels)
+        self._courier = SlackCourier(self._client, allowlist, lambda: self._me.team_id)
         self._approvals = Approvals(self._config.approval_timeout_s)
         self._lanes: Lanes[SlackMessage] = Lanes("slack", self._serve)
         self._intake = False
@@ -413,7 +406,7 @@ class SlackChannel:
             await self._control(message, thread)
             return
         try:
-            staged = await self._download_files(message)
+            staged = await self._files.download(message)
         except FileRefused as exc:
             bound.warning("slack_file_refused", reason=str(exc))
             metrics.CHANNEL_MESSAGES.labels(channel="slack", fate="file_refused").inc()
@@ -479,7 +472,7 @@ class SlackChannel:
         history = response.get("messages") or []
         return events.thread_context(list(history), message.ts, self._me, limit)
 
-    # -- status, files, control words --------------------------------------------
+    # -- status and control words --------------------------------------------
 
     async def _show_status(self, message: SlackMessage, queued: bool) -> str | None:
         """Show at once that the message was taken; returns the reaction added, to remove when done."""
@@ -504,68 +497,6 @@ class SlackChannel:
         except SLACK_ERRORS as exc:
             log.debug("slack_reaction_failed", name=name, error=str(exc)[:200])
             return None
-
-    async def _download_files(self, message: SlackMessage) -> tuple[Path, ...]:
-        if not message.files:
-            return ()
-        if len(message.files) > self._config.max_files:
-            raise FileRefused(f"That is {len(message.files)} files; I take at most {self._config.max_files}.")
-        for file in message.files:
-            self._check_file(file)
-        batch = self._staging / uuid.uuid4().hex
-        batch.mkdir(parents=True)
-        return tuple([await self._download(file, batch) for file in message.files])
-
-    def _check_file(self, file: dict[str, Any]) -> None:
-        name = str(file.get("name") or "file")
-        mimetype = str(file.get("mimetype") or "application/octet-stream")
-        if not any(mimetype.startswith(prefix) for prefix in self._config.file_types):
-            raise FileRefused(f"The file {safe_filename(name)!r} is of type {mimetype}, which I don't accept.")
-        size = file.get("size")
-        if isinstance(size, int) and size > self._max_bytes:
-            raise FileRefused(
-                f"The file {safe_filename(name)!r} is {size / 1e6:.1f} MB; the limit is {self._config.max_file_mb} MB."
-            )
-
-    @property
-    def _max_bytes(self) -> int:
-        return int(self._config.max_file_mb * 1_000_000)
-
-    async def _download(self, file: dict[str, Any], batch: Path) -> Path:
-        name = safe_filename(str(file.get("name") or "file"))
-        url = str(file.get("url_private_download") or file.get("url_private") or "")
-        if not self._is_slack_url(url):
-            raise FileRefused(f"The file {name!r} has no Slack download address.")
-        target = unique_path(batch, name)
-        session = await self._http_session()
-        headers = {"Authorization": f"Bearer {self._token}"}
-        async with session.get(url, headers=headers, allow_redirects=False) as response:
-            if response.status != 200:
-                raise FileRefused(f"Slack did not hand over the file {name!r} (HTTP {response.status}).")
-            await self._save(response, target, name)
-        return target
-
-    async def _save(self, response: aiohttp.ClientResponse, target: Path, name: str) -> None:
-        written = 0
-        with target.open("wb") as out:
-            async for chunk in response.content.iter_chunked(DOWNLOAD_CHUNK):
-                written += len(chunk)
-                if written > self._max_bytes:
-                    raise FileRefused(f"The file {name!r} is larger than {self._config.max_file_mb} MB.")
-                out.write(chunk)
-
-    def _is_slack_url(self, url: str) -> bool:
-        """The bot token goes only to Slack's own hosts (or the configured API host), never to a planted URL."""
-        parts = urlsplit(url)
-        api = urlsplit(self._client.base_url)
-        if parts.scheme == api.scheme and parts.netloc == api.netloc:
-            return True
-        return parts.scheme == "https" and (parts.hostname or "").endswith(".slack.com")
-
-    async def _http_session(self) -> aiohttp.ClientSession:
-        if self._client.session is None:
-            self._client.session = aiohttp.ClientSession()
-        return self._client.session
 
     async def _control(self, message: SlackMessage, thread: Thread) -> None:
         cid = message.conversation_id
@@ -592,7 +523,7 @@ class SlackChannel:
             outcome = await turn.outcome
             if outcome.reply:
                 await writer.finish(outcome.reply)
-            await self._upload(thread, outcome)
+            await self._files.upload(thread, outcome)
             await self._assistant.after_answer(message, outcome)
             await self._finish(message, thread, outcome, mark)
         except Exception:  # task boundary: log with context; the outcome is recorded by the pool
@@ -602,16 +533,6 @@ class SlackChannel:
         if self._streaming:
             self._streaming = False
             log.warning("slack_streaming_unavailable", error=error[:200], fallback="post and update")
-
-    async def _upload(self, thread: Thread, outcome: Outcome) -> None:
-        if not outcome.files:
-            return
-        uploads = [{"file": str(path), "filename": path.name, "title": path.name} for path in outcome.files]
-        try:
-            await self._client.files_upload_v2(file_uploads=uploads, channel=thread.channel, thread_ts=thread.thread_ts)
-        except SLACK_ERRORS as exc:
-            log.error("slack_upload_failed", files=[p.name for p in outcome.files], error=str(exc)[:200])
-            await thread.post(f":warning: I made {len(uploads)} file(s) but could not upload them ({exc}).")
 
     async def _finish(self, message: SlackMessage, thread: Thread, outcome: Outcome, mark: str | None) -> None:
         if not outcome.ok:
@@ -628,63 +549,13 @@ class SlackChannel:
             except SLACK_ERRORS as exc:
                 log.debug("slack_status_clear_failed", error=str(exc)[:200])
 
-    # -- scheduled jobs: delivery and the slack_post tool ---------------------------------
+    # -- scheduled jobs: the Courier for ``slack:`` targets and the slack_post tool ---------
 
     async def deliver(self, target: str, subject: str, text: str) -> None:
-        """A job's result into ``C123``, ``#name`` or ``C123:<thread ts>`` (the Courier for ``slack:``)."""
-        channel, _, thread_ts = target.partition(":")
-        try:
-            await self._post_markdown(channel, thread_ts or None, text)
-        except SLACK_ERRORS as exc:
-            raise DeliveryError(_slack_reason(exc)) from exc
+        await self._courier.deliver(target, subject, text)
 
     def toolsets(self) -> dict[str, list[ToolSpec]]:
-        """``slack_post``: scheduled runs may post to the channels in ``triage.slack_channels``, nowhere else."""
-        return {
-            "slack": [
-                ToolSpec(
-                    name="slack_post",
-                    description="Post a message (Markdown) to one of the allowed Slack channels, "
-                    "optionally as a reply in a thread.",
-                    input_schema={
-                        "type": "object",
-                        "properties": {
-                            "channel": {"type": "string", "description": "channel id (C…) or #name"},
-                            "text": {"type": "string"},
-                            "thread_ts": {"type": "string", "description": "reply in this thread (optional)"},
-                        },
-                        "required": ["channel", "text"],
-                    },
-                    handler=self._slack_post,
-                )
-            ]
-        }
-
-    async def _slack_post(self, conversation_id: str, arguments: Mapping[str, Any]) -> str:
-        channel, text = str(arguments.get("channel") or ""), str(arguments.get("text") or "")
-        if channel.removeprefix("#") not in self._post_allowlist:
-            allowed = ", ".join(sorted(self._post_allowlist)) or "none"
-            raise ToolRefused(f"posting to {channel!r} is not allowed (allowed: {allowed})")
-        if not text.strip():
-            raise ToolRefused("the text is empty")
-        thread_ts = str(arguments.get("thread_ts") or "") or None
-        log.info("slack_post_tool", conversation=conversation_id, channel=channel)
-        try:
-            await self._post_markdown(channel, thread_ts, text)
-        except SLACK_ERRORS as exc:
-            return f"Slack refused the post: {_slack_reason(exc)}"
-        return f"Posted to {channel}."
-
-    async def _post_markdown(self, channel: str, thread_ts: str | None, text: str) -> None:
-        # A job's or slack_post's text can echo a stranger's mail: it never pings anyone.
-        thread = Thread(self._client, channel, thread_ts, self._me.team_id, "", dm=False, mentions=False)
-        await thread.post_all(text)
-
-
-def _slack_reason(exc: Exception) -> str:
-    if isinstance(exc, SlackApiError):
-        return str(exc.response.get("error") or exc)
-    return str(exc)[:200] or type(exc).__name__
+        return self._courier.toolsets()
 
 
 def stats_text(info: SessionInfo | None) -> str:

@@ -21,8 +21,8 @@ STREAM_MESSAGE_CHARS = 10_000
 # chat.update has rejected long text that chat.postMessage took; keep every posted part small.
 POST_MESSAGE_CHARS = 3_500
 UPDATE_INTERVAL_S = 1.0
-# What a failed chat.update raises once slack-sdk's own retries are spent.
-UPDATE_ERRORS = (SlackApiError, SlackClientError, aiohttp.ClientError, TimeoutError)
+# What a failed Web API call (chat.update, a post, an upload) raises once slack-sdk's own retries are spent.
+SLACK_ERRORS = (SlackApiError, SlackClientError, aiohttp.ClientError, TimeoutError)
 
 
 def split_text(text: str, limit: int) -> list[str]:
@@ -142,7 +142,7 @@ class PostWriter:
         ts = self._messages[index][0]
         try:
             await self._thread.client.chat_update(channel=self._thread.channel, ts=ts, text=piece)
-        except UPDATE_ERRORS as exc:
+        except SLACK_ERRORS as exc:
             self._broken = True
             log.warning("slack_update_failed", error=str(exc)[:200], message=index, fallback="post the rest")
             return False

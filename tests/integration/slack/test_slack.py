@@ -582,12 +582,12 @@ async def sessions(daemon: SlackDaemon) -> list[dict[str, str]]:
 async def test_a_bug_while_taking_a_message_still_answers_it(
     tmp_path: Path, fake_model: FakeModel, slack: FakeSlack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bot.slack.channel import SlackChannel
+    from bot.slack.files import SlackFiles
 
-    async def broken(self: SlackChannel, message: object) -> tuple[Path, ...]:
+    async def broken(self: SlackFiles, message: object) -> tuple[Path, ...]:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(SlackChannel, "_download_files", broken)
+    monkeypatch.setattr(SlackFiles, "download", broken)
     async with running(tmp_path, fake_model, slack):
         ts = await mention(slack, "this will hit the bug")
         assert await wait_done(slack, CHANNEL, ts) == ["x"]
