@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import json
 import time
 import uuid
@@ -39,6 +40,16 @@ class JobError(Exception):
     """An unknown job id, or a request the job cannot take; the message says which."""
 
 
+class JobStatus(enum.StrEnum):
+    """How one occurrence ended (the stored ``status``, the metric's label and the API's value)."""
+
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # overlap "skip": the previous run was still busy
+    CANCELLED = "cancelled"  # cut short by a restart, never counted towards a pause
+
+
 @dataclass(frozen=True)
 class JobRun:
     """One occurrence of a job, as kept in its history."""
@@ -47,7 +58,7 @@ class JobRun:
     fire_time: str
     started_at: float
     ended_at: float | None = None
-    status: str = "running"  # running | ok | failed | skipped | cancelled
+    status: JobStatus = JobStatus.RUNNING
     cost_usd: float = 0.0
     delivered_to: str = ""
     conversation_id: str = ""
@@ -55,6 +66,10 @@ class JobRun:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> JobRun:
+        return cls(**{**entry, "status": JobStatus(entry["status"])})
 
 
 @dataclass(frozen=True)
@@ -65,7 +80,7 @@ class JobInfo:
     schedule: str
     timezone: str
     next_fire_time: str | None
-    last_status: str | None
+    last_status: JobStatus | None
     paused: bool
     deliver_to: str
     profile: str
@@ -183,7 +198,7 @@ class Scheduler:
     async def history(self, job_id: str) -> list[JobRun]:
         self.job(job_id)
         raw = await self._store.get_value(keys.job_runs(job_id))
-        return [JobRun(**entry) for entry in json.loads(raw)] if raw else []
+        return [JobRun.from_json(entry) for entry in json.loads(raw)] if raw else []
 
     async def _info(self, job: ScheduleConfig) -> JobInfo:
         aps = self._aps.get_job(job.id) if self._aps.running else None
@@ -195,7 +210,7 @@ class Scheduler:
             timezone=job.timezone,
             next_fire_time=next_time.isoformat() if next_time else None,
             # A skipped tick did no work: the last status is that of the last run that did.
-            last_status=next((run.status for run in runs if run.status != "skipped"), None),
+            last_status=next((run.status for run in runs if run.status is not JobStatus.SKIPPED), None),
             paused=await self._paused(job.id),
             deliver_to=job.deliver_to,
             profile=job.profile,
@@ -225,7 +240,9 @@ class Scheduler:
         run = JobRun(job_id, fire_time.isoformat(), time.time(), delivered_to=job.deliver_to)
         if job.overlap == "skip" and not await self._store.claim(keys.job_running(job_id), self._running_ttl_s):
             return await self._record(
-                dataclasses.replace(run, status="skipped", ended_at=time.time(), error="the previous run is still busy")
+                dataclasses.replace(
+                    run, status=JobStatus.SKIPPED, ended_at=time.time(), error="the previous run is still busy"
+                )
             )
         try:
             async with self._locks[job_id]:
@@ -249,12 +266,12 @@ class Scheduler:
         run = dataclasses.replace(run, cost_usd=outcome.cost_usd)
         if outcome.failure is Failure.SHUTDOWN:
             # Cut short by a restart, not the job's fault: recorded, never counted towards a pause.
-            return await self._record(dataclasses.replace(run, ended_at=time.time(), status="cancelled"))
+            return await self._record(dataclasses.replace(run, ended_at=time.time(), status=JobStatus.CANCELLED))
         error = None if outcome.ok else outcome.error or str(outcome.failure)
         if error is None:
             error = await self._deliver(job, f"{job.id}: scheduled run", outcome.reply)
         finished = dataclasses.replace(
-            run, ended_at=time.time(), status="ok" if error is None else "failed", error=error
+            run, ended_at=time.time(), status=JobStatus.OK if error is None else JobStatus.FAILED, error=error
         )
         await self._record(finished)
         await self._count(job, finished)
@@ -282,7 +299,7 @@ class Scheduler:
     async def _count(self, job: ScheduleConfig, run: JobRun) -> None:
         """Consecutive failures; at the limit the job pauses and says why."""
         metrics.JOB_RUNS.labels(job=job.id, status=run.status).inc()
-        if run.status == "ok":
+        if run.status is JobStatus.OK:
             await self._store.delete_value(keys.job_failures(job.id))
             return
         failures = await self._store.incr(keys.job_failures(job.id), keys.JOB_STATE_TTL_S)
