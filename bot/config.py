@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import shutil
+import socket
 import ssl
 import tomllib
 import zoneinfo
@@ -156,6 +157,12 @@ class StoreConfig(_Section):
     @property
     def transcript_retention_days(self) -> int:
         return self.transcript_ttl_days or self.conversation_ttl_days
+
+
+class ClusterConfig(_Section):
+    # This daemon's name in Redis (its intake stream): the hostname, which is the pod's name in a
+    # StatefulSet, so a restarted replica finds the messages it accepted and never finished.
+    replica: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class HttpConfig(_Section):
@@ -542,6 +549,7 @@ class Settings(BaseSettings):
     pool: PoolConfig = Field(default_factory=PoolConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     slack: SlackConfig = Field(default_factory=SlackConfig)
     email: EmailConfig = Field(default_factory=EmailConfig)
     log: LogConfig = Field(default_factory=LogConfig)

@@ -455,6 +455,12 @@ class Intake(Protocol):
 
     async def outcome(self, key: str) -> IntakeOutcome | None: ...
 
+    async def pending(self, key: str) -> bool:
+        """Accepted, and neither recorded nor forgotten yet."""
+
+    async def forget(self, key: str) -> None:
+        """Drop an accepted message that was refused before it ran: the next ``accept`` of its key is new."""
+
     async def unfinished(self) -> list[IntakeEntry]:
         """Accepted, no outcome yet, oldest first: after a crash, these are run again."""
 

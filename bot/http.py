@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 import structlog
 from aiohttp import web
@@ -38,11 +39,14 @@ from bot.core import (
     StoreError,
 )
 from bot.jobs import JobError, JobInfo, JobRun
+from bot.receipts import KeyReused, Receipt, Receipts
 from bot.status import MirrorStatus, PoolStatus, SessionStatus, StatusSnapshot
 
 log = structlog.get_logger(__name__)
 
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+# As Stripe's: up to 255 printable ASCII characters, chosen by the client (a UUID, say).
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 STATUS = {
     Failure.BUSY: 409,
     Failure.INTERRUPTED: 409,
@@ -78,6 +82,10 @@ class BadRequest(Exception):
 
 class NotFound(Exception):
     """No such job (or no jobs at all), answered as 404 with this message."""
+
+
+class Unprocessable(Exception):
+    """A well-formed request the daemon will not run (an Idempotency-Key reused), answered as 422."""
 
 
 def outcome_body(outcome: Outcome) -> dict[str, Any]:
@@ -173,6 +181,7 @@ class Api:
         scheduler: Jobs | None = None,
         ledger: Spending | None = None,
         mirror: MirrorHealth | None = None,
+        receipts: Receipts | None = None,
     ) -> None:
         if config.api_token is None and not config.is_loopback:
             raise ConfigError(
@@ -191,7 +200,7 @@ class Api:
         )
         self._providers = (
             self._status,
-            ConversationRoutes(config, pool, self._door),
+            ConversationRoutes(config, pool, self._door, receipts),
             UsageRoutes(ledger),
             JobRoutes(scheduler, self._door),
         )
@@ -321,6 +330,8 @@ class Access:
             return web.json_response({"error": str(exc)}, status=400)
         except NotFound as exc:
             return web.json_response({"error": str(exc)}, status=404)
+        except Unprocessable as exc:
+            return web.json_response({"error": str(exc)}, status=422)
         except StoreError as exc:
             return web.json_response({"error": f"the store is unreachable: {exc}"}, status=503)
 
@@ -438,12 +449,13 @@ class StatusRoutes:
 class ConversationRoutes:
     """The conversation API: a message in, its reply out (one JSON body, or streamed as server-sent events)."""
 
-    def __init__(self, config: HttpConfig, pool: Engine, door: Door) -> None:
-        self._config, self._pool, self._door = config, pool, door
+    def __init__(self, config: HttpConfig, pool: Engine, door: Door, receipts: Receipts | None) -> None:
+        self._config, self._pool, self._door, self._receipts = config, pool, door, receipts
 
     def routes(self) -> list[Route]:
         return [
             Route("POST", "/v1/conversations/{conversation_id}/messages", self._message),
+            Route("GET", "/v1/conversations/{conversation_id}/messages/{key}", self._keyed_outcome),
             Route("GET", "/v1/sessions", self._sessions),
         ]
 
@@ -455,9 +467,39 @@ class ConversationRoutes:
         if (refusal := self._door.refusal()) is not None:
             return refusal
         inbound = await self._parse_message(request)
-        turn = await self._pool.submit(inbound)
+        key = request.headers.get("Idempotency-Key")
+        if key is None:
+            turn = await self._pool.submit(inbound)
+            return await self._answer(request, turn.stream(), turn.outcome)
+        receipt = await self._receipt(inbound, key)
+        if receipt.outcome is None:
+            return _elsewhere(request, key)
+        return await self._answer(request, receipt.deltas or _nothing_until(receipt.outcome), receipt.outcome)
+
+    async def _receipt(self, inbound: Inbound, key: str) -> Receipt:
+        if not IDEMPOTENCY_KEY.match(key):
+            raise BadRequest("Idempotency-Key must be 1-255 printable ASCII characters (a UUID, say)")
+        if self._receipts is None:
+            raise BadRequest("Idempotency-Key needs the daemon's durable intake, which this server has not")
+        try:
+            return await self._receipts.submit(inbound, key)
+        except KeyReused as exc:
+            raise Unprocessable(str(exc)) from None
+
+    async def _keyed_outcome(self, request: web.Request) -> web.Response:
+        conversation_id, key = request.match_info["conversation_id"], request.match_info["key"]
+        receipt = await self._receipts.lookup(f"api:{conversation_id}", key) if self._receipts else None
+        if receipt is None:
+            raise NotFound("no message with this Idempotency-Key (never sent, or its outcome expired)")
+        if receipt.outcome is None or not receipt.outcome.done():
+            return web.json_response({"status": "running"}, status=202, headers={"Retry-After": "1"})
+        return web.json_response({"status": "done"} | outcome_body(receipt.outcome.result()))
+
+    async def _answer(
+        self, request: web.Request, deltas: AsyncIterator[str], pending: Awaitable[Outcome]
+    ) -> web.StreamResponse:
         if "text/event-stream" not in request.headers.get("Accept", ""):
-            outcome = await turn.outcome
+            outcome = await pending
             return web.json_response(
                 outcome_body(outcome), status=STATUS.get(outcome.failure, 200) if outcome.failure else 200
             )
@@ -465,10 +507,10 @@ class ConversationRoutes:
         await response.prepare(request)
         # A comment while the turn is silent (a long tool call), so idle-timeout proxies keep the stream.
         # Closed at once if the client goes away mid-stream, so no wait is left pending.
-        async with contextlib.aclosing(with_keepalive(turn.stream(), self._config.sse_keepalive_s)) as deltas:
-            async for text in deltas:
+        async with contextlib.aclosing(with_keepalive(deltas, self._config.sse_keepalive_s)) as ticks:
+            async for text in ticks:
                 await response.write(b": keep-alive\n\n" if text is None else _sse("delta", {"text": text}))
-        outcome = await turn.outcome
+        outcome = await pending
         await response.write(_sse("result" if outcome.ok else "error", outcome_body(outcome)))
         await response.write_eof()
         return response
@@ -487,6 +529,23 @@ class ConversationRoutes:
         if len(text) > self._config.max_text_chars:
             raise BadRequest(f"field 'text' is longer than {self._config.max_text_chars} characters")
         return Inbound(conversation_id=f"api:{conversation_id}", text=text, source="api", user="api")
+
+
+def _elsewhere(request: web.Request, key: str) -> web.Response:
+    """Accepted earlier and not finished by this process: its outcome is looked up later, never run twice."""
+    location = f"{request.path}/{quote(key, safe='')}"
+    return web.json_response(
+        {"status": "running", "error": "this message was accepted before and is still running; GET its outcome"},
+        status=202,
+        headers={"Location": location, "Retry-After": "1"},
+    )
+
+
+async def _nothing_until(pending: Awaitable[Outcome]) -> AsyncIterator[str]:
+    """No deltas (a retry's turn streams to its first caller), over once the outcome is known."""
+    await pending
+    return
+    yield
 
 
 class UsageRoutes:

@@ -49,7 +49,8 @@ async def serve(
         cleanups = Cleanups(stack, deadline)
         services = await wiring.open_services(settings, cleanups)
         await _report_at_start(settings, services)
-        daemon = wiring.build_daemon(settings, services)
+        intake = wiring.open_intake(settings, cleanups)
+        daemon = wiring.build_daemon(settings, services, intake)
         await _start(daemon, cleanups)
         log.info(
             "ready",
@@ -67,10 +68,16 @@ async def serve(
 
 
 async def _start(daemon: wiring.Daemon, cleanups: Cleanups) -> None:
-    """The pool first (channels submit to it), then the channels, then the API; each then registers its close."""
-    pool = daemon.pool
+    """The pool first (channels submit to it), then the channels, then the API; each then registers its close.
+
+    The receipts close after the pool (every outcome is known by then, so the last ones are recorded),
+    and replay what an earlier run accepted and never finished before any new message is taken.
+    """
+    pool, receipts = daemon.pool, daemon.receipts
+    cleanups.push("receipts", receipts.close)
     await pool.start()
     cleanups.push("pool", lambda: pool.close(NO_GRACE_S), tree_killer(pool))
+    await receipts.replay()
     for channel in daemon.channels:
         await channel.start()
         cleanups.push(channel.name, channel.close)

@@ -20,13 +20,16 @@ from bot.agent import ClaudeLauncher
 from bot.agent.transcripts import Transcripts
 from bot.app.shutdown import Cleanups
 from bot.config import Settings
-from bot.core import Channel, Conversations, Courier, Route, RouteProvider, Store, ToolProvider
+from bot.core import Channel, Conversations, Courier, Intake, Route, RouteProvider, Store, ToolProvider
 from bot.gateway.ledger import Ledger, Prices
 from bot.gateway.proxy import Gateway
 from bot.http import Api
 from bot.jobs import Scheduler
 from bot.pool import Pool
+from bot.receipts import Receipts
+from bot.store.intake import RedisIntake, SqliteIntake
 from bot.store.redis import RedisStore
+from bot.store.redis import connect as redis_connect
 from bot.store.sqlite import SqliteStore
 from bot.telemetry import Telemetry
 
@@ -53,6 +56,7 @@ class Daemon:
     pool: Pool
     channels: list[Channel]  # in start order; the scheduler, if any, last
     api: Api
+    receipts: Receipts  # keyed API messages: replayed once the pool is up, closed after it
 
 
 async def open_services(
@@ -140,11 +144,24 @@ def unstable_data_dir(data_dir: Path) -> str | None:
     )
 
 
-def build_daemon(settings: Settings, services: Services) -> Daemon:
+def open_intake(settings: Settings, cleanups: Cleanups) -> Intake:
+    """The durable intake, beside the store: a table in the embedded file, or this replica's Redis stream."""
+    store = settings.store
+    if store.redis_url is None:
+        sqlite_intake = SqliteIntake(store.data_dir / "agentd.db")
+        cleanups.push("intake", sqlite_intake.close)
+        return sqlite_intake
+    client = redis_connect(store.redis_url.get_secret_value())
+    cleanups.push("intake", client.aclose)
+    return RedisIntake(client, settings.cluster.replica)
+
+
+def build_daemon(settings: Settings, services: Services, intake: Intake) -> Daemon:
     """The pool, the channels, the jobs and the API, wired to the services; nothing is started yet."""
     pool = Pool(
         settings, services.launcher, services.store, telemetry=services.telemetry, transcripts=services.transcripts
     )
+    receipts = Receipts(intake, pool)
     channels = build_channels(settings, pool, services.store)
     mount_toolsets(services.launcher, channels)
     scheduler = build_scheduler(settings, pool, services.store, channels)
@@ -159,8 +176,9 @@ def build_daemon(settings: Settings, services: Services) -> Daemon:
         scheduler=scheduler,
         ledger=services.ledger,
         mirror=services.transcripts,
+        receipts=receipts,
     )
-    return Daemon(pool, channels, api)
+    return Daemon(pool, channels, api, receipts)
 
 
 def build_channels(settings: Settings, conversations: Conversations, store: Store) -> list[Channel]:

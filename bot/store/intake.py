@@ -55,6 +55,12 @@ class SqliteIntake:
         rows = await self._run("SELECT outcome, recorded_at FROM intake WHERE key = ? AND outcome IS NOT NULL", (key,))
         return IntakeOutcome(key, rows[0][0], rows[0][1]) if rows else None
 
+    async def pending(self, key: str) -> bool:
+        return bool(await self._run("SELECT 1 FROM intake WHERE key = ? AND outcome IS NULL", (key,)))
+
+    async def forget(self, key: str) -> None:
+        await self._run("DELETE FROM intake WHERE key = ? AND outcome IS NULL", (key,))
+
     async def unfinished(self) -> list[IntakeEntry]:
         rows = await self._run(
             "SELECT key, conversation, payload, accepted_at FROM intake WHERE outcome IS NULL"
@@ -101,6 +107,18 @@ if accepted then
 end
 return 1
 """
+# KEYS: accepted, outcome.  ARGV: group.  Off the stream it was accepted into, and its key free for a
+# new accept; a message with a recorded outcome is never forgotten (its retries must keep getting it).
+_FORGET = """
+local accepted = redis.call('GET', KEYS[1])
+if accepted and redis.call('EXISTS', KEYS[2]) == 0 then
+  local stream, id = string.match(accepted, '^(.*)\\n(.*)$')
+  redis.call('XACK', stream, ARGV[1], id)
+  redis.call('XDEL', stream, id)
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"""
 
 
 class RedisIntake:
@@ -112,6 +130,7 @@ class RedisIntake:
         self._stream = keys.intake_stream(replica)
         self._accept = client.register_script(_ACCEPT)
         self._record = client.register_script(_RECORD)
+        self._forget = client.register_script(_FORGET)
         self._group_ready = False
 
     async def accept(self, entry: IntakeEntry) -> bool:
@@ -143,6 +162,14 @@ class RedisIntake:
             return None
         data = json.loads(raw)
         return IntakeOutcome(key, str(data["outcome"]), float(data["recorded_at"]))
+
+    async def pending(self, key: str) -> bool:
+        if not await self._redis.exists(keys.intake_accepted(key)):
+            return False
+        return not await self._redis.exists(keys.intake_outcome(key))
+
+    async def forget(self, key: str) -> None:
+        await self._forget(keys=[keys.intake_accepted(key), keys.intake_outcome(key)], args=[keys.INTAKE_GROUP])
 
     async def unfinished(self) -> list[IntakeEntry]:
         """This replica's pending entries, oldest first (its consumer's history, read from id 0)."""

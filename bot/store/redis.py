@@ -23,6 +23,19 @@ T = TypeVar("T")
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
+def connect(url: str) -> redis.Redis:
+    """A client that retries a dropped connection a few times, with bounded waits (the store's and the intake's)."""
+    return redis.Redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=4),
+        retry_on_error=[ConnectionError, TimeoutError, OSError],
+        socket_timeout=5.0,
+        socket_connect_timeout=5.0,
+        health_check_interval=15,
+        decode_responses=True,
+    )
+
+
 class RedisStore:
     """Records as JSON strings under ``keys.conversation(id)``, indexed by a set.
 
@@ -32,15 +45,7 @@ class RedisStore:
 
     def __init__(self, url: str, ttl_days: int) -> None:
         self._ttl_s = keys.conversation_ttl_s(ttl_days)
-        self._redis = redis.Redis.from_url(
-            url,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=4),
-            retry_on_error=[ConnectionError, TimeoutError, OSError],
-            socket_timeout=5.0,
-            socket_connect_timeout=5.0,
-            health_check_interval=15,
-            decode_responses=True,
-        )
+        self._redis = connect(url)
 
     async def get(self, conversation_id: str) -> ConversationRecord | None:
         raw = await self._call(self._redis.get(keys.conversation(conversation_id)))

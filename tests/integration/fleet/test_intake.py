@@ -57,6 +57,22 @@ async def test_a_recorded_outcome_is_kept_and_the_message_no_longer_replayed(ope
     assert await intake.outcome("never-seen") is None
 
 
+async def test_a_forgotten_message_is_gone_and_its_key_is_new_again(opened: tuple[Intake, object]) -> None:
+    intake, _ = opened
+    key = f"api:refused:{uuid.uuid4().hex}"
+    assert not await intake.pending(key)
+    await intake.accept(entry(key))
+    assert await intake.pending(key)
+    await intake.forget(key)
+    assert not await intake.pending(key) and await intake.unfinished() == []
+    assert await intake.accept(entry(key)), "a retry of a refused message is a new message"
+    await intake.record(key, "{}")
+    await intake.forget(key)
+    assert not await intake.pending(key)
+    assert await intake.outcome(key) is not None, "forget never drops a recorded outcome"
+    assert not await intake.accept(entry(key)), "nor lets its key be accepted again"
+
+
 async def test_after_a_crash_what_was_accepted_and_unfinished_is_there_in_order(
     opened: tuple[Intake, object],
 ) -> None:
