@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import structlog
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.context.assistant.thread_context import AssistantThreadContext
@@ -29,7 +28,6 @@ from slack_bolt.context.set_suggested_prompts.async_set_suggested_prompts import
 from slack_bolt.context.set_title.async_set_title import AsyncSetTitle
 from slack_bolt.middleware.assistant.async_assistant import AsyncAssistant
 from slack_bolt.response import BoltResponse
-from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.models.blocks import ContextActionsBlock, FeedbackButtonObject, FeedbackButtonsElement
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -38,11 +36,11 @@ from bot.config import SlackConfig, SuggestedPrompt
 from bot.core import Outcome, Store, StoreError
 from bot.slack import events
 from bot.slack.events import SlackMessage
+from bot.slack.reply import SLACK_ERRORS
 from bot.store import keys
 
 log = structlog.get_logger(__name__)
 
-SLACK_ERRORS = (SlackApiError, SlackClientError, aiohttp.ClientError, TimeoutError)
 ASSISTANT_EVENTS = ("assistant_thread_started", "assistant_thread_context_changed")
 FEEDBACK = "agentd_feedback"  # the feedback buttons' action_id; clicks on other apps' buttons are not ours
 VALUES = ("good", "bad")

@@ -70,8 +70,8 @@ class ReplyWriter(Protocol):
     async def write(self, text: str) -> None:
         """More of the answer, as it is generated."""
 
-    async def finish(self, reply: str) -> None:
-        """The whole answer: whatever was not yet shown is delivered now."""
+    async def complete(self, reply: str) -> None:
+        """The whole answer, once the turn is done: whatever was not yet shown is shown now."""
 
 
 class Thread:
@@ -107,7 +107,7 @@ class PostWriter:
     """Fallback: post the first part, update it as text arrives, continue in new messages past the limit.
 
     If an update fails (``msg_too_long``, a 500, rate limited after retries), updating stops and, at the
-    finish, whatever the messages do not yet show is posted as new messages: the whole answer arrives.
+    completion, whatever the messages do not yet show is posted as new messages: the whole answer arrives.
     """
 
     def __init__(self, thread: Thread) -> None:
@@ -122,7 +122,7 @@ class PostWriter:
         if not self._broken and time.monotonic() - self._last_update >= UPDATE_INTERVAL_S:
             await self._show(self._text)
 
-    async def finish(self, reply: str) -> None:
+    async def complete(self, reply: str) -> None:
         final = reply or self._text
         if not self._broken:
             await self._show(final)
@@ -188,7 +188,7 @@ class StreamWriter:
         if not self._broken and time.monotonic() - self._last_flush >= UPDATE_INTERVAL_S / 2:
             await self._flush()
 
-    async def finish(self, reply: str) -> None:
+    async def complete(self, reply: str) -> None:
         if not self._broken:
             await self._flush(final=True)
         if self._stream is not None and not self._broken:
@@ -266,11 +266,11 @@ class AutoWriter:
         except StreamingUnavailable as exc:
             await self._fall_back(str(exc)).write(self._text)
 
-    async def finish(self, reply: str) -> None:
+    async def complete(self, reply: str) -> None:
         try:
-            await self._inner.finish(reply)
+            await self._inner.complete(reply)
         except StreamingUnavailable as exc:
-            await self._fall_back(str(exc)).finish(reply or self._text)
+            await self._fall_back(str(exc)).complete(reply or self._text)
 
     def _fall_back(self, error: str) -> ReplyWriter:
         self._on_unavailable(error)

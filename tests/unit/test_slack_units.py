@@ -16,7 +16,7 @@ from bot.core import ToolRequest
 from bot.files import safe_filename
 from bot.slack import events
 from bot.slack.approvals import input_view
-from bot.slack.channel import CONNECT_BACKOFF_CAP_S, connect_retrying
+from bot.slack.connection import CONNECT_BACKOFF_CAP_S, connect_retrying
 from bot.slack.mrkdwn import safe_markdown, to_mrkdwn
 from bot.slack.reply import PostWriter, Thread, split_text
 from tests.support import hostile
@@ -404,7 +404,7 @@ async def test_post_writer_posts_what_a_refused_update_could_not_show(
     writer = PostWriter(Thread(client, "C1", "1.0", "T1", "U1", dm=False))  # type: ignore[arg-type]
     await writer.write(first)
     await writer.write(final[len(first) :])
-    await writer.finish(final)
+    await writer.complete(final)
     assert client.posted == [to_mrkdwn(first), *continuation]
 
 
