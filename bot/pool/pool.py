@@ -63,6 +63,70 @@ class SpareBackoff:
         return max(self.not_before - time.monotonic(), 0.0)
 
 
+class Spares:
+    """CLI processes started ahead of demand, per profile: a new conversation adopts one instead of a spawn."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self.workers: list[Worker] = []
+        self.backoff = SpareBackoff()
+        self.timer: asyncio.Task[None] | None = None
+
+    def fill(self) -> None:
+        wait_s = self.backoff.wait_s()
+        if wait_s > 0:
+            if self.timer is None or self.timer.done():
+                self.timer = asyncio.create_task(self._fill_after(wait_s), name="pool:spares")
+            return
+        pool = self._pool
+        for profile_name, wanted in pool.settings.pool.prewarm_by_profile.items():
+            profile = pool.profile(profile_name)
+            while not pool.stopping and self._count(profile) < wanted and pool.room.spare_fits():
+                name = f"spare-{uuid.uuid4().hex[:12]}"
+                record = new_record(pool.data_dir, f"spare:{name}", name, profile.name)
+                self.workers.append(Worker(pool, record, resume=False, spare=True, profile=profile))
+
+    def take(self, profile: Profile) -> Worker | None:
+        if self._pool.room.conversations() >= self._pool.settings.pool.max_sessions:
+            return None
+        for spare in self.workers:
+            # Spares are per profile: tools and MCP servers are fixed when a process starts.
+            if spare.profile == profile and spare.retire_reason is None and spare.state in _ADOPTABLE:
+                self.workers.remove(spare)
+                return spare
+        return None
+
+    def exited(self, worker: Worker) -> None:
+        if worker in self.workers:
+            self.workers.remove(worker)
+        if worker.spare and worker.admitted and not worker.connected:
+            self.backoff.failed()
+
+    def _count(self, profile: Profile) -> int:
+        return sum(1 for spare in self.workers if spare.profile == profile)
+
+    async def _fill_after(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        self.fill()
+
+
+def new_record(
+    data_dir: Path, conversation_id: str, name: str, profile: str, session_id: str | None = None
+) -> ConversationRecord:
+    """A conversation's first record: its workdir and Claude state under ``data_dir``, named ``name``."""
+    now = time.time()
+    return ConversationRecord(
+        conversation_id=conversation_id,
+        workdir=str(data_dir / "work" / name),
+        config_dir=str(data_dir / "state" / name / "claude"),
+        session_id=session_id or str(uuid.uuid4()),
+        profile=profile,
+        state="starting",
+        created_at=now,
+        updated_at=now,
+    )
+
+
 class Pool:
     def __init__(
         self,
@@ -79,7 +143,8 @@ class Pool:
         self._profiles: dict[str, Profile] = {}
         self._workers: dict[str, Worker] = {}
         self._retiring: dict[str, Worker] = {}
-        self._spares: list[Worker] = []
+        self.spares = Spares(self)
+        self._spares = self.spares.workers  # in start order
         # How often each conversation is used lately: eviction keeps the busy ones warm (bot/eviction.py).
         self._frequency = eviction.Frequency(window=10 * settings.pool.max_sessions)
         self.room = Room(settings.pool, self._spares, self._frequency)
@@ -89,8 +154,6 @@ class Pool:
         self._stopping = False
         self._background: set[asyncio.Task[None]] = set()
         self._monitor: asyncio.Task[None] | None = None
-        self._spare_backoff = SpareBackoff()
-        self._spare_timer: asyncio.Task[None] | None = None
         self.events = RecentEvents()
 
     # -- lifecycle ---------------------------------------------------------------
@@ -122,7 +185,7 @@ class Pool:
         for worker in self._all_workers():
             worker.task.cancel()
         tasks = [w.task for w in self._all_workers()] + list(self._background)
-        for helper in (self._monitor, self._spare_timer):
+        for helper in (self._monitor, self.spares.timer):
             if helper is not None:
                 helper.cancel()
                 tasks.append(helper)
@@ -211,10 +274,10 @@ class Pool:
             worker = Worker(self, previous.record, resume=False, spare=False, profile=profile, predecessor=previous)
             previous.successor = worker
         elif record is None:
-            spare = self._take_spare(profile)
+            spare = self.spares.take(profile)
             if spare is not None:
                 return self._adopt(spare, conversation_id)
-            record = self._new_record(conversation_id, safe_name(conversation_id), profile.name)
+            record = new_record(self.data_dir, conversation_id, safe_name(conversation_id), profile.name)
             worker = Worker(self, record, resume=False, spare=False, profile=profile)
         else:
             resumable = record.session_id is not None and record.turns > 0
@@ -224,23 +287,9 @@ class Pool:
         self._workers[conversation_id] = worker
         return worker
 
-    def _take_spare(self, profile: Profile) -> Worker | None:
-        if self.room.conversations() >= self.settings.pool.max_sessions:
-            return None
-        for spare in self._spares:
-            # Spares are per profile: tools and MCP servers are fixed when a process starts.
-            if (
-                spare.profile == profile
-                and spare.retire_reason is None
-                and spare.state in (WorkerState.STARTING, WorkerState.WARM)
-            ):
-                self._spares.remove(spare)
-                return spare
-        return None
-
     def _adopt(self, spare: Worker, conversation_id: str) -> Worker:
         workdir_name = Path(spare.record.workdir).name
-        record = self._new_record(conversation_id, workdir_name, spare.profile.name, spare.record.session_id)
+        record = new_record(self.data_dir, conversation_id, workdir_name, spare.profile.name, spare.record.session_id)
         spare.adopt(record)
         self._workers[conversation_id] = spare
         spare.log.info("adopt_spare", workdir=workdir_name)
@@ -249,21 +298,6 @@ class Pool:
         # takes a core for most of a second, and would slow exactly the reply the spare is for.
         spare.refill_spares = True
         return spare
-
-    def _new_record(
-        self, conversation_id: str, name: str, profile: str, session_id: str | None = None
-    ) -> ConversationRecord:
-        now = time.time()
-        return ConversationRecord(
-            conversation_id=conversation_id,
-            workdir=str(self.data_dir / "work" / name),
-            config_dir=str(self.data_dir / "state" / name / "claude"),
-            session_id=session_id or str(uuid.uuid4()),
-            profile=profile,
-            state="starting",
-            created_at=now,
-            updated_at=now,
-        )
 
     async def restore_transcript(self, spec: SessionSpec) -> bool:
         if self.transcripts is None:
@@ -274,30 +308,11 @@ class Pool:
             log.warning("transcript_restore_failed", conversation=spec.conversation_id, error=str(exc))
             return False
 
-    # -- spares ------------------------------------------------------------------
-
     def fill_spares(self) -> None:
-        wait_s = self._spare_backoff.wait_s()
-        if wait_s > 0:
-            if self._spare_timer is None or self._spare_timer.done():
-                self._spare_timer = asyncio.create_task(self._fill_spares_after(wait_s), name="pool:spares")
-            return
-        for profile_name, wanted in self.settings.pool.prewarm_by_profile.items():
-            profile = self.profile(profile_name)
-            while not self._stopping and self._spare_count(profile) < wanted and self.room.spare_fits():
-                name = f"spare-{uuid.uuid4().hex[:12]}"
-                record = self._new_record(f"spare:{name}", name, profile.name)
-                self._spares.append(Worker(self, record, resume=False, spare=True, profile=profile))
-
-    def _spare_count(self, profile: Profile) -> int:
-        return sum(1 for spare in self._spares if spare.profile == profile)
-
-    async def _fill_spares_after(self, delay_s: float) -> None:
-        await asyncio.sleep(delay_s)
-        self.fill_spares()
+        self.spares.fill()
 
     def spare_started(self) -> None:
-        self._spare_backoff.succeeded()
+        self.spares.backoff.succeeded()
 
     # -- room --------------------------------------------------------------------
 
@@ -323,10 +338,7 @@ class Pool:
             del self._workers[cid]
         if self._retiring.get(cid) is worker:
             del self._retiring[cid]
-        if worker in self._spares:
-            self._spares.remove(worker)
-        if worker.spare and worker.admitted and not worker.connected:
-            self._spare_backoff.failed()
+        self.spares.exited(worker)
         self._sampler.forget(worker)
         if worker.retire_reason is not None and worker.admitted:
             metrics.EVICTIONS.labels(reason=worker.retire_reason).inc()
@@ -400,17 +412,7 @@ class Pool:
             records = []
         rows = dict(live)
         for record in records:
-            if record.conversation_id not in rows:
-                rows[record.conversation_id] = SessionInfo(
-                    conversation_id=record.conversation_id,
-                    session_id=record.session_id,
-                    state="evicted",
-                    pid=None,
-                    rss_mb=None,
-                    turns=record.turns,
-                    idle_s=None,
-                    cost_usd=round(record.cost_usd, 6),
-                )
+            rows.setdefault(record.conversation_id, _evicted_info(record))
         return [rows[k] for k in sorted(rows)]
 
     async def reset(self, conversation_id: str) -> None:
@@ -440,3 +442,16 @@ class Pool:
 
     def live_pids(self) -> list[int]:
         return [w.pid for w in self._admitted if w.pid is not None]
+
+
+def _evicted_info(record: ConversationRecord) -> SessionInfo:
+    return SessionInfo(
+        conversation_id=record.conversation_id,
+        session_id=record.session_id,
+        state="evicted",
+        pid=None,
+        rss_mb=None,
+        turns=record.turns,
+        idle_s=None,
+        cost_usd=round(record.cost_usd, 6),
+    )

@@ -34,7 +34,7 @@ from bot.core import (
     TurnContext,
     TurnDone,
 )
-from bot.pool.turn import FAILURE_TEXT, Turn, drive, failure_detail, failure_of
+from bot.pool.turn import Turn, drive, finished
 from bot.status import RSS_HISTORY_SAMPLES, RecentEvents, SessionStatus
 from bot.telemetry import Telemetry
 
@@ -159,16 +159,7 @@ class Worker:
         self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
 
     def spec(self) -> SessionSpec:
-        assert self.record.session_id is not None
-        return SessionSpec(
-            conversation_id=self.record.conversation_id,
-            workdir=Path(self.record.workdir),
-            config_dir=Path(self.record.config_dir),
-            data_dir=self.host.data_dir,
-            session_id=self.record.session_id,
-            resume=self.resume,
-            profile=self.profile,
-        )
+        return session_spec(self.record, self.resume, self.profile, self.host.data_dir)
 
     def crashed(self, kind: str, detail: str) -> None:
         metrics.CRASHES.labels(kind=kind).inc()
@@ -227,12 +218,7 @@ class Worker:
         if await self.host.restore_transcript(self.spec()):
             self.log.info("transcript_restored")
             return
-        lost = self.record.session_id
-        self.record = self.record.replace(
-            session_id=str(uuid.uuid4()),
-            turns=0,
-            previous_session_ids=(*self.record.previous_session_ids, lost),
-        )
+        lost, self.record = self.record.session_id, started_afresh(self.record)
         self.resume, self.notice = False, LOST_CONTEXT_NOTICE
         self.log.warning("transcript_lost", lost_session=lost, session=self.record.session_id)
 
@@ -344,7 +330,7 @@ class Worker:
         self.remember_tree()
         done = await self._run_turn(session, turn, self._prompt(turn))
         self._end_turn(turn, done, started)
-        outcome = self._outcome(turn, done)
+        outcome = self._outcome(done)
         if notice is not None:
             outcome = dataclasses.replace(outcome, reply=f"{notice}\n\n{outcome.reply}")
         turn.finish(outcome)
@@ -400,19 +386,10 @@ class Worker:
             self.log.warning("cost_mismatch", metered_usd=round(done.metered_usd, 6), cli_usd=round(reported, 6))
         return done.metered_usd
 
-    def _outcome(self, turn: Turn, done: TurnDone) -> Outcome:
-        failure = failure_of(done)
+    def _outcome(self, done: TurnDone) -> Outcome:
         parking = self.host.data_dir / "sent" / Path(self.record.workdir).name
-        return Outcome(
-            files=files.take_outbox(Path(self.record.workdir), parking),
-            conversation_id=self.record.conversation_id,
-            reply=done.reply,
-            session_id=done.session_id,
-            cost_usd=self.last_turn_cost,
-            turns=self.record.turns,
-            failure=failure,
-            error=None if failure is None else f"{FAILURE_TEXT[failure]} ({failure_detail(done)})",
-        )
+        sent = files.take_outbox(Path(self.record.workdir), parking)
+        return finished(done, self.record.conversation_id, self.last_turn_cost, self.record.turns, sent)
 
     def _crash_failure(self, exc: AgentCrashed) -> tuple[Failure, str]:
         if self.memory_kill_mb is not None:
@@ -473,3 +450,26 @@ class Worker:
 def transcript_exists(config_dir: Path, session_id: str) -> bool:
     """The CLI keeps a session's transcript at ``<config>/projects/<encoded cwd>/<session>.jsonl``."""
     return any(config_dir.glob(f"projects/*/{session_id}.jsonl"))
+
+
+def session_spec(record: ConversationRecord, resume: bool, profile: Profile, data_dir: Path) -> SessionSpec:
+    assert record.session_id is not None
+    return SessionSpec(
+        conversation_id=record.conversation_id,
+        workdir=Path(record.workdir),
+        config_dir=Path(record.config_dir),
+        data_dir=data_dir,
+        session_id=record.session_id,
+        resume=resume,
+        profile=profile,
+    )
+
+
+def started_afresh(record: ConversationRecord) -> ConversationRecord:
+    """A new session for a conversation whose transcript is lost; the old session id is kept on record."""
+    assert record.session_id is not None
+    return record.replace(
+        session_id=str(uuid.uuid4()),
+        turns=0,
+        previous_session_ids=(*record.previous_session_ids, record.session_id),
+    )
