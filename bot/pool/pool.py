@@ -1,13 +1,11 @@
-"""Intake, routing and spares: which worker serves each message, and the processes kept ready for new ones."""
+"""Intake and routing: which worker serves each message, when a conversation starts, and what happens at its exit."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,103 +26,17 @@ from bot.core import (
     StoreError,
     TranscriptSource,
 )
+from bot.pool import report
 from bot.pool.room import Room
 from bot.pool.sampler import Sampler
+from bot.pool.spares import Spares, new_record
 from bot.pool.turn import Turn
 from bot.pool.worker import Worker, WorkerState
 from bot.security import safe_name
-from bot.status import PoolStatus, PoolTotals, RecentEvents
+from bot.status import PoolStatus, RecentEvents
 from bot.telemetry import DISABLED, Telemetry
 
 log = structlog.get_logger(__name__)
-
-
-# A spare still starting may be adopted: its conversation waits for it rather than for a new CLI.
-_ADOPTABLE = (WorkerState.STARTING, WorkerState.WARM)
-
-
-@dataclass
-class SpareBackoff:
-    """Capped doubling delay between spare spawns after failures, so a broken CLI is not spawned in a loop."""
-
-    first_s: float = 0.5
-    max_s: float = 30.0
-    failures: int = 0
-    not_before: float = 0.0
-
-    def failed(self) -> None:
-        self.failures += 1
-        self.not_before = time.monotonic() + min(self.first_s * 2 ** (self.failures - 1), self.max_s)
-
-    def succeeded(self) -> None:
-        self.failures, self.not_before = 0, 0.0
-
-    def wait_s(self) -> float:
-        return max(self.not_before - time.monotonic(), 0.0)
-
-
-class Spares:
-    """CLI processes started ahead of demand, per profile: a new conversation adopts one instead of a spawn."""
-
-    def __init__(self, pool: Pool) -> None:
-        self._pool = pool
-        self.workers: list[Worker] = []
-        self.backoff = SpareBackoff()
-        self.timer: asyncio.Task[None] | None = None
-
-    def fill(self) -> None:
-        wait_s = self.backoff.wait_s()
-        if wait_s > 0:
-            if self.timer is None or self.timer.done():
-                self.timer = asyncio.create_task(self._fill_after(wait_s), name="pool:spares")
-            return
-        pool = self._pool
-        for profile_name, wanted in pool.settings.pool.prewarm_by_profile.items():
-            profile = pool.profile(profile_name)
-            while not pool.stopping and self._count(profile) < wanted and pool.room.spare_fits():
-                name = f"spare-{uuid.uuid4().hex[:12]}"
-                record = new_record(pool.data_dir, f"spare:{name}", name, profile.name)
-                self.workers.append(Worker(pool, record, resume=False, spare=True, profile=profile))
-
-    def take(self, profile: Profile) -> Worker | None:
-        if self._pool.room.conversations() >= self._pool.settings.pool.max_sessions:
-            return None
-        for spare in self.workers:
-            # Spares are per profile: tools and MCP servers are fixed when a process starts.
-            if spare.profile == profile and spare.retire_reason is None and spare.state in _ADOPTABLE:
-                self.workers.remove(spare)
-                return spare
-        return None
-
-    def exited(self, worker: Worker) -> None:
-        if worker in self.workers:
-            self.workers.remove(worker)
-        if worker.spare and worker.admitted and not worker.connected:
-            self.backoff.failed()
-
-    def _count(self, profile: Profile) -> int:
-        return sum(1 for spare in self.workers if spare.profile == profile)
-
-    async def _fill_after(self, delay_s: float) -> None:
-        await asyncio.sleep(delay_s)
-        self.fill()
-
-
-def new_record(
-    data_dir: Path, conversation_id: str, name: str, profile: str, session_id: str | None = None
-) -> ConversationRecord:
-    """A conversation's first record: its workdir and Claude state under ``data_dir``, named ``name``."""
-    now = time.time()
-    return ConversationRecord(
-        conversation_id=conversation_id,
-        workdir=str(data_dir / "work" / name),
-        config_dir=str(data_dir / "state" / name / "claude"),
-        session_id=session_id or str(uuid.uuid4()),
-        profile=profile,
-        state="starting",
-        created_at=now,
-        updated_at=now,
-    )
 
 
 class Pool:
@@ -229,9 +141,8 @@ class Pool:
             worker = self._live(inbound.conversation_id)
             if worker is None:
                 tenant = fairness.tenant_of(inbound.user)
-                if fairness.over_cap(tenant, self._busy_tenants(), self._cap_for(tenant)):
+                if self.room.over_user_cap(tenant, self._workers.values()):
                     log.warning("admission_user_limit", conversation=inbound.conversation_id, tenant=tenant)
-                    metrics.ADMISSION_REFUSED.labels(reason="user_limit").inc()
                     turn.fail(Failure.USER_LIMIT)
                     return turn
                 worker = self._start_conversation(inbound.conversation_id, record, profile)
@@ -242,13 +153,6 @@ class Pool:
     async def ask(self, inbound: Inbound) -> Outcome:
         turn = await self.submit(inbound)
         return await turn.outcome
-
-    def _cap_for(self, tenant: str | None) -> int:
-        limits = self.settings.pool
-        return limits.max_busy_per_domain if fairness.is_domain(tenant) else limits.max_busy_per_user
-
-    def _busy_tenants(self) -> list[str | None]:
-        return [w.tenant for w in self._workers.values() if w.retire_reason is None and w.busy]
 
     def _live(self, conversation_id: str) -> Worker | None:
         worker = self._workers.get(conversation_id)
@@ -390,30 +294,17 @@ class Pool:
 
     def status(self) -> PoolStatus:
         """Live conversation processes (retiring ones too), the totals against their limits, recent events."""
-        workers = sorted({*self._workers.values(), *self._retiring.values()}, key=lambda w: w.record.conversation_id)
-        limits = self.settings.pool
-        live = [w for w in self._admitted if w.state is not WorkerState.CLOSED]
-        totals = PoolTotals(
-            sessions=sum(1 for w in live if not w.spare),
-            max_sessions=limits.max_sessions,
-            spares=sum(1 for w in live if w.spare),
-            rss_mb=round(sum(w.rss_mb or 0.0 for w in live), 1),
-            memory_budget_mb=limits.memory_budget_mb,
-            queued=sum(len(w.queue) for w in self._all_workers()),
-        )
-        return PoolStatus(tuple(w.status() for w in workers), totals, self.events.items())
+        shown = {*self._workers.values(), *self._retiring.values()}
+        return report.pool_status(shown, self._admitted, self._all_workers(), self.settings.pool, self.events)
 
     async def sessions(self) -> list[SessionInfo]:
-        live = {w.record.conversation_id: w.info() for w in self._workers.values()}
+        live = list(self._workers.values())
         try:
             records = await self.store.records()
         except StoreError as exc:
             log.error("store_error", error=str(exc))
             records = []
-        rows = dict(live)
-        for record in records:
-            rows.setdefault(record.conversation_id, _evicted_info(record))
-        return [rows[k] for k in sorted(rows)]
+        return report.sessions(live, records)
 
     async def reset(self, conversation_id: str) -> None:
         """Forget the conversation's Claude session: its next message starts a fresh one (files stay)."""
@@ -437,21 +328,8 @@ class Pool:
     async def info(self, conversation_id: str) -> SessionInfo | None:
         worker = self._workers.get(conversation_id)
         if worker is not None:
-            return worker.info()
+            return report.session_info(worker)
         return next((s for s in await self.sessions() if s.conversation_id == conversation_id), None)
 
     def live_pids(self) -> list[int]:
         return [w.pid for w in self._admitted if w.pid is not None]
-
-
-def _evicted_info(record: ConversationRecord) -> SessionInfo:
-    return SessionInfo(
-        conversation_id=record.conversation_id,
-        session_id=record.session_id,
-        state="evicted",
-        pid=None,
-        rss_mb=None,
-        turns=record.turns,
-        idle_s=None,
-        cost_usd=round(record.cost_usd, 6),
-    )

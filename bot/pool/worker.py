@@ -7,7 +7,6 @@ starts (room) and when it retires. It never sees the pool itself, only ``WorkerH
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from collections import deque
@@ -18,7 +17,7 @@ from typing import Protocol
 import psutil
 import structlog
 
-from bot import files, metrics, procs
+from bot import metrics, procs
 from bot.config import Settings
 from bot.core import (
     AgentCrashed,
@@ -27,15 +26,13 @@ from bot.core import (
     ConversationRecord,
     Failure,
     Launcher,
-    Outcome,
     Profile,
-    SessionInfo,
     SessionSpec,
-    TurnContext,
     TurnDone,
 )
-from bot.pool.turn import Turn, drive, finished
-from bot.status import RSS_HISTORY_SAMPLES, RecentEvents, SessionStatus
+from bot.pool.serving import TurnServer, crash_failure
+from bot.pool.turn import Turn
+from bot.status import RSS_HISTORY_SAMPLES, RecentEvents
 from bot.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
@@ -113,7 +110,7 @@ class Worker:
         self.rss_history: deque[float] = deque(maxlen=RSS_HISTORY_SAMPLES)
         self.memory_kill_mb: float | None = None
         self.turns_served = 0
-        self.cost_base = 0.0
+        self.server = TurnServer(host, profile.name)
         self.last_used = time.monotonic()
         self.admitted = False
         self.tenant: str | None = None  # who a per-user cap counts this conversation under
@@ -121,7 +118,6 @@ class Worker:
         self.notice: str | None = None
         self.preheated = False
         self.refill_spares = False  # an adopted spare starts its replacement after its first turn
-        self.last_turn_cost = 0.0
         self._wakeup = asyncio.Event()
         self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
         self.task: asyncio.Task[None] = asyncio.create_task(self._run(), name=f"worker:{record.conversation_id}")
@@ -294,14 +290,15 @@ class Worker:
     async def _serve(self, session: AgentSession, turn: Turn) -> None:
         self.state, self.current = WorkerState.BUSY, turn
         turn.started.set()
-        started, started_ns = time.monotonic(), time.time_ns()
+        started = time.monotonic()
         self.log.info("turn_start", source=turn.inbound.source, chars=len(turn.inbound.text))
-        turn.outcome.add_done_callback(lambda done: self._trace(done, turn, started_ns))
+        self.server.trace(turn, time.time_ns())
         try:
             await self._serve_turn(session, turn, started)
         except AgentCrashed as exc:
             self._close_turn(turn, started)
-            turn.fail(*self._crash_failure(exc), record=self.record)
+            ceiling = self.host.settings.pool.hard_ceiling_mb
+            turn.fail(*crash_failure(exc, self.memory_kill_mb, ceiling), record=self.record)
             raise
         except TimeoutError:
             self._close_turn(turn, started)
@@ -319,43 +316,22 @@ class Worker:
             else:
                 turn.fail(Failure.AGENT_ERROR, "internal error")
 
-    def _trace(self, done: asyncio.Future[Outcome], turn: Turn, started_ns: int) -> None:
-        if not done.cancelled():
-            self.host.telemetry.record_turn(done.result(), self.profile.name, turn.inbound.source, started_ns)
-
     async def _serve_turn(self, session: AgentSession, turn: Turn, started: float) -> None:
         notice, self.notice = self.notice, None
         if notice is not None:
             turn.deltas.put_nowait(notice + "\n\n")
         self.remember_tree()
-        done = await self._run_turn(session, turn, self._prompt(turn))
+        done = await self.server.run(session, turn, self.record)
         self._end_turn(turn, done, started)
-        outcome = self._outcome(done)
-        if notice is not None:
-            outcome = dataclasses.replace(outcome, reply=f"{notice}\n\n{outcome.reply}")
-        turn.finish(outcome)
+        turn.finish(self.server.outcome(done, self.record, notice))
         await self.host.persist(self.record)
 
     def _close_turn(self, turn: Turn, started: float) -> None:
         if self.current is turn:
             self._end_turn(turn, None, started)
 
-    def _prompt(self, turn: Turn) -> str:
-        if not turn.inbound.files:
-            return turn.inbound.text
-        placed = files.move_into_inbox(turn.inbound.files, Path(self.record.workdir))
-        return turn.inbound.text + files.attachment_note(placed)
-
-    async def _run_turn(self, session: AgentSession, turn: Turn, prompt: str) -> TurnDone:
-        inbound = turn.inbound
-        context = TurnContext(self.record.conversation_id, inbound.user, inbound.source, inbound.approver)
-        async with asyncio.timeout(self.host.settings.agent.turn_timeout_s):
-            return await drive(session, prompt, context, turn.deltas.put_nowait)
-
     def _end_turn(self, turn: Turn, done: TurnDone | None, started: float) -> None:
-        cost = 0.0
-        if done is not None:
-            cost = self._turn_cost(done)
+        cost = self.server.cost(done, self.log)
         self.turns_served += 1
         self.current, self.last_used = None, time.monotonic()
         if self.state is WorkerState.BUSY:
@@ -367,7 +343,6 @@ class Worker:
             session_id=session_id,
             state="warm",
         )
-        self.last_turn_cost = cost
         if done is not None and done.budget is not None:
             self.host.events.add("budget_stop", self.record.conversation_id, done.budget)
         seconds = time.monotonic() - started
@@ -375,27 +350,6 @@ class Worker:
         self.log.info(
             "turn_end", seconds=round(seconds, 3), cost_usd=round(cost, 6), ok=done is not None and done.error is None
         )
-
-    def _turn_cost(self, done: TurnDone) -> float:
-        """The gateway's metered cost when there is one (cross-checked with the CLI's own counter), else the CLI's."""
-        reported = max(done.total_cost_usd - self.cost_base, 0.0)
-        self.cost_base = done.total_cost_usd
-        if done.metered_usd is None:
-            return reported
-        if abs(done.metered_usd - reported) > max(1e-6, 0.05 * max(done.metered_usd, reported)):
-            self.log.warning("cost_mismatch", metered_usd=round(done.metered_usd, 6), cli_usd=round(reported, 6))
-        return done.metered_usd
-
-    def _outcome(self, done: TurnDone) -> Outcome:
-        parking = self.host.data_dir / "sent" / Path(self.record.workdir).name
-        sent = files.take_outbox(Path(self.record.workdir), parking)
-        return finished(done, self.record.conversation_id, self.last_turn_cost, self.record.turns, sent)
-
-    def _crash_failure(self, exc: AgentCrashed) -> tuple[Failure, str]:
-        if self.memory_kill_mb is not None:
-            ceiling = self.host.settings.pool.hard_ceiling_mb
-            return Failure.MEMORY, f"{self.memory_kill_mb:.0f} MiB > {ceiling} MiB"
-        return Failure.CRASHED, str(exc)[:200]
 
     def _check_ceilings(self) -> None:
         limits = self.host.settings.pool
@@ -419,32 +373,6 @@ class Worker:
     @property
     def shown_state(self) -> WorkerState:
         return WorkerState.BUSY if self.current is not None else self.state
-
-    def status(self) -> SessionStatus:
-        return SessionStatus(
-            conversation_id=self.record.conversation_id,
-            profile=self.profile.name,
-            state=self.shown_state,
-            pid=self.pid,
-            rss_mb=None if self.rss_mb is None else round(self.rss_mb, 1),
-            rss_history_mb=tuple(self.rss_history),
-            turns=self.record.turns,
-            idle_s=round(time.monotonic() - self.last_used, 1),
-            queued=len(self.queue),
-        )
-
-    def info(self) -> SessionInfo:
-        state = self.shown_state
-        return SessionInfo(
-            conversation_id=self.record.conversation_id,
-            session_id=self.record.session_id,
-            state=state,
-            pid=self.pid,
-            rss_mb=None if self.rss_mb is None else round(self.rss_mb, 1),
-            turns=self.record.turns,
-            idle_s=round(time.monotonic() - self.last_used, 1),
-            cost_usd=round(self.record.cost_usd, 6),
-        )
 
 
 def transcript_exists(config_dir: Path, session_id: str) -> bool:
