@@ -79,11 +79,12 @@ class Pool:
         if leftovers:
             log.warning("leftovers_reaped", processes=[f"{pid} {name}" for pid, name in leftovers])
         self._monitor = asyncio.create_task(self._sampler.run_forever(), name="pool:rss")
-        self.fill_spares()
+        self.spares.fill()
 
     async def close(self, grace_s: float) -> None:
         """Stop intake, let queued turns finish within ``grace_s``, then cancel the rest."""
         self._stopping = self.room.closing = True
+        self.spares.pace()  # stopped, a spare would not even act on SIGTERM
         workers = self._all_workers()
         for worker in workers:
             if not worker.queue and worker.current is None:
@@ -195,6 +196,7 @@ class Pool:
         workdir_name = Path(spare.record.workdir).name
         record = new_record(self.data_dir, conversation_id, workdir_name, spare.profile.name, spare.record.session_id)
         spare.adopt(record)
+        self.spares.pace()  # a stopped spare goes on at once: this conversation waits for it
         self._workers[conversation_id] = spare
         spare.log.info("adopt_spare", workdir=workdir_name)
         self._spawn_background(self.persist(record))
@@ -211,12 +213,6 @@ class Pool:
         except StoreError as exc:  # Redis down: the conversation goes on afresh rather than not at all
             log.warning("transcript_restore_failed", conversation=spec.conversation_id, error=str(exc))
             return False
-
-    def fill_spares(self) -> None:
-        self.spares.fill()
-
-    def spare_started(self) -> None:
-        self.spares.backoff.succeeded()
 
     # -- room --------------------------------------------------------------------
 
@@ -254,7 +250,7 @@ class Pool:
         self._hand_over(worker, leftovers)
         await self.notify_room()
         if worker.admitted:
-            self.fill_spares()
+            self.spares.fill()
 
     def _exit_record(self, worker: Worker) -> ConversationRecord:
         record = worker.record.replace(state="evicted", evict_reason=worker.retire_reason or "exit")

@@ -48,6 +48,22 @@ class WorkerState(StrEnum):
     CLOSED = "closed"  # its process has exited
 
 
+class SpareKeeper(Protocol):
+    """What a worker tells its pool's spares: a spare is up, a turn began or ended, a spare may go on."""
+
+    def started(self) -> None:
+        """A spare's process is up: spawning spares works again."""
+
+    def fill(self) -> None: ...
+
+    def turn_began(self) -> None: ...
+
+    def turn_ended(self) -> None: ...
+
+    def pace(self) -> None:
+        """Hold starting spares while turns run, let them go on otherwise (a worker's state changed)."""
+
+
 class WorkerHost(Protocol):
     """All a worker reaches of the pool that hosts it: room, persistence, spares, and what it serves with."""
 
@@ -68,16 +84,28 @@ class WorkerHost(Protocol):
     async def persist(self, record: ConversationRecord) -> None:
         """Store the record; a store failure is logged, not raised."""
 
-    def spare_started(self) -> None:
-        """A spare's process is up: spawning spares works again."""
-
-    def fill_spares(self) -> None: ...
+    @property
+    def spares(self) -> SpareKeeper: ...
 
     async def notify_room(self) -> None:
         """This worker went idle: a waiter may now evict it."""
 
     async def exited(self, worker: Worker) -> None:
         """The process is gone: free its room, store its final record, hand its queued turns on."""
+
+
+class SparePacing:
+    """A spare's start held back while live turns run (``SpareKeeper.pace``): it waits to start, or stands still."""
+
+    def __init__(self) -> None:
+        self.launching = False  # its CLI is being started, and the SDK does not name its pid yet
+        self.pause = procs.Pause()  # its CLI's tree, stopped (SIGSTOP) while turns run
+        self.start = asyncio.Event()  # a spare starts its CLI only when this is set
+        self.start.set()
+
+    async def may_start(self) -> None:
+        while not self.start.is_set():  # set again, perhaps cleared again before this task ran
+            await self.start.wait()
 
 
 class Worker:
@@ -118,6 +146,7 @@ class Worker:
         self.notice: str | None = None
         self.preheated = False
         self.refill_spares = False  # an adopted spare starts its replacement after its first turn
+        self.pacing = SparePacing()
         self._wakeup = asyncio.Event()
         self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
         self.task: asyncio.Task[None] = asyncio.create_task(self._run(), name=f"worker:{record.conversation_id}")
@@ -149,6 +178,10 @@ class Worker:
     async def interrupt(self) -> None:
         if self.session is not None and self.current is not None:
             await self.session.interrupt()
+
+    @property
+    def starting_spare(self) -> bool:
+        return self.spare and not self.preheated and self.retire_reason is None and self.state is not WorkerState.CLOSED
 
     def adopt(self, record: ConversationRecord) -> None:
         self.spare, self.record = False, record
@@ -190,6 +223,7 @@ class Worker:
             self.fail_queued(Failure.AGENT_ERROR, "internal error")
         finally:
             self.state = WorkerState.CLOSED
+            self.host.spares.pace()  # a stopped process is continued before anything terminates it
             await self._sweep_tree()
             await self.host.exited(self)
 
@@ -207,12 +241,7 @@ class Worker:
 
     async def _recover_lost_transcript(self) -> None:
         """A resume needs the session's transcript: restore it from the mirror, or else start afresh."""
-        if not self.resume or self.record.session_id is None:
-            return
-        if transcript_exists(Path(self.record.config_dir), self.record.session_id):
-            return
-        if await self.host.restore_transcript(self.spec()):
-            self.log.info("transcript_restored")
+        if not self.resume or self.record.session_id is None or await _transcript_at_hand(self.host, self.spec()):
             return
         lost, self.record = self.record.session_id, started_afresh(self.record)
         self.resume, self.notice = False, LOST_CONTEXT_NOTICE
@@ -220,10 +249,18 @@ class Worker:
 
     async def _serve_all(self) -> None:
         await self._recover_lost_transcript()
+        if self.spare:
+            self.host.spares.pace()
+            await self.pacing.may_start()
+            if self.retire_reason is not None:
+                return  # shut down (or retired) before it ever started
         started = time.monotonic()
+        self.pacing.launching = True
+        self.host.spares.pace()
         async with self.host.launcher.open(self.spec()) as session:
             self.session, self.pid, self.state, self.connected = session, session.pid, WorkerState.WARM, True
             self.process = procs.handle(self.pid) if self.pid is not None else None
+            self.pacing.launching = False
             self.remember_tree()
             seconds = time.monotonic() - started
             metrics.SPAWNS.labels(kind="resume" if self.resume else "spare" if self.spare else "new").inc()
@@ -234,7 +271,7 @@ class Worker:
             if self.spare:
                 await self._preheat(session)
             if self.spare:
-                self.host.spare_started()
+                self.host.spares.started()
             if not self.spare:
                 self.record = self.record.replace(state="warm")
                 await self.host.persist(self.record)
@@ -243,7 +280,7 @@ class Worker:
                 self._check_ceilings()
                 if self.refill_spares:
                     self.refill_spares = False
-                    self.host.fill_spares()
+                    self.host.spares.fill()
 
     async def _preheat(self, session: AgentSession) -> None:
         """A spare's warm-up (answered by the gateway, then cleared): its first real reply is a warm one."""
@@ -293,6 +330,7 @@ class Worker:
         started = time.monotonic()
         self.log.info("turn_start", source=turn.inbound.source, chars=len(turn.inbound.text))
         self.server.trace(turn, time.time_ns())
+        self.host.spares.turn_began()  # ended in the finally below: the count stays balanced whatever breaks
         try:
             await self._serve_turn(session, turn, started)
         except AgentCrashed as exc:
@@ -311,6 +349,7 @@ class Worker:
             self.retire("error")
         finally:
             self._close_turn(turn, started)
+            self.host.spares.turn_ended()
             if self.host.stopping:
                 turn.fail(Failure.SHUTDOWN)
             else:
@@ -336,13 +375,7 @@ class Worker:
         self.current, self.last_used = None, time.monotonic()
         if self.state is WorkerState.BUSY:
             self.state = WorkerState.CLOSING if self.retire_reason else WorkerState.WARM
-        session_id = done.session_id if done is not None else self.record.session_id
-        self.record = self.record.replace(
-            turns=self.record.turns + 1,
-            cost_usd=self.record.cost_usd + cost,
-            session_id=session_id,
-            state="warm",
-        )
+        self.record = after_turn(self.record, cost, done.session_id if done is not None else self.record.session_id)
         if done is not None and done.budget is not None:
             self.host.events.add("budget_stop", self.record.conversation_id, done.budget)
         seconds = time.monotonic() - started
@@ -400,4 +433,21 @@ def started_afresh(record: ConversationRecord) -> ConversationRecord:
         session_id=str(uuid.uuid4()),
         turns=0,
         previous_session_ids=(*record.previous_session_ids, record.session_id),
+    )
+
+
+async def _transcript_at_hand(host: WorkerHost, spec: SessionSpec) -> bool:
+    """The session's transcript is on disk, or restored there from the mirror."""
+    if transcript_exists(spec.config_dir, spec.session_id):
+        return True
+    restored = await host.restore_transcript(spec)
+    if restored:
+        log.info("transcript_restored", conversation=spec.conversation_id, session=spec.session_id)
+    return restored
+
+
+def after_turn(record: ConversationRecord, cost_usd: float, session_id: str | None) -> ConversationRecord:
+    """The record once a turn has ended (answered or not): one more turn, its cost, the session it left."""
+    return record.replace(
+        turns=record.turns + 1, cost_usd=record.cost_usd + cost_usd, session_id=session_id, state="warm"
     )
