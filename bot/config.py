@@ -108,6 +108,8 @@ class PoolConfig(_Section):
     idle_timeout_s: float = Field(default=900.0, gt=0)
     # Spares connected ahead of demand: a number (for the chat profile) or a table per profile.
     prewarm: int | dict[str, int] = Field(default=1)
+    # While live turns run a spare waits to start, or stands still (SIGSTOP), at most this long in all (0: never).
+    spare_pause_max_s: float = Field(default=10.0, ge=0)
     busy_policy: Literal["queue", "interrupt", "reject"] = "queue"
     queue_limit: int = Field(default=20, ge=1)
     # Fair admission when the pool is full (bot/fairness.py): caps per user, a bounded, timed wait.

@@ -122,6 +122,56 @@ def live_descendants(pid: int) -> list[int]:
     return alive
 
 
+def child_with_env(key: str, value: str) -> psutil.Process | None:
+    """This process's direct child started with ``key=value`` in its environment (a CLI the SDK has not named)."""
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return None
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if child.environ().get(key) == value:
+                return child
+    return None
+
+
+class Pause:
+    """A process tree stopped (SIGSTOP) and continued (SIGCONT), and how long it has been stopped in all.
+
+    Unprivileged, a process cannot get its priority back after ``nice`` or ``SCHED_IDLE`` (RLIMIT_NICE is 0),
+    but it may stop and continue its own children at will. The handles keep their start times, so a
+    recycled pid is never signalled.
+    """
+
+    def __init__(self) -> None:
+        self._members: list[psutil.Process] = []
+        self._since: float | None = None
+        self._before_s = 0.0
+
+    @property
+    def stopped(self) -> bool:
+        return self._since is not None
+
+    def stopped_s(self) -> float:
+        return self._before_s + (time.monotonic() - self._since if self._since is not None else 0.0)
+
+    def stop(self, root: psutil.Process | None) -> None:
+        """The root first, so it starts nothing new, then what runs below it; None: a process not yet started."""
+        with contextlib.suppress(psutil.Error):
+            for proc in [root, *root.children(recursive=True)] if root is not None else []:
+                with contextlib.suppress(psutil.Error):
+                    proc.suspend()
+                    self._members.append(proc)
+        self._since = time.monotonic()
+
+    def resume(self) -> None:
+        for proc in self._members:
+            with contextlib.suppress(psutil.Error):
+                proc.resume()
+        self._members.clear()
+        self._before_s, self._since = self.stopped_s(), None
+
+
 def become_subreaper() -> bool:
     """Make orphaned descendants re-parent to this process instead of init (Linux ``PR_SET_CHILD_SUBREAPER``)."""
     try:

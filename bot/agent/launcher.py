@@ -10,6 +10,7 @@ check of every tool call in ``gate``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -81,8 +82,10 @@ class ClaudeLauncher:
         servers = self._servers(spec)
         gate = ToolGate(self.reach(spec), spec, servers.tool_names)
         meter = self._metered(spec)
-        options = self.options(spec, gate, servers, meter)
         try:
+            # In a thread: the sandbox's deny rules list /tmp and home (70-200 ms on a busy host), which on the
+            # event loop would stall every live turn each time a spare or a new conversation starts.
+            options = await asyncio.to_thread(self.options, spec, gate, servers, meter)
             async with session.connect(options, gate, meter, self._mirror_watch(spec)) as live:
                 yield live
         finally:

@@ -6,11 +6,13 @@ any, move to the front of its successor's queue, in order, and the successor res
 Claude session once the old process has exited.  A process holds its room (``max_sessions``,
 memory budget) from admission until it has exited, retiring or not.
 
-``pool`` routes and keeps spares, ``worker`` runs one process, ``room`` admits and evicts,
-``sampler`` measures memory and enforces its ceilings, ``turn`` is one message in flight.
+``pool`` routes, ``spares`` keeps processes ready for new conversations, ``worker`` runs one process,
+``room`` admits and evicts, ``sampler`` measures memory and enforces its ceilings, ``turn`` is one
+message in flight, ``report`` is what ``/status`` and ``agentd sessions`` show.
 """
 
-from bot.pool.pool import Pool, SpareBackoff
+from bot.pool.pool import Pool
+from bot.pool.spares import SpareBackoff
 from bot.pool.turn import FAILURE_TEXT, Turn
 from bot.pool.worker import LOST_CONTEXT_NOTICE, Worker, WorkerHost, WorkerState, transcript_exists
 

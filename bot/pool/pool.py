@@ -1,13 +1,11 @@
-"""Intake, routing and spares: which worker serves each message, and the processes kept ready for new ones."""
+"""Intake and routing: which worker serves each message, when a conversation starts, and what happens at its exit."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,39 +26,17 @@ from bot.core import (
     StoreError,
     TranscriptSource,
 )
+from bot.pool import report
 from bot.pool.room import Room
 from bot.pool.sampler import Sampler
+from bot.pool.spares import Spares, new_record
 from bot.pool.turn import Turn
 from bot.pool.worker import Worker, WorkerState
 from bot.security import safe_name
-from bot.status import PoolStatus, PoolTotals, RecentEvents
+from bot.status import PoolStatus, RecentEvents
 from bot.telemetry import DISABLED, Telemetry
 
 log = structlog.get_logger(__name__)
-
-
-# A spare still starting may be adopted: its conversation waits for it rather than for a new CLI.
-_ADOPTABLE = (WorkerState.STARTING, WorkerState.WARM)
-
-
-@dataclass
-class SpareBackoff:
-    """Capped doubling delay between spare spawns after failures, so a broken CLI is not spawned in a loop."""
-
-    first_s: float = 0.5
-    max_s: float = 30.0
-    failures: int = 0
-    not_before: float = 0.0
-
-    def failed(self) -> None:
-        self.failures += 1
-        self.not_before = time.monotonic() + min(self.first_s * 2 ** (self.failures - 1), self.max_s)
-
-    def succeeded(self) -> None:
-        self.failures, self.not_before = 0, 0.0
-
-    def wait_s(self) -> float:
-        return max(self.not_before - time.monotonic(), 0.0)
 
 
 class Pool:
@@ -79,7 +55,8 @@ class Pool:
         self._profiles: dict[str, Profile] = {}
         self._workers: dict[str, Worker] = {}
         self._retiring: dict[str, Worker] = {}
-        self._spares: list[Worker] = []
+        self.spares = Spares(self)
+        self._spares = self.spares.workers  # in start order
         # How often each conversation is used lately: eviction keeps the busy ones warm (bot/eviction.py).
         self._frequency = eviction.Frequency(window=10 * settings.pool.max_sessions)
         self.room = Room(settings.pool, self._spares, self._frequency)
@@ -89,8 +66,6 @@ class Pool:
         self._stopping = False
         self._background: set[asyncio.Task[None]] = set()
         self._monitor: asyncio.Task[None] | None = None
-        self._spare_backoff = SpareBackoff()
-        self._spare_timer: asyncio.Task[None] | None = None
         self.events = RecentEvents()
 
     # -- lifecycle ---------------------------------------------------------------
@@ -104,11 +79,12 @@ class Pool:
         if leftovers:
             log.warning("leftovers_reaped", processes=[f"{pid} {name}" for pid, name in leftovers])
         self._monitor = asyncio.create_task(self._sampler.run_forever(), name="pool:rss")
-        self.fill_spares()
+        self.spares.fill()
 
     async def close(self, grace_s: float) -> None:
         """Stop intake, let queued turns finish within ``grace_s``, then cancel the rest."""
         self._stopping = self.room.closing = True
+        self.spares.pace()  # stopped, a spare would not even act on SIGTERM
         workers = self._all_workers()
         for worker in workers:
             if not worker.queue and worker.current is None:
@@ -122,7 +98,7 @@ class Pool:
         for worker in self._all_workers():
             worker.task.cancel()
         tasks = [w.task for w in self._all_workers()] + list(self._background)
-        for helper in (self._monitor, self._spare_timer):
+        for helper in (self._monitor, self.spares.timer):
             if helper is not None:
                 helper.cancel()
                 tasks.append(helper)
@@ -166,9 +142,8 @@ class Pool:
             worker = self._live(inbound.conversation_id)
             if worker is None:
                 tenant = fairness.tenant_of(inbound.user)
-                if fairness.over_cap(tenant, self._busy_tenants(), self._cap_for(tenant)):
+                if self.room.over_user_cap(tenant, self._workers.values()):
                     log.warning("admission_user_limit", conversation=inbound.conversation_id, tenant=tenant)
-                    metrics.ADMISSION_REFUSED.labels(reason="user_limit").inc()
                     turn.fail(Failure.USER_LIMIT)
                     return turn
                 worker = self._start_conversation(inbound.conversation_id, record, profile)
@@ -179,13 +154,6 @@ class Pool:
     async def ask(self, inbound: Inbound) -> Outcome:
         turn = await self.submit(inbound)
         return await turn.outcome
-
-    def _cap_for(self, tenant: str | None) -> int:
-        limits = self.settings.pool
-        return limits.max_busy_per_domain if fairness.is_domain(tenant) else limits.max_busy_per_user
-
-    def _busy_tenants(self) -> list[str | None]:
-        return [w.tenant for w in self._workers.values() if w.retire_reason is None and w.busy]
 
     def _live(self, conversation_id: str) -> Worker | None:
         worker = self._workers.get(conversation_id)
@@ -211,10 +179,10 @@ class Pool:
             worker = Worker(self, previous.record, resume=False, spare=False, profile=profile, predecessor=previous)
             previous.successor = worker
         elif record is None:
-            spare = self._take_spare(profile)
+            spare = self.spares.take(profile)
             if spare is not None:
                 return self._adopt(spare, conversation_id)
-            record = self._new_record(conversation_id, safe_name(conversation_id), profile.name)
+            record = new_record(self.data_dir, conversation_id, safe_name(conversation_id), profile.name)
             worker = Worker(self, record, resume=False, spare=False, profile=profile)
         else:
             resumable = record.session_id is not None and record.turns > 0
@@ -224,24 +192,11 @@ class Pool:
         self._workers[conversation_id] = worker
         return worker
 
-    def _take_spare(self, profile: Profile) -> Worker | None:
-        if self.room.conversations() >= self.settings.pool.max_sessions:
-            return None
-        for spare in self._spares:
-            # Spares are per profile: tools and MCP servers are fixed when a process starts.
-            if (
-                spare.profile == profile
-                and spare.retire_reason is None
-                and spare.state in (WorkerState.STARTING, WorkerState.WARM)
-            ):
-                self._spares.remove(spare)
-                return spare
-        return None
-
     def _adopt(self, spare: Worker, conversation_id: str) -> Worker:
         workdir_name = Path(spare.record.workdir).name
-        record = self._new_record(conversation_id, workdir_name, spare.profile.name, spare.record.session_id)
+        record = new_record(self.data_dir, conversation_id, workdir_name, spare.profile.name, spare.record.session_id)
         spare.adopt(record)
+        self.spares.pace()  # a stopped spare goes on at once: this conversation waits for it
         self._workers[conversation_id] = spare
         spare.log.info("adopt_spare", workdir=workdir_name)
         self._spawn_background(self.persist(record))
@@ -249,21 +204,6 @@ class Pool:
         # takes a core for most of a second, and would slow exactly the reply the spare is for.
         spare.refill_spares = True
         return spare
-
-    def _new_record(
-        self, conversation_id: str, name: str, profile: str, session_id: str | None = None
-    ) -> ConversationRecord:
-        now = time.time()
-        return ConversationRecord(
-            conversation_id=conversation_id,
-            workdir=str(self.data_dir / "work" / name),
-            config_dir=str(self.data_dir / "state" / name / "claude"),
-            session_id=session_id or str(uuid.uuid4()),
-            profile=profile,
-            state="starting",
-            created_at=now,
-            updated_at=now,
-        )
 
     async def restore_transcript(self, spec: SessionSpec) -> bool:
         if self.transcripts is None:
@@ -273,31 +213,6 @@ class Pool:
         except StoreError as exc:  # Redis down: the conversation goes on afresh rather than not at all
             log.warning("transcript_restore_failed", conversation=spec.conversation_id, error=str(exc))
             return False
-
-    # -- spares ------------------------------------------------------------------
-
-    def fill_spares(self) -> None:
-        wait_s = self._spare_backoff.wait_s()
-        if wait_s > 0:
-            if self._spare_timer is None or self._spare_timer.done():
-                self._spare_timer = asyncio.create_task(self._fill_spares_after(wait_s), name="pool:spares")
-            return
-        for profile_name, wanted in self.settings.pool.prewarm_by_profile.items():
-            profile = self.profile(profile_name)
-            while not self._stopping and self._spare_count(profile) < wanted and self.room.spare_fits():
-                name = f"spare-{uuid.uuid4().hex[:12]}"
-                record = self._new_record(f"spare:{name}", name, profile.name)
-                self._spares.append(Worker(self, record, resume=False, spare=True, profile=profile))
-
-    def _spare_count(self, profile: Profile) -> int:
-        return sum(1 for spare in self._spares if spare.profile == profile)
-
-    async def _fill_spares_after(self, delay_s: float) -> None:
-        await asyncio.sleep(delay_s)
-        self.fill_spares()
-
-    def spare_started(self) -> None:
-        self._spare_backoff.succeeded()
 
     # -- room --------------------------------------------------------------------
 
@@ -323,10 +238,7 @@ class Pool:
             del self._workers[cid]
         if self._retiring.get(cid) is worker:
             del self._retiring[cid]
-        if worker in self._spares:
-            self._spares.remove(worker)
-        if worker.spare and worker.admitted and not worker.connected:
-            self._spare_backoff.failed()
+        self.spares.exited(worker)
         self._sampler.forget(worker)
         if worker.retire_reason is not None and worker.admitted:
             metrics.EVICTIONS.labels(reason=worker.retire_reason).inc()
@@ -338,7 +250,7 @@ class Pool:
         self._hand_over(worker, leftovers)
         await self.notify_room()
         if worker.admitted:
-            self.fill_spares()
+            self.spares.fill()
 
     def _exit_record(self, worker: Worker) -> ConversationRecord:
         record = worker.record.replace(state="evicted", evict_reason=worker.retire_reason or "exit")
@@ -378,40 +290,17 @@ class Pool:
 
     def status(self) -> PoolStatus:
         """Live conversation processes (retiring ones too), the totals against their limits, recent events."""
-        workers = sorted({*self._workers.values(), *self._retiring.values()}, key=lambda w: w.record.conversation_id)
-        limits = self.settings.pool
-        live = [w for w in self._admitted if w.state is not WorkerState.CLOSED]
-        totals = PoolTotals(
-            sessions=sum(1 for w in live if not w.spare),
-            max_sessions=limits.max_sessions,
-            spares=sum(1 for w in live if w.spare),
-            rss_mb=round(sum(w.rss_mb or 0.0 for w in live), 1),
-            memory_budget_mb=limits.memory_budget_mb,
-            queued=sum(len(w.queue) for w in self._all_workers()),
-        )
-        return PoolStatus(tuple(w.status() for w in workers), totals, self.events.items())
+        shown = {*self._workers.values(), *self._retiring.values()}
+        return report.pool_status(shown, self._admitted, self._all_workers(), self.settings.pool, self.events)
 
     async def sessions(self) -> list[SessionInfo]:
-        live = {w.record.conversation_id: w.info() for w in self._workers.values()}
+        live = list(self._workers.values())
         try:
             records = await self.store.records()
         except StoreError as exc:
             log.error("store_error", error=str(exc))
             records = []
-        rows = dict(live)
-        for record in records:
-            if record.conversation_id not in rows:
-                rows[record.conversation_id] = SessionInfo(
-                    conversation_id=record.conversation_id,
-                    session_id=record.session_id,
-                    state="evicted",
-                    pid=None,
-                    rss_mb=None,
-                    turns=record.turns,
-                    idle_s=None,
-                    cost_usd=round(record.cost_usd, 6),
-                )
-        return [rows[k] for k in sorted(rows)]
+        return report.sessions(live, records)
 
     async def reset(self, conversation_id: str) -> None:
         """Forget the conversation's Claude session: its next message starts a fresh one (files stay)."""
@@ -435,7 +324,7 @@ class Pool:
     async def info(self, conversation_id: str) -> SessionInfo | None:
         worker = self._workers.get(conversation_id)
         if worker is not None:
-            return worker.info()
+            return report.session_info(worker)
         return next((s for s in await self.sessions() if s.conversation_id == conversation_id), None)
 
     def live_pids(self) -> list[int]:

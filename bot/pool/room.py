@@ -143,6 +143,15 @@ class Room:
         async with self._changed:
             self._changed.notify_all()
 
+    def over_user_cap(self, tenant: str | None, conversations: Iterable[Worker]) -> bool:
+        """One more busy conversation for ``tenant`` passes its cap (per Slack user, or per mail domain)."""
+        cap = self.config.max_busy_per_domain if fairness.is_domain(tenant) else self.config.max_busy_per_user
+        busy = (w.tenant for w in conversations if w.retire_reason is None and w.busy)
+        if not fairness.over_cap(tenant, busy, cap):
+            return False
+        metrics.ADMISSION_REFUSED.labels(reason="user_limit").inc()
+        return True
+
     def conversations(self) -> int:
         return sum(1 for w in self.admitted if not w.spare)
 

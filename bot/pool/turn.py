@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bot import metrics
 from bot.core import (
@@ -62,6 +63,21 @@ async def drive(session: AgentSession, prompt: str, context: TurnContext, on_tex
         else:
             return event
     raise AgentCrashed("the agent's turn ended without a result")
+
+
+def finished(done: TurnDone, conversation_id: str, cost_usd: float, turns: int, sent: tuple[Path, ...] = ()) -> Outcome:
+    """The outcome of a turn that ran to its result: the reply, or the failure's text with its detail."""
+    failure = failure_of(done)
+    return Outcome(
+        files=sent,
+        conversation_id=conversation_id,
+        reply=done.reply,
+        session_id=done.session_id,
+        cost_usd=cost_usd,
+        turns=turns,
+        failure=failure,
+        error=None if failure is None else f"{FAILURE_TEXT[failure]} ({failure_detail(done)})",
+    )
 
 
 @dataclass(eq=False)

@@ -7,7 +7,6 @@ starts (room) and when it retires. It never sees the pool itself, only ``WorkerH
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from collections import deque
@@ -18,7 +17,7 @@ from typing import Protocol
 import psutil
 import structlog
 
-from bot import files, metrics, procs
+from bot import metrics, procs
 from bot.config import Settings
 from bot.core import (
     AgentCrashed,
@@ -27,15 +26,13 @@ from bot.core import (
     ConversationRecord,
     Failure,
     Launcher,
-    Outcome,
     Profile,
-    SessionInfo,
     SessionSpec,
-    TurnContext,
     TurnDone,
 )
-from bot.pool.turn import FAILURE_TEXT, Turn, drive, failure_detail, failure_of
-from bot.status import RSS_HISTORY_SAMPLES, RecentEvents, SessionStatus
+from bot.pool.serving import TurnServer, crash_failure
+from bot.pool.turn import Turn
+from bot.status import RSS_HISTORY_SAMPLES, RecentEvents
 from bot.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
@@ -49,6 +46,22 @@ class WorkerState(StrEnum):
     BUSY = "busy"  # serving a turn
     CLOSING = "closing"  # retiring: serves no more turns
     CLOSED = "closed"  # its process has exited
+
+
+class SpareKeeper(Protocol):
+    """What a worker tells its pool's spares: a spare is up, a turn began or ended, a spare may go on."""
+
+    def started(self) -> None:
+        """A spare's process is up: spawning spares works again."""
+
+    def fill(self) -> None: ...
+
+    def turn_began(self) -> None: ...
+
+    def turn_ended(self) -> None: ...
+
+    def pace(self) -> None:
+        """Hold starting spares while turns run, let them go on otherwise (a worker's state changed)."""
 
 
 class WorkerHost(Protocol):
@@ -71,16 +84,28 @@ class WorkerHost(Protocol):
     async def persist(self, record: ConversationRecord) -> None:
         """Store the record; a store failure is logged, not raised."""
 
-    def spare_started(self) -> None:
-        """A spare's process is up: spawning spares works again."""
-
-    def fill_spares(self) -> None: ...
+    @property
+    def spares(self) -> SpareKeeper: ...
 
     async def notify_room(self) -> None:
         """This worker went idle: a waiter may now evict it."""
 
     async def exited(self, worker: Worker) -> None:
         """The process is gone: free its room, store its final record, hand its queued turns on."""
+
+
+class SparePacing:
+    """A spare's start held back while live turns run (``SpareKeeper.pace``): it waits to start, or stands still."""
+
+    def __init__(self) -> None:
+        self.launching = False  # its CLI is being started, and the SDK does not name its pid yet
+        self.pause = procs.Pause()  # its CLI's tree, stopped (SIGSTOP) while turns run
+        self.start = asyncio.Event()  # a spare starts its CLI only when this is set
+        self.start.set()
+
+    async def may_start(self) -> None:
+        while not self.start.is_set():  # set again, perhaps cleared again before this task ran
+            await self.start.wait()
 
 
 class Worker:
@@ -113,7 +138,7 @@ class Worker:
         self.rss_history: deque[float] = deque(maxlen=RSS_HISTORY_SAMPLES)
         self.memory_kill_mb: float | None = None
         self.turns_served = 0
-        self.cost_base = 0.0
+        self.server = TurnServer(host, profile.name)
         self.last_used = time.monotonic()
         self.admitted = False
         self.tenant: str | None = None  # who a per-user cap counts this conversation under
@@ -121,7 +146,7 @@ class Worker:
         self.notice: str | None = None
         self.preheated = False
         self.refill_spares = False  # an adopted spare starts its replacement after its first turn
-        self.last_turn_cost = 0.0
+        self.pacing = SparePacing()
         self._wakeup = asyncio.Event()
         self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
         self.task: asyncio.Task[None] = asyncio.create_task(self._run(), name=f"worker:{record.conversation_id}")
@@ -154,21 +179,16 @@ class Worker:
         if self.session is not None and self.current is not None:
             await self.session.interrupt()
 
+    @property
+    def starting_spare(self) -> bool:
+        return self.spare and not self.preheated and self.retire_reason is None and self.state is not WorkerState.CLOSED
+
     def adopt(self, record: ConversationRecord) -> None:
         self.spare, self.record = False, record
         self.log = log.bind(conversation=record.conversation_id, session=record.session_id)
 
     def spec(self) -> SessionSpec:
-        assert self.record.session_id is not None
-        return SessionSpec(
-            conversation_id=self.record.conversation_id,
-            workdir=Path(self.record.workdir),
-            config_dir=Path(self.record.config_dir),
-            data_dir=self.host.data_dir,
-            session_id=self.record.session_id,
-            resume=self.resume,
-            profile=self.profile,
-        )
+        return session_spec(self.record, self.resume, self.profile, self.host.data_dir)
 
     def crashed(self, kind: str, detail: str) -> None:
         metrics.CRASHES.labels(kind=kind).inc()
@@ -203,6 +223,7 @@ class Worker:
             self.fail_queued(Failure.AGENT_ERROR, "internal error")
         finally:
             self.state = WorkerState.CLOSED
+            self.host.spares.pace()  # a stopped process is continued before anything terminates it
             await self._sweep_tree()
             await self.host.exited(self)
 
@@ -220,28 +241,26 @@ class Worker:
 
     async def _recover_lost_transcript(self) -> None:
         """A resume needs the session's transcript: restore it from the mirror, or else start afresh."""
-        if not self.resume or self.record.session_id is None:
+        if not self.resume or self.record.session_id is None or await _transcript_at_hand(self.host, self.spec()):
             return
-        if transcript_exists(Path(self.record.config_dir), self.record.session_id):
-            return
-        if await self.host.restore_transcript(self.spec()):
-            self.log.info("transcript_restored")
-            return
-        lost = self.record.session_id
-        self.record = self.record.replace(
-            session_id=str(uuid.uuid4()),
-            turns=0,
-            previous_session_ids=(*self.record.previous_session_ids, lost),
-        )
+        lost, self.record = self.record.session_id, started_afresh(self.record)
         self.resume, self.notice = False, LOST_CONTEXT_NOTICE
         self.log.warning("transcript_lost", lost_session=lost, session=self.record.session_id)
 
     async def _serve_all(self) -> None:
         await self._recover_lost_transcript()
+        if self.spare:
+            self.host.spares.pace()
+            await self.pacing.may_start()
+            if self.retire_reason is not None:
+                return  # shut down (or retired) before it ever started
         started = time.monotonic()
+        self.pacing.launching = True
+        self.host.spares.pace()
         async with self.host.launcher.open(self.spec()) as session:
             self.session, self.pid, self.state, self.connected = session, session.pid, WorkerState.WARM, True
             self.process = procs.handle(self.pid) if self.pid is not None else None
+            self.pacing.launching = False
             self.remember_tree()
             seconds = time.monotonic() - started
             metrics.SPAWNS.labels(kind="resume" if self.resume else "spare" if self.spare else "new").inc()
@@ -252,7 +271,7 @@ class Worker:
             if self.spare:
                 await self._preheat(session)
             if self.spare:
-                self.host.spare_started()
+                self.host.spares.started()
             if not self.spare:
                 self.record = self.record.replace(state="warm")
                 await self.host.persist(self.record)
@@ -261,7 +280,7 @@ class Worker:
                 self._check_ceilings()
                 if self.refill_spares:
                     self.refill_spares = False
-                    self.host.fill_spares()
+                    self.host.spares.fill()
 
     async def _preheat(self, session: AgentSession) -> None:
         """A spare's warm-up (answered by the gateway, then cleared): its first real reply is a warm one."""
@@ -308,14 +327,16 @@ class Worker:
     async def _serve(self, session: AgentSession, turn: Turn) -> None:
         self.state, self.current = WorkerState.BUSY, turn
         turn.started.set()
-        started, started_ns = time.monotonic(), time.time_ns()
+        started = time.monotonic()
         self.log.info("turn_start", source=turn.inbound.source, chars=len(turn.inbound.text))
-        turn.outcome.add_done_callback(lambda done: self._trace(done, turn, started_ns))
+        self.server.trace(turn, time.time_ns())
+        self.host.spares.turn_began()  # ended in the finally below: the count stays balanced whatever breaks
         try:
             await self._serve_turn(session, turn, started)
         except AgentCrashed as exc:
             self._close_turn(turn, started)
-            turn.fail(*self._crash_failure(exc), record=self.record)
+            ceiling = self.host.settings.pool.hard_ceiling_mb
+            turn.fail(*crash_failure(exc, self.memory_kill_mb, ceiling), record=self.record)
             raise
         except TimeoutError:
             self._close_turn(turn, started)
@@ -328,60 +349,33 @@ class Worker:
             self.retire("error")
         finally:
             self._close_turn(turn, started)
+            self.host.spares.turn_ended()
             if self.host.stopping:
                 turn.fail(Failure.SHUTDOWN)
             else:
                 turn.fail(Failure.AGENT_ERROR, "internal error")
-
-    def _trace(self, done: asyncio.Future[Outcome], turn: Turn, started_ns: int) -> None:
-        if not done.cancelled():
-            self.host.telemetry.record_turn(done.result(), self.profile.name, turn.inbound.source, started_ns)
 
     async def _serve_turn(self, session: AgentSession, turn: Turn, started: float) -> None:
         notice, self.notice = self.notice, None
         if notice is not None:
             turn.deltas.put_nowait(notice + "\n\n")
         self.remember_tree()
-        done = await self._run_turn(session, turn, self._prompt(turn))
+        done = await self.server.run(session, turn, self.record)
         self._end_turn(turn, done, started)
-        outcome = self._outcome(turn, done)
-        if notice is not None:
-            outcome = dataclasses.replace(outcome, reply=f"{notice}\n\n{outcome.reply}")
-        turn.finish(outcome)
+        turn.finish(self.server.outcome(done, self.record, notice))
         await self.host.persist(self.record)
 
     def _close_turn(self, turn: Turn, started: float) -> None:
         if self.current is turn:
             self._end_turn(turn, None, started)
 
-    def _prompt(self, turn: Turn) -> str:
-        if not turn.inbound.files:
-            return turn.inbound.text
-        placed = files.move_into_inbox(turn.inbound.files, Path(self.record.workdir))
-        return turn.inbound.text + files.attachment_note(placed)
-
-    async def _run_turn(self, session: AgentSession, turn: Turn, prompt: str) -> TurnDone:
-        inbound = turn.inbound
-        context = TurnContext(self.record.conversation_id, inbound.user, inbound.source, inbound.approver)
-        async with asyncio.timeout(self.host.settings.agent.turn_timeout_s):
-            return await drive(session, prompt, context, turn.deltas.put_nowait)
-
     def _end_turn(self, turn: Turn, done: TurnDone | None, started: float) -> None:
-        cost = 0.0
-        if done is not None:
-            cost = self._turn_cost(done)
+        cost = self.server.cost(done, self.log)
         self.turns_served += 1
         self.current, self.last_used = None, time.monotonic()
         if self.state is WorkerState.BUSY:
             self.state = WorkerState.CLOSING if self.retire_reason else WorkerState.WARM
-        session_id = done.session_id if done is not None else self.record.session_id
-        self.record = self.record.replace(
-            turns=self.record.turns + 1,
-            cost_usd=self.record.cost_usd + cost,
-            session_id=session_id,
-            state="warm",
-        )
-        self.last_turn_cost = cost
+        self.record = after_turn(self.record, cost, done.session_id if done is not None else self.record.session_id)
         if done is not None and done.budget is not None:
             self.host.events.add("budget_stop", self.record.conversation_id, done.budget)
         seconds = time.monotonic() - started
@@ -389,36 +383,6 @@ class Worker:
         self.log.info(
             "turn_end", seconds=round(seconds, 3), cost_usd=round(cost, 6), ok=done is not None and done.error is None
         )
-
-    def _turn_cost(self, done: TurnDone) -> float:
-        """The gateway's metered cost when there is one (cross-checked with the CLI's own counter), else the CLI's."""
-        reported = max(done.total_cost_usd - self.cost_base, 0.0)
-        self.cost_base = done.total_cost_usd
-        if done.metered_usd is None:
-            return reported
-        if abs(done.metered_usd - reported) > max(1e-6, 0.05 * max(done.metered_usd, reported)):
-            self.log.warning("cost_mismatch", metered_usd=round(done.metered_usd, 6), cli_usd=round(reported, 6))
-        return done.metered_usd
-
-    def _outcome(self, turn: Turn, done: TurnDone) -> Outcome:
-        failure = failure_of(done)
-        parking = self.host.data_dir / "sent" / Path(self.record.workdir).name
-        return Outcome(
-            files=files.take_outbox(Path(self.record.workdir), parking),
-            conversation_id=self.record.conversation_id,
-            reply=done.reply,
-            session_id=done.session_id,
-            cost_usd=self.last_turn_cost,
-            turns=self.record.turns,
-            failure=failure,
-            error=None if failure is None else f"{FAILURE_TEXT[failure]} ({failure_detail(done)})",
-        )
-
-    def _crash_failure(self, exc: AgentCrashed) -> tuple[Failure, str]:
-        if self.memory_kill_mb is not None:
-            ceiling = self.host.settings.pool.hard_ceiling_mb
-            return Failure.MEMORY, f"{self.memory_kill_mb:.0f} MiB > {ceiling} MiB"
-        return Failure.CRASHED, str(exc)[:200]
 
     def _check_ceilings(self) -> None:
         limits = self.host.settings.pool
@@ -443,33 +407,47 @@ class Worker:
     def shown_state(self) -> WorkerState:
         return WorkerState.BUSY if self.current is not None else self.state
 
-    def status(self) -> SessionStatus:
-        return SessionStatus(
-            conversation_id=self.record.conversation_id,
-            profile=self.profile.name,
-            state=self.shown_state,
-            pid=self.pid,
-            rss_mb=None if self.rss_mb is None else round(self.rss_mb, 1),
-            rss_history_mb=tuple(self.rss_history),
-            turns=self.record.turns,
-            idle_s=round(time.monotonic() - self.last_used, 1),
-            queued=len(self.queue),
-        )
-
-    def info(self) -> SessionInfo:
-        state = self.shown_state
-        return SessionInfo(
-            conversation_id=self.record.conversation_id,
-            session_id=self.record.session_id,
-            state=state,
-            pid=self.pid,
-            rss_mb=None if self.rss_mb is None else round(self.rss_mb, 1),
-            turns=self.record.turns,
-            idle_s=round(time.monotonic() - self.last_used, 1),
-            cost_usd=round(self.record.cost_usd, 6),
-        )
-
 
 def transcript_exists(config_dir: Path, session_id: str) -> bool:
     """The CLI keeps a session's transcript at ``<config>/projects/<encoded cwd>/<session>.jsonl``."""
     return any(config_dir.glob(f"projects/*/{session_id}.jsonl"))
+
+
+def session_spec(record: ConversationRecord, resume: bool, profile: Profile, data_dir: Path) -> SessionSpec:
+    assert record.session_id is not None
+    return SessionSpec(
+        conversation_id=record.conversation_id,
+        workdir=Path(record.workdir),
+        config_dir=Path(record.config_dir),
+        data_dir=data_dir,
+        session_id=record.session_id,
+        resume=resume,
+        profile=profile,
+    )
+
+
+def started_afresh(record: ConversationRecord) -> ConversationRecord:
+    """A new session for a conversation whose transcript is lost; the old session id is kept on record."""
+    assert record.session_id is not None
+    return record.replace(
+        session_id=str(uuid.uuid4()),
+        turns=0,
+        previous_session_ids=(*record.previous_session_ids, record.session_id),
+    )
+
+
+async def _transcript_at_hand(host: WorkerHost, spec: SessionSpec) -> bool:
+    """The session's transcript is on disk, or restored there from the mirror."""
+    if transcript_exists(spec.config_dir, spec.session_id):
+        return True
+    restored = await host.restore_transcript(spec)
+    if restored:
+        log.info("transcript_restored", conversation=spec.conversation_id, session=spec.session_id)
+    return restored
+
+
+def after_turn(record: ConversationRecord, cost_usd: float, session_id: str | None) -> ConversationRecord:
+    """The record once a turn has ended (answered or not): one more turn, its cost, the session it left."""
+    return record.replace(
+        turns=record.turns + 1, cost_usd=record.cost_usd + cost_usd, session_id=session_id, state="warm"
+    )

@@ -1,6 +1,6 @@
 """agentd benchmark: ratios against baselines measured in the same run, on the fake model.
 
-Run: .venv/bin/python -m tests.bench.bench_pool [--repeats N] [--quick]
+Run: .venv/bin/python -m tests.bench.bench_pool [--repeats N] [--quick] [--spares]
 Not a test: it prints numbers; nothing asserts on time.
 """
 
@@ -126,6 +126,47 @@ async def first_reply(pool: Pool, repeats: int, spare: bool, warm_pool: Pool) ->
     return firsts, warms
 
 
+async def spares_settled(pool: Pool) -> None:
+    await wait_until(lambda: bool(pool._spares) and all(s.preheated for s in pool._spares), 60)
+
+
+async def p2r_interleaved(pool: Pool, repeats: int) -> tuple[list[float], list[float], list[float]]:
+    """A warm turn right after another conversation adopted the spare (so the pool refills), and the same
+    warm turn with the spares settled, alternately; the adopting first replies give P3 on the side."""
+    await pool.ask(Inbound("api:warm", "warm up"))
+    refilling, settled, firsts = [], [], []
+    for _ in range(repeats):
+        await spares_settled(pool)
+        settled.append(await timed(lambda: pool.ask(Inbound("api:warm", "warm turn"))))
+        adopter = f"api:{uuid.uuid4().hex}"
+        firsts.append(await timed(lambda a=adopter: pool.ask(Inbound(a, "first"))))  # type: ignore[misc]
+        refilling.append(await timed(lambda: pool.ask(Inbound("api:warm", "warm turn"))))
+        # The adopter goes, so the next round starts from one warm conversation and a settled spare.
+        await pool.reset(adopter)
+        await wait_until(lambda: len(pool._admitted) == 2, 60)
+    return refilling, settled, firsts
+
+
+def ratio(samples: list[float], baseline: list[float]) -> str:
+    return f"{statistics.median(samples) / statistics.median(baseline):.2f}x"
+
+
+async def spares_only(model: ModelProcess, root: Path, repeats: int, pause_max_s: float | None = None) -> None:
+    """P2r: a warm turn while the pool refills the spare one conversation just adopted, against one with it settled.
+
+    ``pause_max_s`` 0 turns the pacing of spares off (the figure before it), None keeps the default."""
+    paced = {} if pause_max_s is None else {"spare_pause_max_s": pause_max_s}
+    pool = await make_pool(model, root, prewarm=1, **paced)
+    refilling, settled, firsts = await p2r_interleaved(pool, repeats)
+    await pool.close(grace_s=5)
+    print(
+        f"P2r warm turn while the pool refills a spare {median_ms(refilling):.1f} ms vs spares settled"
+        f" {median_ms(settled):.1f} ms -> {ratio(refilling, settled)} (goal <= 1.25x)"
+        f" [refilling {min(refilling) * 1000:.0f}-{max(refilling) * 1000:.0f} ms]"
+    )
+    print(f"P3 first reply with a spare {median_ms(firsts):.1f} ms -> {ratio(firsts, settled)} a settled warm turn")
+
+
 async def rss_growth(pool: Pool) -> dict[int, float]:
     marks: dict[int, float] = {}
     for turn in range(1, 51):
@@ -182,12 +223,17 @@ async def make_pool(model: ModelProcess, root: Path, **pool: object) -> Pool:
     return made
 
 
-async def main(repeats: int, quick: bool) -> None:
+async def main(repeats: int, quick: bool, only_spares: bool = False, pause_max_s: float | None = None) -> None:
     logs.configure(LogConfig(level="warning"))
     # The upstream runs in a process of its own, as a real one does: it must not share the daemon's loop.
     model = ModelProcess.start()
     root = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
     print(f"# agentd benchmark: medians of {repeats} runs, fake model on loopback in its own process")
+    if only_spares:
+        await spares_only(model, root, repeats, pause_max_s)
+        await close_gateways()
+        model.stop()
+        return
 
     warm_pool = await make_pool(model, root)
     await warm_pool.ask(Inbound("api:warm", "warm up"))
@@ -233,6 +279,7 @@ async def main(repeats: int, quick: bool) -> None:
         f" {lost} lost, {duplicated} duplicated,"
         f" peak RSS sum {peak:.0f} MiB vs memory_budget_mb {budget} ({elapsed:.1f} s)"
     )
+    await spares_only(model, root, repeats)
     await close_gateways()
     model.stop()
 
@@ -241,5 +288,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="20 conversations instead of 100")
+    parser.add_argument("--spares", action="store_true", help="only P2r and P3 (a spare refilling beside warm turns)")
+    parser.add_argument("--spare-pause-max-s", type=float, help="pool.spare_pause_max_s for P2r (0: spares not paced)")
     args = parser.parse_args()
-    asyncio.run(main(args.repeats, args.quick))
+    asyncio.run(main(args.repeats, args.quick, args.spares, args.spare_pause_max_s))

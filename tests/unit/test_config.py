@@ -97,6 +97,7 @@ JOB = '[[schedule]]\nid = "digest"\nevery = 60\nprompt = "digest"\n'
         ('[[schedule]]\nid = "x"\ncron = "0 8 * * 1"\nevery = 5\nprompt = "p"\n', "exactly one of cron or every"),
         ('[[schedule]]\nid = "x"\ncron = "0 8 * * 1"\ntimezone = "Mars/Olympus"\nprompt = "p"\n', "unknown timezone"),
         ("[pool]\nprewarm = { nope = 1 }\n", "pool.prewarm.nope: no profile named 'nope'"),
+        ("[pool]\nspare_pause_max_s = -1\n", "pool.spare_pause_max_s: Input should be greater than or equal to 0"),
         ('[profiles.triage]\nmcp = ["telepathy"]\n', "profiles.triage.mcp"),
         ('[agent]\nenv_passthrough = ["CLAUDE_CODE_USE_BEDROCK"]\n', "set agent.gateway = false to use Bedrock"),
         ('[gateway]\nlisten = "0.0.0.0:9000"\n', "loopback"),
