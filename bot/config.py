@@ -165,6 +165,9 @@ class ClusterConfig(_Section):
     # This daemon's name in Redis (its intake stream): the hostname, which is the pod's name in a
     # StatefulSet, so a restarted replica finds the messages it accepted and never finished.
     replica: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    # With Redis: how long a replica's hold on a duty (the IMAP intake) lasts unrenewed. A dead
+    # holder's duty moves to another replica within this; renewed every third of it.
+    lease_ttl_s: float = Field(default=15.0, ge=1, le=300)
 
 
 class HttpConfig(_Section):

@@ -10,7 +10,7 @@ import dataclasses
 import enum
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -465,6 +465,30 @@ class Intake(Protocol):
         """Accepted, no outcome yet, oldest first: after a crash, these are run again."""
 
 
+# -- duties: work one replica at a time may do ------------------------------------------------
+
+
+class DutyLost(Exception):
+    """This replica no longer holds the duty (a newer holder exists): the write was refused."""
+
+
+class Duty(Protocol):
+    """Work only one replica may do at a time (the IMAP intake). With replicas on one Redis a lease
+    decides which; alone, the one daemon always holds it."""
+
+    @property
+    def held(self) -> bool: ...
+
+    async def run(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``work`` whenever this replica holds the duty, until it returns or ``stop``; losing the duty
+        cancels it, and it runs again once the duty is held again."""
+
+    def stop(self) -> None: ...
+
+    async def put_value(self, name: str, value: str, ttl_s: int) -> None:
+        """A store write only the holder may make (fenced); raises ``DutyLost`` once a newer holder exists."""
+
+
 # -- status: what ``/status`` asks of the channels and the transcript mirror ------------------------
 
 
@@ -478,6 +502,7 @@ class ChannelStatus:
     last_idle_renewal: float | None = None  # IMAP: when the current IDLE was (re)issued, Unix seconds
     checkpoint_uid: int | None = None  # IMAP: the last UID taken from the mailbox
     stopped: str | None = None  # why the channel stopped for good (Slack: the app was uninstalled)
+    standby: bool = False  # with replicas: another one holds this channel's intake (the IMAP duty)
 
 
 class MirrorHealth(Protocol):

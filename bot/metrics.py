@@ -25,6 +25,11 @@ SLACK_FEEDBACK = Counter(
     "agentd_slack_feedback_total", "Feedback clicks on answers in Slack assistant threads, good or bad", ["value"]
 )
 CHANNEL_CONNECTED = Gauge("agentd_channel_connected", "1 while a channel's connection is up", ["channel"])
+# Per replica: which duties (the IMAP inbox) this one holds, and how often it lost one it held.
+DUTY_HELD = Gauge("agentd_duty_held", "1 while this replica holds the duty (with Redis: its lease)", ["duty"])
+DUTY_LOSSES = Counter(
+    "agentd_duty_losses_total", "Duties this replica lost while holding them (taken over, Redis unreachable)", ["duty"]
+)
 JOB_RUNS = Counter("agentd_job_runs_total", "Scheduled job runs, by job and status", ["job", "status"])
 JOB_NEXT_FIRE = Gauge("agentd_job_next_fire_timestamp", "Next fire time of each job (Unix seconds; 0: paused)", ["job"])
 MODEL_REQUESTS = Counter("agentd_model_requests_total", "Model requests through the gateway", ["model", "status"])

@@ -49,8 +49,8 @@ async def serve(
         cleanups = Cleanups(stack, deadline)
         services = await wiring.open_services(settings, cleanups)
         await _report_at_start(settings, services)
-        intake = wiring.open_intake(settings, cleanups)
-        daemon = wiring.build_daemon(settings, services, intake)
+        fleet = wiring.open_fleet(settings, services.store, cleanups)
+        daemon = wiring.build_daemon(settings, services, fleet)
         await _start(daemon, cleanups)
         log.info(
             "ready",

@@ -20,7 +20,9 @@ from bot.agent import ClaudeLauncher
 from bot.agent.transcripts import Transcripts
 from bot.app.shutdown import Cleanups
 from bot.config import Settings
-from bot.core import Channel, Conversations, Courier, Intake, Route, RouteProvider, Store, ToolProvider
+from bot.core import Channel, Conversations, Courier, Duty, Intake, Route, RouteProvider, Store, ToolProvider
+from bot.fleet.duty import LeasedDuty, SoleDuty
+from bot.fleet.lease import Leases
 from bot.gateway.ledger import Ledger, Prices
 from bot.gateway.proxy import Gateway
 from bot.http import Api
@@ -144,25 +146,37 @@ def unstable_data_dir(data_dir: Path) -> str | None:
     )
 
 
-def open_intake(settings: Settings, cleanups: Cleanups) -> Intake:
-    """The durable intake, beside the store: a table in the embedded file, or this replica's Redis stream."""
-    store = settings.store
-    if store.redis_url is None:
-        sqlite_intake = SqliteIntake(store.data_dir / "agentd.db")
+@dataclass(frozen=True)
+class Fleet:
+    """What this replica shares with the others on one Redis; alone, local stand-ins."""
+
+    intake: Intake  # keyed API messages, durable across a crash
+    mail_duty: Duty  # reading the IMAP inbox: one replica at a time
+
+
+def open_fleet(settings: Settings, store: Store, cleanups: Cleanups) -> Fleet:
+    """The durable intake beside the store (a table in the embedded file, or this replica's Redis stream),
+    and the IMAP duty (always held alone; with Redis, held through a lease)."""
+    config = settings.store
+    if config.redis_url is None:
+        sqlite_intake = SqliteIntake(config.data_dir / "agentd.db")
         cleanups.push("intake", sqlite_intake.close)
-        return sqlite_intake
-    client = redis_connect(store.redis_url.get_secret_value())
-    cleanups.push("intake", client.aclose)
-    return RedisIntake(client, settings.cluster.replica)
+        return Fleet(sqlite_intake, SoleDuty(store))
+    client = redis_connect(config.redis_url.get_secret_value())
+    cleanups.push("fleet", client.aclose)
+    cluster = settings.cluster
+    leases = Leases(client, cluster.replica, cluster.lease_ttl_s)
+    mail_duty = LeasedDuty(leases, f"imap:{settings.email.mailbox}", cluster.lease_ttl_s)
+    return Fleet(RedisIntake(client, cluster.replica), mail_duty)
 
 
-def build_daemon(settings: Settings, services: Services, intake: Intake) -> Daemon:
+def build_daemon(settings: Settings, services: Services, fleet: Fleet) -> Daemon:
     """The pool, the channels, the jobs and the API, wired to the services; nothing is started yet."""
     pool = Pool(
         settings, services.launcher, services.store, telemetry=services.telemetry, transcripts=services.transcripts
     )
-    receipts = Receipts(intake, pool)
-    channels = build_channels(settings, pool, services.store)
+    receipts = Receipts(fleet.intake, pool)
+    channels = build_channels(settings, pool, services.store, fleet.mail_duty)
     mount_toolsets(services.launcher, channels)
     scheduler = build_scheduler(settings, pool, services.store, channels)
     if scheduler is not None:
@@ -181,7 +195,7 @@ def build_daemon(settings: Settings, services: Services, intake: Intake) -> Daem
     return Daemon(pool, channels, api, receipts)
 
 
-def build_channels(settings: Settings, conversations: Conversations, store: Store) -> list[Channel]:
+def build_channels(settings: Settings, conversations: Conversations, store: Store, mail_duty: Duty) -> list[Channel]:
     """Each configured channel, in start order; each imports its protocol library only when used."""
     channels: list[Channel] = []
     if settings.slack.enabled:
@@ -191,7 +205,8 @@ def build_channels(settings: Settings, conversations: Conversations, store: Stor
     if settings.email.enabled:
         from bot.mail import EmailChannel
 
-        channels.append(EmailChannel(settings, settings.profile(settings.email.profile), conversations, store))
+        profile = settings.profile(settings.email.profile)
+        channels.append(EmailChannel(settings, profile, conversations, store, mail_duty))
     return channels
 
 

@@ -23,6 +23,7 @@ from bot.core import (
     ChannelStatus,
     Conversations,
     DeliveryError,
+    Duty,
     Failure,
     Inbound,
     Outcome,
@@ -73,10 +74,14 @@ class Answer:
 class EmailChannel:
     name = "email"
 
-    def __init__(self, settings: Settings, profile: Profile, conversations: Conversations, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, profile: Profile, conversations: Conversations, store: Store, duty: Duty
+    ) -> None:
         self._config, self._profile, self._conversations, self._store = settings.email, profile, conversations, store
         self._staging = settings.store.data_dir.resolve() / "incoming"
-        self._watcher = ImapWatcher(self._config, store, self._take_in)
+        # Reading the inbox is a duty: with replicas on one Redis, one of them at a time holds it.
+        self._duty = duty
+        self._watcher = ImapWatcher(self._config, store, duty, self._take_in)
         self._threads = Threads(self._config, store)
         self._outbox = Outbox(store, self._crash_point)
         self._parser = ParseWorker(self._config.parse_timeout_s)
@@ -92,7 +97,7 @@ class EmailChannel:
             # Triage only: job results go out and the mail tools work, but no mail is taken in and answered.
             log.info("email_started", mailbox=self._config.mailbox, intake=False)
             return
-        self._runner = asyncio.create_task(self._watcher.run(), name="imap")
+        self._runner = asyncio.create_task(self._duty.run(self._watcher.run), name="imap")
         log.info("email_started", mailbox=self._config.mailbox, mode=self._config.conversation)
 
     async def stop_intake(self) -> None:
@@ -104,6 +109,7 @@ class EmailChannel:
             task.cancel()
         await asyncio.gather(*self._retries, return_exceptions=True)
         await self._lanes.join()
+        self._duty.stop()
         self._watcher.stop()
         if self._runner is not None:
             await self._runner
@@ -132,6 +138,7 @@ class EmailChannel:
             reconnects=watcher.reconnects,
             last_idle_renewal=watcher.last_idle_renewal,
             checkpoint_uid=watcher.checkpoint_uid,
+            standby=self._config.intake and not self._duty.held,
         )
 
     @property

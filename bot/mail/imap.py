@@ -1,6 +1,6 @@
 """The IMAP side: one connection that catches up, IDLEs, fetches and marks, and is rebuilt on any failure.
 
-Nothing here waits for the agent: each new message is handed to ``deliver``,
+Nothing here waits for the agent: each new message is handed to ``take_in``,
 which records or enqueues it and returns.  Marks (a keyword or a move) are
 requested later, by whoever recorded the outcome, and applied between IDLEs.
 """
@@ -26,7 +26,7 @@ from tenacity import (
 
 from bot import metrics
 from bot.config import EmailConfig
-from bot.core import Store, StoreError
+from bot.core import Duty, DutyLost, Store, StoreError
 from bot.mail.mailbox import ImapError, Mailbox, text_of
 from bot.store import keys
 
@@ -37,8 +37,9 @@ class _Reconnect(Exception):
     """A session ended by a failure (already logged): connect again after a pause."""
 
 
-# What a lost or refused connection raises: the client is rebuilt.
-_CONNECTION_ERRORS = (ImapError, aioimaplib.AioImapException, StoreError, OSError, TimeoutError)
+# What a lost or refused connection raises: the client is rebuilt. DutyLost: another replica took the
+# inbox over; the duty cancels this watcher within a renewal period, and until then it only retries.
+_CONNECTION_ERRORS = (ImapError, aioimaplib.AioImapException, StoreError, DutyLost, OSError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,8 @@ TakeIn = Callable[[Fetched], Awaitable[None]]
 
 
 class ImapWatcher:
-    def __init__(self, config: EmailConfig, store: Store, take_in: TakeIn) -> None:
-        self._config, self._store, self._take_in = config, store, take_in
+    def __init__(self, config: EmailConfig, store: Store, duty: Duty, take_in: TakeIn) -> None:
+        self._config, self._store, self._duty, self._take_in = config, store, duty, take_in
         self._marks: list[Mark] = []
         self._wake = asyncio.Event()
         self._box = Mailbox(config)
@@ -207,7 +208,8 @@ class ImapWatcher:
     async def _save_checkpoint(self, uidvalidity: int, last: int) -> None:
         value = json.dumps({"uidvalidity": uidvalidity, "last_uid": last})
         try:
-            await self._store.put_value(keys.mail_checkpoint(self._config.mailbox), value, keys.MAIL_RECORD_TTL_S)
+            # Fenced: a replica that lost the duty (paused past its lease) cannot move the new holder's checkpoint.
+            await self._duty.put_value(keys.mail_checkpoint(self._config.mailbox), value, keys.MAIL_RECORD_TTL_S)
             self.checkpoint_uid = last
         except StoreError as exc:  # the next catch-up rereads from the older checkpoint and dedupes
             log.error("store_error", error=str(exc))
