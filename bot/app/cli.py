@@ -183,8 +183,12 @@ async def _once_main(settings: Settings, request: OnceRequest) -> OnceResult | N
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     _refuse_without_sandbox(settings)
     from bot.app import daemon
+    from bot.app.datadir import DataDirInUse
 
-    daemon.run(settings)
+    try:
+        daemon.run(settings)
+    except DataDirInUse as exc:
+        raise CommandFailed(str(exc)) from None
     return 0
 
 

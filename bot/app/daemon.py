@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import structlog
 
 from bot.agent.transcripts import Transcripts
-from bot.app import wiring
+from bot.app import datadir, wiring
 from bot.app.shutdown import NO_GRACE_S, Cleanups, Deadline, drain, shutdown_budget_s, tree_killer, until_signalled
 from bot.config import Settings
 from bot.core import StoreError
@@ -46,6 +46,7 @@ async def serve(
 ) -> None:
     deadline = Deadline(shutdown_budget_s(settings.http))
     async with AsyncExitStack() as stack:
+        stack.enter_context(datadir.hold(settings.store.data_dir))  # first: nothing is opened by a second daemon
         cleanups = Cleanups(stack, deadline)
         services = await wiring.open_services(settings, cleanups)
         await _report_at_start(settings, services)
