@@ -5,6 +5,10 @@ as a user's message), on the job's profile.  Its result goes out through a
 channel's ``Courier``; its outcome is kept in the store's run history.  After
 ``max_failures_before_pause`` failures in a row the job pauses itself and says
 so at its target (or in the log).
+
+An occurrence is written to the durable intake (``bot.core.Intake``) before it runs and settled when
+its outcome is recorded, so one whose replica died or stopped mid-run runs again when that replica
+starts (unless it is by then later than ``misfire_grace_s`` plus a turn's timeout).
 """
 
 from __future__ import annotations
@@ -27,11 +31,15 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from bot import metrics
 from bot.config import ScheduleConfig, Settings
-from bot.core import Conversations, Courier, DeliveryError, Failure, Inbound, Store, StoreError
+from bot.core import Conversations, Courier, DeliveryError, Failure, Inbound, Intake, IntakeEntry, Store, StoreError
 from bot.cron import trigger_for
 from bot.store import keys
 
 log = structlog.get_logger(__name__)
+
+# Job occurrences in the durable intake (beside keyed API messages, "api:").
+OCCURRENCE_PREFIX = "job:"
+_TOO_LATE = "its replica stopped during the run, and it was too late to run again (misfire_grace_s)"
 
 Fire = Callable[[str, datetime], Coroutine[Any, Any, None]]
 
@@ -110,9 +118,10 @@ class Scheduler:
 
     name = "schedule"
 
-    def __init__(self, settings: Settings, conversations: Conversations, store: Store) -> None:
+    def __init__(self, settings: Settings, conversations: Conversations, store: Store, intake: Intake) -> None:
         self._jobs = {job.id: job for job in settings.schedule}
-        self._conversations, self._store = conversations, store
+        self._conversations, self._store, self._intake = conversations, store, intake
+        self._replays: set[asyncio.Task[None]] = set()
         self._couriers: dict[str, Courier] = {}
         self._executor = _FiringExecutor(self._fire)
         self._aps = AsyncIOScheduler(timezone=UTC, executors={"default": self._executor})
@@ -140,6 +149,7 @@ class Scheduler:
         self._aps.start()
         self._update_gauges()
         log.info("schedule_started", jobs=sorted(self._jobs))
+        await self._replay()
 
     async def stop_intake(self) -> None:
         if self._aps.running:
@@ -147,8 +157,9 @@ class Scheduler:
 
     async def close(self) -> None:
         await self.stop_intake()
-        if self._executor.running:
-            await asyncio.wait(set(self._executor.running))
+        running = {*self._executor.running, *self._replays}
+        if running:
+            await asyncio.wait(running)
 
     async def _paused_at_start(self, job_id: str) -> bool:
         try:
@@ -227,7 +238,8 @@ class Scheduler:
             if not await self._store.claim(claim, keys.JOB_FIRE_TTL_S):
                 log.info("job_claimed_elsewhere", job=job_id, fire_time=fire_time.isoformat())
                 return
-            await self._occurrence(job_id, fire_time, manual=False)
+            key = await self._accept(job_id, fire_time)
+            await self._settle(key, await self._occurrence(job_id, fire_time, manual=False))
         except StoreError as exc:
             log.error("store_error", job=job_id, error=str(exc), note="occurrence not run")
         except Exception:  # task boundary: one bad run must not stop the scheduler
@@ -235,10 +247,13 @@ class Scheduler:
         finally:
             self._update_gauges()
 
-    async def _occurrence(self, job_id: str, fire_time: datetime, manual: bool) -> JobRun:
+    async def _occurrence(self, job_id: str, fire_time: datetime, manual: bool, replay: bool = False) -> JobRun:
+        """One run, unless overlap "skip" finds the previous one busy. A replay is that same occurrence
+        again: the busy mark its interrupted run left must not skip it."""
         job = self._jobs[job_id]
         run = JobRun(job_id, fire_time.isoformat(), time.time(), delivered_to=job.deliver_to)
-        if job.overlap == "skip" and not await self._store.claim(keys.job_running(job_id), self._running_ttl_s):
+        marked = job.overlap == "skip" and not replay
+        if marked and not await self._store.claim(keys.job_running(job_id), self._running_ttl_s):
             return await self._record(
                 dataclasses.replace(
                     run, status=JobStatus.SKIPPED, ended_at=time.time(), error="the previous run is still busy"
@@ -248,8 +263,65 @@ class Scheduler:
             async with self._locks[job_id]:
                 return await self._run(job, run, manual)
         finally:
-            if job.overlap == "skip":
+            if marked:
                 await self._store.delete_value(keys.job_running(job_id))
+
+    # -- durable occurrences: accepted before they run, run again after a crash ----------------------
+
+    async def _accept(self, job_id: str, fire_time: datetime) -> str:
+        """Written to the durable intake before the run: a replica killed mid-run runs it at its next start."""
+        fire = fire_time.astimezone(UTC).isoformat()
+        key = f"{OCCURRENCE_PREFIX}{job_id}:{fire}"
+        payload = json.dumps({"job": job_id, "fire_time": fire_time.isoformat()})
+        await self._intake.accept(IntakeEntry(key, f"job:{job_id}", payload, time.time()))
+        return key
+
+    async def _settle(self, key: str, run: JobRun) -> None:
+        """Its outcome recorded; a run cut short by a restart (cancelled) stays accepted, to run again."""
+        if run.status is not JobStatus.CANCELLED:
+            await self._intake.record(key, json.dumps({"status": run.status}))
+
+    async def _replay(self) -> None:
+        """At start: every occurrence this replica accepted and never finished runs again, in the background."""
+        for entry in await self._intake.unfinished():
+            if entry.key.startswith(OCCURRENCE_PREFIX):
+                task = asyncio.create_task(self._replayed(entry), name=f"replay {entry.key}")
+                self._replays.add(task)
+                task.add_done_callback(self._replays.discard)
+
+    async def _replayed(self, entry: IntakeEntry) -> None:
+        """A task boundary: the occurrence runs again, or its outcome says why not."""
+        job_id = entry.key.removeprefix(OCCURRENCE_PREFIX).partition(":")[0]
+        try:
+            fire_time = _fire_time_of(entry)
+            why_not = await self._why_not_again(job_id, fire_time)
+            if fire_time is None or why_not is not None:
+                log.warning("job_not_replayed", job=job_id, key=entry.key, reason=why_not)
+                await self._intake.record(entry.key, json.dumps({"status": "not replayed", "reason": why_not}))
+                return
+            log.info("job_replayed", job=job_id, fire_time=fire_time.isoformat())
+            await self._settle(entry.key, await self._occurrence(job_id, fire_time, manual=False, replay=True))
+        except StoreError as exc:
+            log.error("store_error", job=job_id, error=str(exc), note="occurrence not run again")
+        except Exception:  # task boundary: one bad replay must not stop the others
+            log.exception("job_failed_internally", job=job_id)
+
+    async def _why_not_again(self, job_id: str, fire_time: datetime | None) -> str | None:
+        """None when an interrupted occurrence should run again; else why not (recorded, so it is not retried)."""
+        if fire_time is None:
+            return "its stored entry is unreadable"
+        job = self._jobs.get(job_id)
+        if job is None:
+            return "the job is no longer in the config"
+        if await self._paused(job_id):
+            return "the job is paused"
+        late_s = time.time() - fire_time.timestamp()
+        if late_s > job.misfire_grace_s + self._turn_timeout_s:
+            await self._record(
+                JobRun(job_id, fire_time.isoformat(), time.time(), time.time(), JobStatus.CANCELLED, error=_TOO_LATE)
+            )
+            return "too late to run again (misfire_grace_s)"
+        return None
 
     @property
     def _running_ttl_s(self) -> int:
@@ -336,3 +408,12 @@ class Scheduler:
             aps = self._aps.get_job(job_id)
             next_time = getattr(aps, "next_run_time", None)
             metrics.JOB_NEXT_FIRE.labels(job=job_id).set(next_time.timestamp() if next_time else 0)
+
+
+def _fire_time_of(entry: IntakeEntry) -> datetime | None:
+    """The scheduled time an accepted occurrence was for; None if its entry cannot be read."""
+    try:
+        accepted = json.loads(entry.payload)
+        return datetime.fromisoformat(accepted["fire_time"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -184,10 +184,11 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     _refuse_without_sandbox(settings)
     from bot.app import daemon
     from bot.app.datadir import DataDirInUse
+    from bot.fleet.name import ReplicaNameTaken
 
     try:
         daemon.run(settings)
-    except DataDirInUse as exc:
+    except (DataDirInUse, ReplicaNameTaken) as exc:
         raise CommandFailed(str(exc)) from None
     return 0
 

@@ -50,7 +50,7 @@ async def serve(
         cleanups = Cleanups(stack, deadline)
         services = await wiring.open_services(settings, cleanups)
         await _report_at_start(settings, services)
-        fleet = wiring.open_fleet(settings, services.store, cleanups)
+        fleet = await wiring.open_fleet(settings, services.store, cleanups)
         daemon = wiring.build_daemon(settings, services, fleet)
         await _start(daemon, cleanups)
         log.info(

@@ -23,6 +23,7 @@ from bot.config import Settings
 from bot.core import Channel, Conversations, Courier, Duty, Intake, Route, RouteProvider, Store, ToolProvider
 from bot.fleet.duty import LeasedDuty, SoleDuty
 from bot.fleet.lease import Leases
+from bot.fleet.name import ReplicaName
 from bot.gateway.ledger import Ledger, Prices
 from bot.gateway.proxy import Gateway
 from bot.http import Api
@@ -154,9 +155,10 @@ class Fleet:
     mail_duty: Duty  # reading the IMAP inbox: one replica at a time
 
 
-def open_fleet(settings: Settings, store: Store, cleanups: Cleanups) -> Fleet:
+async def open_fleet(settings: Settings, store: Store, cleanups: Cleanups) -> Fleet:
     """The durable intake beside the store (a table in the embedded file, or this replica's Redis stream),
-    and the IMAP duty (always held alone; with Redis, held through a lease)."""
+    and the IMAP duty (always held alone; with Redis, held through a lease). With Redis, this daemon first
+    holds its replica name (``ReplicaNameTaken`` if another running daemon has it): the stream is the name's."""
     config = settings.store
     if config.redis_url is None:
         sqlite_intake = SqliteIntake(config.data_dir / "agentd.db")
@@ -165,6 +167,9 @@ def open_fleet(settings: Settings, store: Store, cleanups: Cleanups) -> Fleet:
     client = redis_connect(config.redis_url.get_secret_value())
     cleanups.push("fleet", client.aclose)
     cluster = settings.cluster
+    name = ReplicaName(client, cluster.replica, cluster.lease_ttl_s)
+    await name.take()
+    cleanups.push("replica name", name.release)
     leases = Leases(client, cluster.replica, cluster.lease_ttl_s)
     mail_duty = LeasedDuty(leases, f"imap:{settings.email.mailbox}", cluster.lease_ttl_s)
     return Fleet(RedisIntake(client, cluster.replica), mail_duty)
@@ -178,7 +183,7 @@ def build_daemon(settings: Settings, services: Services, fleet: Fleet) -> Daemon
     receipts = Receipts(fleet.intake, pool)
     channels = build_channels(settings, pool, services.store, fleet.mail_duty)
     mount_toolsets(services.launcher, channels)
-    scheduler = build_scheduler(settings, pool, services.store, channels)
+    scheduler = build_scheduler(settings, pool, services.store, fleet.intake, channels)
     if scheduler is not None:
         channels.append(scheduler)  # last: jobs fire once the channels they deliver to are up
     api = Api(
@@ -219,12 +224,12 @@ def mount_toolsets(launcher: ClaudeLauncher, channels: list[Channel]) -> None:
 
 
 def build_scheduler(
-    settings: Settings, conversations: Conversations, store: Store, channels: list[Channel]
+    settings: Settings, conversations: Conversations, store: Store, intake: Intake, channels: list[Channel]
 ) -> Scheduler | None:
     """The jobs, if any are scheduled, with every channel that can deliver their results."""
     if not settings.schedule:
         return None
-    scheduler = Scheduler(settings, conversations, store)
+    scheduler = Scheduler(settings, conversations, store, intake)
     for channel in channels:
         if isinstance(channel, Courier):
             scheduler.add_courier(channel.name, channel)

@@ -47,6 +47,8 @@ class DaemonProcess:
         self.config.write_text(
             f'[http]\nlisten = "127.0.0.1:{self.port}"\n{http_toml}\n[store]\ndata_dir = "{self.data_dir}"\n'
             f'[pool]\nprewarm = 0\n[agent]\nmodel = "claude-sonnet-4-5"\n{toml}'
+            # With Redis, a SIGKILLed daemon's replica name stays held for the lease TTL: keep the next start quick.
+            + ("" if "[cluster]" in toml else "\n[cluster]\nlease_ttl_s = 2\n")
         )
         self.env = {
             "PATH": os.environ["PATH"],

@@ -187,7 +187,12 @@ async def test_two_daemons_on_one_redis_run_each_occurrence_once(
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
     daemons = [
-        DaemonProcess(tmp_path / name, fake_model.url, extra_env={"REDIS_URL": redis_server.url}, toml=schedule)
+        DaemonProcess(
+            tmp_path / name,
+            fake_model.url,
+            extra_env={"REDIS_URL": redis_server.url},
+            toml=f'{schedule}[cluster]\nreplica = "tick-{name}"\n',
+        )
         for name in ("a", "b")
     ]
     try:

@@ -152,7 +152,7 @@ async def test_a_message_accepted_by_a_daemon_killed_mid_turn_is_answered_after_
     stuck = fake_model.add("survive the crash", text="answered after all", delay_s=120, once=True)
     env = {"REDIS_URL": request.getfixturevalue("redis_server").url} if store == "redis" else {}
     # The restarted daemon finds its intake stream by its replica name (a StatefulSet pod keeps its own).
-    replica = f'[cluster]\nreplica = "crash-{uuid.uuid4().hex[:8]}"\n'
+    replica = f'[cluster]\nreplica = "crash-{uuid.uuid4().hex[:8]}"\nlease_ttl_s = 2\n'
     daemon = DaemonProcess(tmp_path, fake_model.url, extra_env=env, toml=replica)
     await daemon.start()
     url, key = f"{daemon.url}/v1/conversations/crash/messages", str(uuid.uuid4())
