@@ -8,7 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -127,15 +127,6 @@ def test_a_symlinked_data_dir_gets_a_warning(tmp_path: Path) -> None:
 
 
 # -- a whole daemon: a conversation outlives its host's disk ----------------------------------
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own (with AOF): stopping it disturbs no other test."""
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def host(tmp_path: Path, model: FakeModel, server: RedisServer) -> DaemonProcess:

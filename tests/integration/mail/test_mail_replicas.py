@@ -3,12 +3,10 @@ SIGKILLed reader's duty moves to the other within the lease, which answers what 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.fakes.mailserver import PASSWORD, MailServer, message
 from tests.fakes.model import FakeModel
@@ -18,15 +16,6 @@ from tests.support.helpers import wait_for
 from tests.support.mail_harness import email_toml, replies, wait_replies
 
 LEASE_TTL_S = 3
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own: the inbox's checkpoint and outcomes start empty."""
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def replica(tmp_path: Path, name: str, model: FakeModel, mail: MailServer, redis_url: str) -> DaemonProcess:
